@@ -1,0 +1,371 @@
+"""`profile`: the harness's command line (thin: parse flags, build a spec, call the library, print)."""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from harness.spec import (
+    CPU_LADDER,
+    GPU_LADDER,
+    SpecError,
+    SweepSpec,
+    build_spec,
+    engine_axes,
+    load_spec_file,
+)
+from harness.store import RunStore, StoreError
+from harness.telemetry import TelemetryError
+
+app = typer.Typer(
+    help="Profile prefill and per-position decode latency on a real vLLM engine.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+EXIT_BAD_INPUT = 2
+EXIT_POINTS_FAILED = 1
+EXIT_INTERRUPTED = 130
+
+
+def _fail(message: str, code: int = EXIT_BAD_INPUT) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def _int_list(name: str, text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise SpecError(f"--{name} takes comma-separated integers, got '{text}'") from None
+    if not values:
+        raise SpecError(f"--{name} is empty")
+    return values
+
+
+def _gpu_present() -> bool:
+    """True when NVML sees at least one GPU (cheap; no vLLM import)."""
+    from harness.telemetry import nvml_device_count
+
+    return nvml_device_count() > 0
+
+
+def resolve_spec(spec_file: Path | None, gpu: int | None, overrides: dict[str, Any]) -> SweepSpec:
+    """Spec file (if any) + flag overrides -> a validated spec."""
+    data: dict[str, Any] = load_spec_file(spec_file) if spec_file else {}
+    if gpu is not None:
+        data["device"] = "cuda"
+    data.setdefault("device", "cuda" if _gpu_present() else "cpu")
+    axes = dict(data.get("axes") or {})
+    for axis in ("text_tokens", "tier", "top_k", "blocks"):
+        if overrides.get(axis) is not None:
+            axes[axis] = overrides[axis]
+    if overrides.get("model"):
+        data["ladder"] = [overrides["model"]]
+        axes["tier"] = [0]
+    data["axes"] = axes
+    for key in ("reps", "same_prompt_repeats", "max_new_tokens", "prompts", "warmup_requests", "seed"):
+        if overrides.get(key) is not None:
+            data[key] = overrides[key]
+    if overrides.get("inprocess"):
+        data["engine_mode"] = "inprocess"
+    if overrides.get("trust_remote_code"):
+        data["trust_remote_code"] = True
+    if overrides.get("telemetry_interval_ms") is not None:
+        data["telemetry_interval_ms"] = overrides["telemetry_interval_ms"]
+    return build_spec(data)
+
+
+class ConsoleReporter:
+    """Progress display: a live bar on a terminal, plain log lines otherwise or with --quiet."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.live = err.is_terminal and not quiet
+        self.progress: Progress | None = None
+        self.task: Any = None
+        self.t0 = time.perf_counter()
+        self.done0 = 0
+
+    def log(self, message: str) -> None:
+        if self.progress is not None:
+            self.progress.console.print(message, highlight=False)
+        else:
+            print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+    def __call__(self, event: str, data: dict[str, Any]) -> None:
+        if event == "start":
+            self.done0 = data["points_done"]
+            self.log(
+                f"run folder {data['run_dir']}: {data['points_total']} points "
+                f"({data['points_done']} already done), {data['engine_starts']} engine configs"
+            )
+            if self.live:
+                self.progress = Progress(
+                    TextColumn("[bold]sweep"),
+                    BarColumn(),
+                    MofNCompleteColumn(),
+                    TextColumn("points"),
+                    TimeElapsedColumn(),
+                    TextColumn("ETA"),
+                    TimeRemainingColumn(),
+                    TextColumn("{task.fields[last]}"),
+                    console=err,
+                    transient=False,
+                )
+                self.progress.start()
+                self.task = self.progress.add_task(
+                    "sweep", total=data["points_total"], completed=data["points_done"], last="starting engine"
+                )
+        elif event == "engine":
+            self.log(
+                f"engine start {data['model']} block_size={data['block_size']}: {data['seconds']:.1f} s "
+                f"({data['points']} points on it)"
+            )
+        elif event == "point":
+            p = data["point"]
+            axes = " ".join(f"{k}={v}" for k, v in p.axes.items())
+            last = f"last: prefill {data['prefill_ms']:.2f} ms, decode {data['decode_ms']:.2f} ms"
+            if self.progress is not None:
+                self.progress.update(self.task, completed=data["done"], last=last)
+            else:
+                done_now = data["done"] - self.done0
+                rate = done_now / max(time.perf_counter() - self.t0, 1e-9)
+                eta = (data["total"] - data["done"]) / rate if rate > 0 else math.nan
+                self.log(f"point {data['done']}/{data['total']} {axes}: {last}; ETA {eta:.0f} s")
+        elif event == "failure":
+            self.log(f"[failed] point {data['point'].point_id} {data['point'].axes}: {data['error']}")
+        elif event == "log":
+            self.log(data["message"])
+        elif event == "end" and self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+
+def print_summary(result: Any, failures: list[dict[str, Any]]) -> None:
+    summary = result.summary
+    if not summary.empty:
+        table = Table(title=f"Summary: {result.run_dir}", show_lines=False)
+        for col in summary.columns:
+            table.add_column(str(col), justify="right")
+        for _, row in summary.iterrows():
+            table.add_row(*["" if (isinstance(v, float) and math.isnan(v)) else str(v) for v in row])
+        out.print(table)
+    fig = result.figures
+    if "prefill_harness_over_engine_ratio" in fig:
+        out.print(
+            f"harness step time / engine core iteration time (median): prefill "
+            f"{fig['prefill_harness_over_engine_ratio']:.3f} (+{fig['prefill_harness_minus_engine_ms']:.3f} ms), "
+            f"decode {fig.get('decode_harness_over_engine_ratio', math.nan):.3f} "
+            f"(+{fig.get('decode_harness_minus_engine_ms', math.nan):.3f} ms)"
+        )
+    for f in failures:
+        out.print(f"[red]failed[/] {f['point_id']} {f.get('axes')}: {f['error_type']}: {f['error']}", highlight=False)
+    out.print(
+        f"status: {result.status}; points done {result.points_done}, failed {result.points_failed}; "
+        f"results in {result.run_dir}"
+    )
+
+
+@app.command()
+def sweep(
+    gpu: int | None = typer.Option(None, "--gpu", help="GPU index (in this process's CUDA view) to measure on"),
+    spec_file: Path | None = typer.Option(None, "--spec", help="sweep spec, TOML or YAML"),
+    text_tokens: str | None = typer.Option(None, help="prompt lengths, e.g. 64,256,1024"),
+    tier: str | None = typer.Option(
+        None, help=f"model tiers, e.g. 0,1,2 (CPU ladder: {', '.join(CPU_LADDER)}; GPU ladder: {', '.join(GPU_LADDER)})"
+    ),
+    top_k: str | None = typer.Option(None, help="sampling top_k values (0 = off)"),
+    blocks: str | None = typer.Option(None, help="KV-cache block sizes in tokens (CPU: multiples of 32)"),
+    reps: int | None = typer.Option(None, help="distinct prompts per point"),
+    same_prompt_repeats: int | None = typer.Option(None, help="repeats of one prompt per point (noise floor)"),
+    max_new_tokens: int | None = typer.Option(None, help="tokens generated per request (decode positions + 1)"),
+    warmup: int | None = typer.Option(None, help="untimed requests after each engine start"),
+    seed: int | None = typer.Option(None, help="seed for prompt choice and sampling"),
+    model: str | None = typer.Option(None, help="a local model folder (or preset name) instead of the ladder"),
+    prompts: Path | None = typer.Option(None, help="prompt text: ShareGPT JSON, JSONL with 'text', or plain text"),
+    out_dir: Path = typer.Option(Path("results"), "--out", help="folder that receives results/<run_id>/"),
+    resume: Path | None = typer.Option(None, help="finish an interrupted run in this folder (uses its spec)"),
+    dry_run: bool = typer.Option(False, help="print the grid, engine-restart plan and estimated duration"),
+    quiet: bool = typer.Option(False, help="plain log lines instead of a live progress bar"),
+    fail_fast: bool = typer.Option(False, help="stop at the first failed point"),
+    lock_clocks: int | None = typer.Option(None, help="GPU: lock SM clocks to this MHz for the run"),
+    telemetry_interval_ms: float | None = typer.Option(None, help="telemetry sampling interval (ms)"),
+    inprocess: bool = typer.Option(
+        False, help="run the engine core in this process (NOT how vLLM serves; labelled in the results)"
+    ),
+    trust_remote_code: bool = typer.Option(False, help="allow a model folder's own code to run"),
+    verbose: bool = typer.Option(False, help="show vLLM's own log"),
+) -> None:
+    """Sweep prompt lengths and serving configs; write results/<run_id>/."""
+    from harness.sweep import SweepOptions, plan_sweep, run_sweep
+
+    try:
+        if resume is not None:
+            spec = build_spec(RunStore.open(resume).read_manifest()["spec"])
+        else:
+            overrides = {
+                "text_tokens": _int_list("text-tokens", text_tokens),
+                "tier": _int_list("tier", tier),
+                "top_k": _int_list("top-k", top_k),
+                "blocks": _int_list("blocks", blocks),
+                "reps": reps,
+                "same_prompt_repeats": same_prompt_repeats,
+                "max_new_tokens": max_new_tokens,
+                "model": model,
+                "prompts": str(prompts) if prompts else None,
+                "warmup_requests": warmup,
+                "seed": seed,
+                "inprocess": inprocess,
+                "trust_remote_code": trust_remote_code,
+                "telemetry_interval_ms": telemetry_interval_ms,
+            }
+            spec = resolve_spec(spec_file, gpu, overrides)
+        plan = plan_sweep(spec)
+        if spec.prompts is not None:
+            from harness.prompts import load_documents
+
+            load_documents(spec.prompts)  # a bad prompts file fails now, not after the first engine start
+        if dry_run:
+            _print_plan(plan)
+            return
+        if spec.device == "cuda":
+            from harness.engine import engine_environment
+
+            build = engine_environment().get("vllm_build")
+            if build != "cuda":
+                raise SpecError(
+                    f"--gpu needs the CUDA vLLM build; this environment has vllm build {build!r} "
+                    "(install the [gpu] extra)"
+                )
+        if gpu is None and spec.device == "cuda":
+            gpu = 0
+        options = SweepOptions(
+            out_root=out_dir,
+            resume_dir=resume,
+            gpu=gpu,
+            fail_fast=fail_fast,
+            lock_clocks_mhz=lock_clocks,
+            verbose=verbose,
+        )
+        reporter = ConsoleReporter(quiet)
+        failures: list[dict[str, Any]] = []
+
+        def report(event: str, data: dict[str, Any]) -> None:
+            if event == "end":
+                failures.extend(data["failures"])
+            reporter(event, data)
+
+        result = run_sweep(spec, options, report)
+    except (SpecError, StoreError, TelemetryError) as e:
+        raise _fail(str(e)) from None
+    print_summary(result, failures)
+    if result.status == "interrupted":
+        err.print(f"interrupted: resume with  profile sweep --resume {result.run_dir}", highlight=False)
+        raise typer.Exit(EXIT_INTERRUPTED)
+    if result.points_failed:
+        raise typer.Exit(EXIT_POINTS_FAILED)
+
+
+def _print_plan(plan: Any) -> None:
+    spec = plan.spec
+    out.print(f"device: {spec.device}; engine mode: {spec.engine_mode}")
+    axes = Table(title="axes")
+    axes.add_column("axis")
+    axes.add_column("values")
+    axes.add_column("maps to")
+    for name, values in spec.axes.items():
+        axes.add_row(name, ", ".join(map(str, values)), spec.mapping[name])
+    out.print(axes)
+    restarts = Table(title=f"engine-restart plan: {len(plan.groups)} engine starts")
+    restarts.add_column("#", justify="right")
+    for a in engine_axes(spec):
+        restarts.add_column(a)
+    restarts.add_column("model")
+    restarts.add_column("points", justify="right")
+    for i, g in enumerate(plan.groups, 1):
+        restarts.add_row(
+            str(i),
+            *[str(g[0].axes[a]) for a in engine_axes(spec)],
+            plan.models[int(g[0].axes["tier"])].name,
+            str(len(g)),
+        )
+    out.print(restarts)
+    n_req = len(plan.points) * spec.requests_per_point
+    out.print(
+        f"{len(plan.points)} points x {spec.requests_per_point} requests ({spec.reps} distinct prompts + "
+        f"{spec.same_prompt_repeats} repeats of one) = {n_req} requests, {spec.max_new_tokens} tokens each; "
+        f"estimated duration ~{plan.estimated_seconds() / 60:.1f} min (rough)"
+    )
+
+
+@app.command("env")
+def env_command() -> None:
+    """Print the detected device, engine build and versions, and what telemetry is available."""
+    from harness.engine import engine_environment
+    from harness.sweep import cpu_model
+    from harness.telemetry import open_source
+
+    table = Table(title="environment", show_header=False)
+    table.add_column("key")
+    table.add_column("value")
+    for k, v in engine_environment().items():
+        table.add_row(k, str(v))
+    table.add_row("cpu", f"{cpu_model()} ({__import__('os').cpu_count()} cores)")
+    gpu = _gpu_present()
+    table.add_row("nvidia gpu (nvml)", "yes" if gpu else "no")
+    try:
+        with open_source(0 if gpu else None) as source:
+            table.add_row("telemetry source", f"{source.name} ({source.reason})")
+            for k, v in source.info.items():
+                table.add_row(f"  {k}", str(v))
+            sample = source.read()
+            table.add_row("  counters", ", ".join(k for k, v in sample.items() if v is not None and k != "source"))
+    except TelemetryError as e:
+        table.add_row("telemetry source", f"unavailable: {e}")
+    out.print(table)
+
+
+@app.command("telemetry")
+def telemetry_command(
+    seconds: float = typer.Option(10.0, help="how long to watch"),
+    interval_ms: float = typer.Option(250.0, help="sampling interval (ms)"),
+    gpu: int | None = typer.Option(None, "--gpu", help="GPU index; without it, the host's counters"),
+) -> None:
+    """Watch telemetry counters live (a health check of a box before a long sweep)."""
+    from harness.telemetry import open_source, watch
+
+    try:
+        with open_source(gpu) as source:
+            out.print(f"source: {source.name} ({source.reason})")
+            for sample in watch(source, seconds, interval_ms):
+                out.print("  ".join(f"{k}={_fmt(v)}" for k, v in sample.items() if k != "source"), highlight=False)
+    except TelemetryError as e:
+        raise _fail(str(e)) from None
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.1f}" if isinstance(v, float) else str(v)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,290 @@
+"""A real vLLM engine driven one step at a time, timing every step.
+
+vLLM is imported lazily (inside `VllmEngine.start`) so the package and its `--help` work without it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+ENGINE_CORE_MODES = {"multiprocess": "1", "inprocess": "0"}
+
+
+class EngineError(RuntimeError):
+    """The engine could not be built, died, or returned something other than what was asked."""
+
+
+class MeasurementError(RuntimeError):
+    """A request ran but broke a measurement condition (wrong length, cache hit, wrong token count)."""
+
+
+@dataclass
+class EngineSettings:
+    """What one engine start needs. Lengths in tokens, memory in bytes."""
+
+    model_name: str
+    model_path: str
+    device: str
+    block_size: int
+    max_model_len: int
+    mode: str = "multiprocess"
+    seed: int = 0
+    engine_kwargs: dict[str, Any] = field(default_factory=dict)
+    hf_overrides: dict[str, Any] = field(default_factory=dict)
+    trust_remote_code: bool = False
+    verbose: bool = False
+
+    def engine_args(self) -> dict[str, Any]:
+        """Keyword arguments for vLLM's EngineArgs."""
+        args: dict[str, Any] = {
+            "model": self.model_path,
+            "load_format": "dummy" if not _has_weights(self.model_path) else "auto",
+            "skip_tokenizer_init": True,
+            "enable_prefix_caching": False,
+            "block_size": self.block_size,
+            "max_model_len": self.max_model_len,
+            # one prefill step per prompt: the token budget holds the longest prompt
+            "max_num_batched_tokens": max(self.max_model_len, 256),
+            "max_num_seqs": 8,
+            "disable_log_stats": False,
+            "enable_logging_iteration_details": True,
+            "seed": self.seed,
+            "trust_remote_code": self.trust_remote_code,
+        }
+        if self.device == "cpu":
+            args["kv_cache_memory_bytes"] = 512 << 20
+        else:
+            args["async_scheduling"] = False  # clean per-step attribution
+        if self.hf_overrides:
+            args["hf_overrides"] = dict(self.hf_overrides)
+        args.update(self.engine_kwargs)
+        return args
+
+
+def _has_weights(model_path: str) -> bool:
+    from pathlib import Path
+
+    p = Path(model_path)
+    return p.is_dir() and (any(p.glob("*.safetensors")) or any(p.glob("*.bin")))
+
+
+@dataclass
+class StepRecord:
+    """One token's engine step as the caller saw it. Times on the perf_counter clock, in seconds."""
+
+    step_index: int
+    t_start_s: float
+    t_end_s: float
+    latency_ms: float
+    step_calls: int
+    engine_elapsed_ms: float | None
+
+
+@dataclass
+class RequestRecord:
+    steps: list[StepRecord]
+    prompt_tokens: int
+    cached_tokens: int
+    generated_tokens: int
+
+
+class _IterationLog:
+    """Collects the engine core's own per-iteration times (vLLM SchedulerIterationDetails)."""
+
+    def __init__(self) -> None:
+        self.elapsed_ms: list[float] = []
+
+    def logger_factory(self) -> Any:
+        from vllm.v1.metrics.loggers import StatLoggerBase
+
+        sink = self
+
+        class _Logger(StatLoggerBase):
+            def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+                pass
+
+            def record(
+                self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None, engine_idx: int = 0
+            ) -> None:
+                details = getattr(scheduler_stats, "iteration_details", None)
+                if (
+                    details is not None
+                    and not details.is_dummy
+                    and (details.num_ctx_tokens or details.num_generation_tokens)
+                ):
+                    sink.elapsed_ms.append(float(details.elapsed_ms))
+
+            def log_engine_initialized(self) -> None:
+                pass
+
+        return _Logger
+
+
+class VllmEngine:
+    """One vLLM engine (context manager). `start()` builds it; `run_request()` times one request."""
+
+    def __init__(self, settings: EngineSettings) -> None:
+        self.settings = settings
+        self._engine: Any = None
+        self._iters = _IterationLog()
+        self.start_seconds: float | None = None
+
+    def __enter__(self) -> VllmEngine:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def start(self) -> float:
+        """Build the engine; return how long that took in seconds."""
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = ENGINE_CORE_MODES[self.settings.mode]
+        # vLLM 0.32 CPU: the AOT compile cache fails to load on the next start ("Compiling model again due to
+        # a load failure"), so every start recompiled (~40 s); the older torch.compile cache loads fine.
+        os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
+        if not self.settings.verbose:
+            os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+            os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::UserWarning")
+        t0 = time.perf_counter()
+        try:
+            from vllm.engine.arg_utils import EngineArgs
+            from vllm.v1.engine.llm_engine import LLMEngine
+
+            args = EngineArgs(**self.settings.engine_args())
+            self._engine = LLMEngine.from_engine_args(
+                args,
+                stat_loggers=[self._iters.logger_factory()],
+                enable_multiprocessing=self.settings.mode == "multiprocess",
+            )
+        except Exception as e:  # vLLM raises many types; the sweep records them as a failed engine start
+            raise EngineError(
+                f"engine start failed for {self.settings.model_name} "
+                f"(block_size={self.settings.block_size}): {type(e).__name__}: "
+                f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+            ) from e
+        self.start_seconds = time.perf_counter() - t0
+        return self.start_seconds
+
+    def close(self) -> None:
+        if self._engine is not None:
+            # a dying engine must not mask the error that killed it
+            with contextlib.suppress(Exception):
+                self._engine.engine_core.shutdown()
+            self._engine = None
+            gc.collect()
+
+    def run_request(
+        self, request_id: str, token_ids: list[int], max_new_tokens: int, sampling: dict[str, Any] | None = None
+    ) -> RequestRecord:
+        """Run one request alone, timing each engine step; check what the engine did.
+
+        A token's latency is the summed wall time of the `step()` calls since the previous token up to the one
+        that returned it (a multiprocess engine may return an empty step first). Garbage collection is off
+        while the request runs, so a collection cannot land inside a timed step.
+        """
+        if self._engine is None:
+            raise EngineError("engine is not started")
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(
+            max_tokens=max_new_tokens, ignore_eos=True, detokenize=False, seed=self.settings.seed, **(sampling or {})
+        )
+        engine = self._engine
+        iters = self._iters.elapsed_ms
+        iters.clear()
+        pc = time.perf_counter
+        # raw: (window start, window end, busy seconds, step calls, tokens so far, iteration-log length)
+        raw: list[tuple[float, float, float, int, int, int]] = []
+        final: Any = None
+        n_prev = 0
+        gc.collect()
+        gc.disable()
+        try:
+            engine.add_request(request_id, TokensPrompt(prompt_token_ids=token_ids), params)
+            window_start = -1.0
+            busy = 0.0
+            calls = 0
+            while engine.has_unfinished_requests():
+                t0 = pc()
+                outs = engine.step()
+                t1 = pc()
+                if window_start < 0:
+                    window_start = t0
+                busy += t1 - t0
+                calls += 1
+                if outs:
+                    out = outs[0]
+                    n = len(out.outputs[0].token_ids)
+                    if n != n_prev:
+                        raw.append((window_start, t1, busy, calls, n, len(iters)))
+                        n_prev = n
+                        window_start, busy, calls = -1.0, 0.0, 0
+                    if out.finished:
+                        final = out
+        except Exception as e:
+            raise EngineError(f"engine failed during request: {type(e).__name__}: {e}") from e
+        finally:
+            gc.enable()
+        return self._records(raw, final, len(token_ids), max_new_tokens)
+
+    def _records(
+        self, raw: list[tuple[float, float, float, int, int, int]], final: Any, prompt_len: int, max_new_tokens: int
+    ) -> RequestRecord:
+        if final is None:
+            raise MeasurementError("request did not finish")
+        received = len(final.prompt_token_ids or [])
+        cached = int(final.num_cached_tokens or 0)
+        generated = len(final.outputs[0].token_ids)
+        if received != prompt_len:
+            raise MeasurementError(f"engine received {received} prompt tokens, {prompt_len} sent")
+        if cached != 0:
+            raise MeasurementError(f"{cached} prompt tokens came from the prefix cache; expected 0")
+        if generated != max_new_tokens:
+            raise MeasurementError(f"engine generated {generated} tokens, {max_new_tokens} asked")
+        steps = []
+        prev_tokens, prev_iter = 0, 0
+        for start, end, busy, calls, tokens, n_iter in raw:
+            if tokens != prev_tokens + 1:
+                raise MeasurementError(f"one step returned {tokens - prev_tokens} tokens; cannot attribute")
+            it = self._iters.elapsed_ms[prev_iter:n_iter]
+            steps.append(
+                StepRecord(
+                    step_index=prev_tokens,
+                    t_start_s=start,
+                    t_end_s=end,
+                    latency_ms=busy * 1e3,
+                    step_calls=calls,
+                    engine_elapsed_ms=sum(it) if it else None,
+                )
+            )
+            prev_tokens, prev_iter = tokens, n_iter
+        return RequestRecord(steps=steps, prompt_tokens=received, cached_tokens=cached, generated_tokens=generated)
+
+
+def engine_environment() -> dict[str, Any]:
+    """vLLM version and build, torch version, and the platform vLLM detected."""
+    info: dict[str, Any] = {}
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+    except ImportError:
+        info["torch"] = None
+    try:
+        import vllm
+
+        info["vllm"] = getattr(vllm, "__version__", "unknown")
+        from vllm.platforms import current_platform
+
+        info["vllm_build"] = "cpu" if current_platform.is_cpu() else str(current_platform.device_type)
+    except ImportError as e:
+        info["vllm"] = None
+        info["vllm_build"] = None
+        info["vllm_error"] = str(e)
+    return info

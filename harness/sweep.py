@@ -1,0 +1,574 @@
+"""The sweep: plan the grid, run each point on a real engine, and store what was measured.
+
+The CLI builds a `SweepSpec` and `SweepOptions` and calls `run_sweep`; the same works from Python.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+
+from harness import __version__
+from harness.engine import EngineError, EngineSettings, MeasurementError, VllmEngine, engine_environment
+from harness.prompts import PromptSource, load_documents, load_tokenizer
+from harness.spec import (
+    Point,
+    SpecError,
+    SweepSpec,
+    engine_axes,
+    expand,
+    group_by_engine,
+    model_config,
+    resolve_model,
+)
+from harness.store import RunStore, utc_now
+from harness.telemetry import (
+    TelemetrySampler,
+    TelemetrySource,
+    join_snapshots,
+    lock_clocks,
+    nvml_device_count,
+    open_source,
+    telemetry_frame,
+)
+
+# Rough throughput used only by --dry-run's duration estimate (FLOP/s of useful model work, and fixed costs).
+ESTIMATE = {
+    "cpu": {"flops": 40e9, "step_overhead_s": 0.002, "engine_start_s": 30.0},
+    "cuda": {"flops": 150e12, "step_overhead_s": 0.004, "engine_start_s": 90.0},
+}
+
+
+@dataclass
+class SweepOptions:
+    """How to run a sweep (not what to measure: that is the spec)."""
+
+    out_root: Path = Path("results")
+    resume_dir: Path | None = None
+    gpu: int | None = None
+    fail_fast: bool = False
+    lock_clocks_mhz: int | None = None
+    verbose: bool = False
+    command: list[str] = field(default_factory=lambda: list(sys.argv))
+
+
+@dataclass
+class TierModel:
+    """A tier's model: name, local path, and the config facts the sweep checks against."""
+
+    tier: int
+    name: str
+    path: str
+    vocab_size: int
+    max_context: int
+    params: int
+
+
+@dataclass
+class Plan:
+    spec: SweepSpec
+    points: list[Point]
+    groups: list[list[Point]]
+    models: dict[int, TierModel]
+    max_model_len: int
+
+    def estimated_seconds(self) -> float:
+        """A rough duration: engine starts plus model FLOPs at a nominal throughput (for --dry-run)."""
+        est = ESTIMATE[self.spec.device]
+        total = est["engine_start_s"] * len(self.groups)
+        reqs = self.spec.requests_per_point
+        for p in self.points:
+            m = self.models[int(p.axes["tier"])]
+            n, new = p.text_tokens, self.spec.max_new_tokens
+            total += reqs * (2 * m.params * (n + new) / est["flops"] + new * est["step_overhead_s"])
+        return total
+
+
+@dataclass
+class SweepResult:
+    run_dir: Path
+    status: str
+    points_done: int
+    points_failed: int
+    summary: pd.DataFrame
+    figures: dict[str, Any]
+
+
+def _param_count(cfg: dict[str, Any]) -> int:
+    h = int(cfg.get("hidden_size", 0))
+    layers = int(cfg.get("num_hidden_layers", 0))
+    heads = int(cfg.get("num_attention_heads", 1))
+    kv = int(cfg.get("num_key_value_heads", heads))
+    hd = int(cfg.get("head_dim", h // max(heads, 1)))
+    inter = int(cfg.get("intermediate_size", 4 * h))
+    per_layer = h * heads * hd * 2 + h * kv * hd * 2 + 3 * h * inter
+    return layers * per_layer + int(cfg.get("vocab_size", 0)) * h
+
+
+def plan_sweep(spec: SweepSpec) -> Plan:
+    """Expand the grid and check every point against its model before anything is measured."""
+    models: dict[int, TierModel] = {}
+    for tier in spec.axes["tier"]:
+        name, path = resolve_model(spec.ladder[tier])
+        cfg = model_config(path)
+        if "architectures" not in cfg:
+            raise SpecError(f"{path}/config.json has no 'architectures' entry")
+        ctx = int(cfg.get("max_position_embeddings", 2048))
+        models[tier] = TierModel(tier, name, path, int(cfg.get("vocab_size", 0)), ctx, _param_count(cfg))
+    longest = max(spec.axes["text_tokens"])
+    for m in models.values():
+        if longest + spec.max_new_tokens > m.max_context:
+            raise SpecError(
+                f"text_tokens {longest} + max_new_tokens {spec.max_new_tokens} exceeds the context "
+                f"of tier {m.tier} ({m.name}: {m.max_context} tokens)"
+            )
+    need = longest + spec.max_new_tokens
+    max_len = min(min(m.max_context for m in models.values()), -(-need // 256) * 256)
+    points = expand(spec)
+    return Plan(spec, points, group_by_engine(points), models, max_len)
+
+
+def _git_info() -> tuple[str | None, bool | None]:
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+        dirty = bool(
+            subprocess.run(
+                ["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True, timeout=5, check=True
+            ).stdout.strip()
+        )
+        return commit, dirty
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(source_info: dict[str, Any]) -> dict[str, Any]:
+    """What the run ran on: interpreter, libraries, device."""
+    env = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        **engine_environment(),
+        "cpu_model": cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "nvml_gpus": nvml_device_count(),
+        "device": source_info.get("device_name") or cpu_model(),
+        "omp_threads_bind": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto"),
+    }
+    env["nvml_available"] = env["nvml_gpus"] > 0
+    env.update(
+        {
+            k: v
+            for k, v in source_info.items()
+            if k in ("driver_version", "uuid", "device_selector", "max_sm_clock_mhz", "power_limit_w")
+        }
+    )
+    return env
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM set a flag; the sweep stops after the current request and marks the run interrupted."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        if self.signal is not None:  # second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.signal = signum
+
+
+@contextmanager
+def _stop_on_signals() -> Iterator[_StopFlag]:
+    flag = _StopFlag()
+    old = {s: signal.signal(s, flag) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield flag
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _select_gpu(gpu: int | None) -> None:
+    """Make GPU `gpu` (an index in this process's CUDA view) the only device vLLM sees."""
+    if gpu is None:
+        return
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible:
+        entries = [e.strip() for e in visible.split(",") if e.strip()]
+        os.environ["CUDA_VISIBLE_DEVICES"] = entries[gpu]
+    else:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
+
+
+def _engine_settings(plan: Plan, point: Point, options: SweepOptions) -> EngineSettings:
+    spec = plan.spec
+    m = plan.models[int(point.axes["tier"])]
+    kwargs: dict[str, Any] = dict(spec.engine)
+    hf: dict[str, Any] = {}
+    block_size = 16
+    for axis in engine_axes(spec):
+        target = spec.mapping[axis]
+        value = point.axes[axis]
+        if target == "engine:block_size":
+            block_size = int(value)
+        elif target.startswith("engine:"):
+            kwargs[target.split(":", 1)[1]] = value
+        elif target.startswith("hf:"):
+            hf[target.split(":", 1)[1]] = value
+    return EngineSettings(
+        model_name=m.name,
+        model_path=m.path,
+        device=spec.device,
+        block_size=block_size,
+        max_model_len=plan.max_model_len,
+        mode=spec.engine_mode,
+        seed=spec.seed,
+        engine_kwargs=kwargs,
+        hf_overrides=hf,
+        trust_remote_code=spec.trust_remote_code,
+        verbose=options.verbose,
+    )
+
+
+def _sampling(spec: SweepSpec, point: Point) -> dict[str, Any]:
+    return {
+        spec.mapping[a].split(":", 1)[1]: v for a, v in point.axes.items() if spec.mapping[a].startswith("sampling:")
+    }
+
+
+Reporter = Callable[[str, dict[str, Any]], None]
+
+
+def run_sweep(spec: SweepSpec, options: SweepOptions, report: Reporter) -> SweepResult:
+    """Run (or resume) a sweep; `report(event, data)` receives progress events for display."""
+    plan = plan_sweep(spec)
+    with open_source(options.gpu) as source:
+        _select_gpu(options.gpu)
+        if options.resume_dir is not None:
+            store = RunStore.open(options.resume_dir)
+            for p in store.discard_partial():
+                report("log", {"message": f"discarded unfinished write {p.relative_to(store.run_dir)}"})
+            manifest = store.update_manifest(status="running", resumed_at=utc_now(), resume_command=options.command)
+            if manifest.get("spec") != spec.model_dump(mode="json"):
+                raise SpecError(
+                    f"--resume: the run in {options.resume_dir} was made with another spec; resume it "
+                    "with the same flags (or none: the saved spec is used)"
+                )
+        else:
+            commit, dirty = _git_info()
+            store = RunStore.create(
+                options.out_root,
+                {
+                    "tool_version": __version__,
+                    "git_commit": commit,
+                    "git_dirty": dirty,
+                    "command": options.command,
+                    "spec": spec.model_dump(mode="json"),
+                    "environment": environment(source.info),
+                    "telemetry": {
+                        "source": source.name,
+                        "reason": source.reason
+                        if source.name == "nvml"
+                        else f"{source.reason}; NVML sees {nvml_device_count()} GPU(s), so host counters stand in",
+                        "interval_ms": spec.telemetry_interval_ms,
+                        "power_field": source.info.get("power_field"),
+                        "clocks_locked_mhz": options.lock_clocks_mhz,
+                    },
+                    "engine_mode": spec.engine_mode,
+                    "started_at": utc_now(),
+                    "ended_at": None,
+                    "status": "running",
+                    "points_total": len(plan.points),
+                    "points_done": 0,
+                    "points_failed": 0,
+                    "engine_starts": [],
+                    "models": {str(t): m.__dict__ for t, m in plan.models.items()},
+                },
+            )
+        with lock_clocks(source, options.lock_clocks_mhz), _stop_on_signals() as stop:
+            status = _run_points(plan, store, options, source, stop, report)
+    return _finish(store, plan, status, report)
+
+
+def _run_points(
+    plan: Plan, store: RunStore, options: SweepOptions, source: TelemetrySource, stop: _StopFlag, report: Reporter
+) -> str:
+    spec = plan.spec
+    done = store.done_points()
+    todo_groups = [[p for p in g if p.point_id not in done] for g in plan.groups]
+    todo_groups = [g for g in todo_groups if g]
+    report(
+        "start",
+        {
+            "run_dir": store.run_dir,
+            "points_total": len(plan.points),
+            "points_done": len(done),
+            "engine_starts": len(todo_groups),
+        },
+    )
+    documents = load_documents(spec.prompts)
+    sources: dict[str, PromptSource] = {}
+    failed = 0  # in this attempt; a resumed run retries earlier failures
+    for group in todo_groups:
+        first = group[0]
+        settings = _engine_settings(plan, first, options)
+        m = plan.models[int(first.axes["tier"])]
+        if m.path not in sources:
+            sources[m.path] = PromptSource(documents, load_tokenizer(m.path), m.vocab_size, spec.seed)
+        prompts = sources[m.path]
+        remaining = list(group)
+        while remaining:  # one pass per engine start; an engine that dies is restarted for the rest
+            engine = VllmEngine(settings)
+            try:
+                seconds = engine.start()
+                starts = store.read_manifest().get("engine_starts", [])
+                store.update_manifest(
+                    engine_starts=[
+                        *starts,
+                        {
+                            "engine_config_id": first.engine_config_id,
+                            "model": m.name,
+                            "block_size": settings.block_size,
+                            "seconds": round(seconds, 2),
+                        },
+                    ]
+                )
+                report(
+                    "engine",
+                    {"model": m.name, "block_size": settings.block_size, "seconds": seconds, "points": len(remaining)},
+                )
+                _warm_up(engine, prompts, plan, remaining)
+            except (EngineError, MeasurementError) as e:
+                engine.close()
+                for p in remaining:
+                    _fail(store, p, e, report)
+                failed += len(remaining)
+                store.update_manifest(points_failed=failed)
+                if options.fail_fast:
+                    return "failed"
+                break
+            try:
+                while remaining:
+                    point = remaining[0]
+                    if stop.signal is not None:
+                        return "interrupted"
+                    try:
+                        tables, figures = _measure_point(engine, prompts, plan, point, source, stop, store.run_dir.name)
+                    except (MeasurementError, EngineError) as e:
+                        remaining.pop(0)
+                        _fail(store, point, e, report)
+                        failed += 1
+                        store.update_manifest(points_failed=failed)
+                        if options.fail_fast:
+                            return "failed"
+                        if isinstance(e, EngineError):
+                            break  # restart the engine for the rest of the group
+                        continue
+                    if tables is None:
+                        return "interrupted"
+                    store.write_point(point.point_id, tables)
+                    remaining.pop(0)
+                    done.add(point.point_id)
+                    store.update_manifest(points_done=len(done), points_failed=failed)
+                    report("point", {"point": point, "done": len(done), "total": len(plan.points), **figures})
+            finally:
+                engine.close()
+    return "complete" if failed == 0 else "failed"
+
+
+def _fail(store: RunStore, point: Point, error: Exception, report: Reporter) -> None:
+    store.record_failure(
+        {
+            "point_id": point.point_id,
+            "engine_config_id": point.engine_config_id,
+            "axes": point.axes,
+            "error_type": type(error).__name__,
+            "error": str(error),
+        }
+    )
+    report("failure", {"point": point, "error": f"{type(error).__name__}: {error}"})
+
+
+def _warm_up(engine: VllmEngine, prompts: PromptSource, plan: Plan, group: list[Point]) -> None:
+    """Untimed requests after an engine start, at the group's shortest and longest prompt lengths."""
+    lengths = sorted({p.text_tokens for p in group})
+    prompts.reseed(f"warmup:{group[0].engine_config_id}")
+    for i in range(plan.spec.warmup_requests):
+        n = lengths[-1] if i % 2 == 0 else lengths[0]
+        engine.run_request(
+            f"warmup-{group[0].engine_config_id}-{i}",
+            prompts.cut(n, i).token_ids,
+            plan.spec.max_new_tokens,
+            _sampling(plan.spec, group[0]),
+        )
+
+
+def _measure_point(
+    engine: VllmEngine,
+    prompts: PromptSource,
+    plan: Plan,
+    point: Point,
+    source: TelemetrySource,
+    stop: _StopFlag,
+    run_id: str,
+) -> tuple[dict[str, pa.Table] | None, dict[str, Any]]:
+    """Run one point's requests; return its tables (None when interrupted) and headline figures."""
+    spec = plan.spec
+    n = point.text_tokens
+    prompts.reseed(point.point_id)
+    plist = [(prompts.cut(n, i), "distinct") for i in range(spec.reps)]
+    if spec.same_prompt_repeats:
+        same = prompts.cut(n, spec.reps)
+        plist += [(same, "same")] * spec.same_prompt_repeats
+    model = plan.models[int(point.axes["tier"])].name
+    sampling = _sampling(spec, point)
+    rows: list[dict[str, Any]] = []
+    device_name = source.info.get("device_name") or cpu_model()
+    # a sampler per point: it samples on start and stop, so the point's telemetry brackets its requests
+    with TelemetrySampler(source, spec.telemetry_interval_ms) as sampler:
+        records = []
+        for rep, (prompt, _) in enumerate(plist):
+            if stop.signal is not None:
+                return None, {}
+            records.append(
+                engine.run_request(f"{point.point_id}-{rep}", prompt.token_ids, spec.max_new_tokens, sampling)
+            )
+    telemetry = telemetry_frame(sampler.drain(), source.name)
+    for rep, ((prompt, kind), rec) in enumerate(zip(plist, records, strict=True)):
+        for s in rec.steps:
+            rows.append(
+                {
+                    "run_id": run_id,
+                    "point_id": point.point_id,
+                    "engine_config_id": point.engine_config_id,
+                    "rep": rep,
+                    "prompt_kind": kind,
+                    "prompt_id": prompt.prompt_id,
+                    **point.axes,
+                    "model": model,
+                    "phase": "prefill" if s.step_index == 0 else "decode",
+                    "text_tokens": rec.prompt_tokens,
+                    "position": n + s.step_index,
+                    "step_index": s.step_index,
+                    "latency_ms": s.latency_ms,
+                    "engine_elapsed_ms": s.engine_elapsed_ms,
+                    "step_calls": s.step_calls,
+                    "t_start_s": s.t_start_s,
+                    "t_end_s": s.t_end_s,
+                    "max_new_tokens": spec.max_new_tokens,
+                    "batch_size": 1,
+                    "engine_mode": spec.engine_mode,
+                    "device": device_name,
+                }
+            )
+    samples = join_snapshots(pd.DataFrame(rows), telemetry)
+    seen: set[str] = set()
+    prompt_rows = []
+    for prompt, kind in plist:
+        if prompt.prompt_id in seen:
+            continue
+        seen.add(prompt.prompt_id)
+        prompt_rows.append(
+            {
+                "prompt_id": prompt.prompt_id,
+                "text": prompt.text,
+                "text_tokens": prompt.text_tokens,
+                "token_ids": prompt.token_ids,
+                "source": prompt.source,
+                "content_class": prompt.content_class,
+                "prompt_kind": kind,
+                "point_id": point.point_id,
+            }
+        )
+    tables = {
+        "samples": pa.Table.from_pandas(samples, preserve_index=False),
+        "prompts": pa.Table.from_pylist(prompt_rows),
+    }
+    if not telemetry.empty:
+        telemetry.insert(0, "point_id", point.point_id)
+        tables["telemetry"] = pa.Table.from_pandas(telemetry, preserve_index=False)
+    pre = samples.loc[samples.phase == "prefill", "latency_ms"]
+    dec = samples.loc[samples.phase == "decode", "latency_ms"]
+    return tables, {"prefill_ms": float(pre.median()), "decode_ms": float(dec.median())}
+
+
+def _finish(store: RunStore, plan: Plan, status: str, report: Reporter) -> SweepResult:
+    table = store.read_table("samples")
+    samples = table.to_pandas() if table is not None else pd.DataFrame()
+    figures = overhead_figures(samples)
+    summary = summarize(samples, plan.spec)
+    manifest = store.update_manifest(status=status, ended_at=utc_now(), summary=figures)
+    done = len(store.done_points())
+    if status == "failed" and done == len(plan.points):
+        status = "complete"  # every failure of an earlier attempt was measured on resume
+    manifest = store.update_manifest(
+        status=status, points_done=done, points_failed=len(plan.points) - done if status != "interrupted" else 0
+    )
+    result = SweepResult(store.run_dir, status, done, int(manifest["points_failed"]), summary, figures)
+    done_ids = store.done_points()
+    report("end", {"result": result, "failures": [f for f in store.failures() if f["point_id"] not in done_ids]})
+    return result
+
+
+def overhead_figures(samples: pd.DataFrame) -> dict[str, Any]:
+    """Caller step time over the engine core's own iteration time, per phase (median ratio)."""
+    out: dict[str, Any] = {"rows": len(samples)}
+    if samples.empty or "engine_elapsed_ms" not in samples:
+        return out
+    for phase in ("prefill", "decode"):
+        s = samples[(samples.phase == phase) & samples.engine_elapsed_ms.notna() & (samples.engine_elapsed_ms > 0)]
+        if len(s):
+            out[f"{phase}_harness_over_engine_ratio"] = round(float((s.latency_ms / s.engine_elapsed_ms).median()), 4)
+            out[f"{phase}_harness_minus_engine_ms"] = round(float((s.latency_ms - s.engine_elapsed_ms).median()), 4)
+    return out
+
+
+def _cv(x: pd.Series) -> float:
+    return float(x.std(ddof=1) / x.mean()) if len(x) > 1 and x.mean() > 0 else float("nan")
+
+
+def summarize(samples: pd.DataFrame, spec: SweepSpec) -> pd.DataFrame:
+    """Per tier and config: prefill median at each length, decode median, and CVs (distinct prompts)."""
+    if samples.empty:
+        return pd.DataFrame()
+    config = [a for a in spec.axes if a != "text_tokens"]
+    rows = []
+    for key, g in samples.groupby([*config, "model"], sort=True):
+        pre = g[g.phase == "prefill"]
+        dec = g[g.phase == "decode"]
+        row: dict[str, Any] = dict(zip([*config, "model"], key if isinstance(key, tuple) else (key,), strict=True))
+        for n, gp in pre.groupby("text_tokens"):
+            row[f"prefill_ms@{n}"] = round(float(gp.latency_ms.median()), 2)
+        distinct = pre[pre.prompt_kind == "distinct"]
+        row["prefill_cv_pct"] = round(
+            100 * statistics.fmean([_cv(gp.latency_ms) for _, gp in distinct.groupby("text_tokens")] or [float("nan")]),
+            1,
+        )
+        row["decode_ms"] = round(float(dec.latency_ms.median()), 2)
+        row["decode_cv_pct"] = round(100 * float(dec.groupby("position").latency_ms.agg(_cv).median()), 1)
+        rows.append(row)
+    return pd.DataFrame(rows)

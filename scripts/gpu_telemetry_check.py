@@ -1,0 +1,144 @@
+"""Check GPU telemetry on a real NVIDIA GPU: sampling rate and cost, SM clock and power idle vs loaded, the
+energy counter against integrated power, and the clock-event (throttle) reasons seen.
+
+Needs torch with CUDA and nvidia-ml-py, not vLLM. From the repository root (takes ~10 s):
+    PYTHONPATH=. python scripts/gpu_telemetry_check.py [--gpu 0] [--seconds 4] [--interval-ms 25]
+Add --lock-mhz N to check clock locking too (needs root).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs without PYTHONPATH too
+
+from harness.telemetry import (  # noqa: E402
+    TelemetryError,
+    TelemetrySampler,
+    TelemetrySource,
+    decode_throttle_reasons,
+    lock_clocks,
+    open_source,
+)
+
+
+def _median(samples: list[dict[str, Any]], key: str) -> float | None:
+    values = [s[key] for s in samples if s.get(key) is not None]
+    return statistics.median(values) if values else None
+
+
+def _load_gpu(torch: Any, gpu: int, seconds: float) -> tuple[float, float, float]:
+    """bf16 matrix products on cuda:`gpu` for `seconds` s; returns start and end (perf_counter s), TFLOP/s."""
+    device = torch.device(f"cuda:{gpu}")
+    n = 8192
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    products = 0
+    while time.perf_counter() - t0 < seconds:
+        for _ in range(20):
+            a @ b
+        torch.cuda.synchronize(device)
+        products += 20
+    t1 = time.perf_counter()
+    return t0, t1, 2 * n**3 * products / (t1 - t0) / 1e12
+
+
+def check(torch: Any, source: TelemetrySource, args: argparse.Namespace) -> int:
+    """Idle for a second, load the GPU, and print what telemetry saw. Returns the exit status."""
+    info = source.info
+    print(f"device: {info['device_name']} ({info['uuid']}), driver {info['driver_version']}, {source.reason}")
+    props = torch.cuda.get_device_properties(args.gpu)
+    torch_uuid = str(getattr(props, "uuid", ""))
+    print(
+        f"torch cuda:{args.gpu}: {props.name} uuid {torch_uuid or '?'} -> same device as NVML: "
+        f"{bool(torch_uuid) and info['uuid'].endswith(torch_uuid)}"
+    )
+    print(
+        f"power from {info['power_field']}, throttle from {info['throttle_field']}, "
+        f"power limit {info.get('power_limit_w')} W, max SM clock {info.get('max_sm_clock_mhz')} MHz"
+    )
+    t = time.perf_counter()
+    for _ in range(100):
+        source.read()
+    print(f"one read: {(time.perf_counter() - t) * 1e4:.0f} us; unsupported: {source.unsupported or 'none'}")
+
+    torch.zeros(1, device=f"cuda:{args.gpu}")  # CUDA context up before the idle second
+    with TelemetrySampler(source, args.interval_ms) as sampler:
+        time.sleep(1.0)
+        load0, load1, tflops = _load_gpu(torch, args.gpu, args.seconds)
+        time.sleep(0.3)
+    samples = sampler.drain()
+    span = samples[-1]["t_s"] - samples[0]["t_s"]
+    rate = (len(samples) - 1) / span
+    gaps = sorted(b["t_s"] - a["t_s"] for a, b in zip(samples, samples[1:], strict=False))
+    errors = [s["error"] for s in samples if "error" in s]
+    print(
+        f"\nsamples: {len(samples)} in {span:.2f} s = {rate:.1f}/s (asked {1000 / args.interval_ms:.1f}/s); "
+        f"gap p50 {gaps[len(gaps) // 2] * 1e3:.1f} ms, max {gaps[-1] * 1e3:.1f} ms; errors {len(errors)}; "
+        f"sampler CPU {sampler.cpu_seconds / span * 100:.2f}% of a core"
+    )
+    for message in sorted(set(errors))[:5]:
+        print(f"  error: {message}")
+
+    idle = [s for s in samples if load0 - 0.8 <= s["t_s"] <= load0]
+    loaded = [s for s in samples if load0 + 0.5 <= s["t_s"] <= load1]
+    print(f"load: {tflops:.0f} TFLOP/s bf16 for {load1 - load0:.1f} s")
+    for key in ("sm_clock_mhz", "mem_clock_mhz", "power_w", "temp_c", "gpu_util_pct", "pstate"):
+        print(f"  {key:14s} idle {_median(idle, key)!s:>8}   loaded {_median(loaded, key)!s:>8}")
+
+    window = [s for s in samples if load0 <= s["t_s"] <= load1 and s["energy_mj"] is not None and s["power_w"]]
+    if len(window) >= 2:
+        counter_j = (window[-1]["energy_mj"] - window[0]["energy_mj"]) / 1000
+        integrated_j = sum(
+            (b["t_s"] - a["t_s"]) * (a["power_w"] + b["power_w"]) / 2 for a, b in zip(window, window[1:], strict=False)
+        )
+        print(
+            f"energy over the load: counter {counter_j:.1f} J, integrated power {integrated_j:.1f} J, "
+            f"ratio {counter_j / integrated_j:.3f}"
+        )
+    else:
+        print("energy: counter or power not available")
+
+    seen: dict[str, int] = {}
+    for s in samples:
+        for name in decode_throttle_reasons(s["throttle_reasons"]):
+            seen[name] = seen.get(name, 0) + 1
+    print("clock-event reasons seen (samples): " + (", ".join(f"{k} ({v})" for k, v in seen.items()) or "none"))
+    return 0 if samples and rate > 0.5 * 1000 / args.interval_ms else 1
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gpu", type=int, default=0, help="CUDA device index, as for `profile sweep --gpu`")
+    parser.add_argument("--seconds", type=float, default=4.0, help="seconds of matrix products")
+    parser.add_argument("--interval-ms", type=float, default=25.0)
+    parser.add_argument("--lock-mhz", type=int, default=None, help="also check clock locking (needs root)")
+    args = parser.parse_args()
+    try:
+        import torch
+    except ImportError:
+        print("this check needs torch with CUDA (pip install torch)", file=sys.stderr)
+        return 2
+    if not torch.cuda.is_available():
+        print(
+            "no CUDA GPU visible to torch (torch.cuda.is_available() is False): nothing to check",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        with open_source(args.gpu) as source, lock_clocks(source, args.lock_mhz):
+            return check(torch, source, args)
+    except TelemetryError as exc:
+        print(f"telemetry: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

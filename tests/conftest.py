@@ -1,0 +1,32 @@
+"""Shared fixtures. `small_run` runs one small real sweep on the CPU vLLM engine per test session."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+# 2 engine configs (one model, two block sizes), 3 lengths, 8 decode positions, noise-floor repeats.
+SMALL_SWEEP = ["--tier", "0", "--blocks", "32,64", "--text-tokens", "64,256,1024", "--top-k", "0",
+               "--reps", "4", "--same-prompt-repeats", "3", "--max-new-tokens", "9", "--warmup", "2", "--quiet"]
+
+
+def run_profile(*args: str, timeout: float = 900, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the `profile` CLI as a user would (a separate process), capturing its output."""
+    env = {**os.environ, "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "harness.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=cwd)
+
+
+@pytest.fixture(scope="session")
+def small_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished run folder from a small real CPU sweep."""
+    out = tmp_path_factory.mktemp("results")
+    proc = run_profile("sweep", *SMALL_SWEEP, "--out", str(out))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    runs = [p for p in out.iterdir() if (p / "manifest.json").is_file()]
+    assert len(runs) == 1
+    return runs[0]

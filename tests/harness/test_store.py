@@ -1,0 +1,68 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from harness.store import RunStore, StoreError, atomic_path
+
+
+def _tables(point: str) -> dict[str, pa.Table]:
+    return {"samples": pa.table({"point_id": [point, point], "latency_ms": [1.0, 2.0]}),
+            "prompts": pa.table({"prompt_id": ["p"], "point_id": [point]})}
+
+
+def test_atomic_path_leaves_nothing_on_error(tmp_path: Path) -> None:
+    target = tmp_path / "f.parquet"
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("killed mid-write")
+    assert not target.exists()
+    assert not list(tmp_path.iterdir())
+
+
+def test_points_written_are_done_and_readable(tmp_path: Path) -> None:
+    store = RunStore.create(tmp_path, {"status": "running"}, run_id="r")
+    store.write_point("a", _tables("a"))
+    store.write_point("b", _tables("b"))
+    assert store.done_points() == {"a", "b"}
+    assert store.read_table("samples").num_rows == 4
+    assert not list(store.run_dir.rglob("*.tmp"))
+
+
+def test_resume_bookkeeping_discards_partial_writes(tmp_path: Path) -> None:
+    store = RunStore.create(tmp_path, {"status": "running"}, run_id="r")
+    store.write_point("a", _tables("a"))
+    # what a kill can leave: a half-written samples file, and prompts of a point whose samples never landed
+    (store.run_dir / "samples" / "b.parquet.tmp").write_bytes(b"PAR1 half")
+    (store.run_dir / "prompts" / "b.parquet").write_bytes(b"x")
+    reopened = RunStore.open(store.run_dir)
+    removed = {p.name for p in reopened.discard_partial()}
+    assert removed == {"b.parquet.tmp", "b.parquet"}
+    assert reopened.done_points() == {"a"}
+    assert reopened.read_table("samples").num_rows == 2
+
+
+def test_open_refuses_non_runs_and_other_schemas(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="not a run folder"):
+        RunStore.open(tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps({"schema_version": 99}))
+    with pytest.raises(StoreError, match="schema_version 99"):
+        RunStore.open(tmp_path)
+
+
+def test_failures_survive_a_cut_line(tmp_path: Path) -> None:
+    store = RunStore.create(tmp_path, {}, run_id="r")
+    store.record_failure({"point_id": "a", "error": "boom"})
+    with (store.run_dir / "failures.jsonl").open("a") as f:
+        f.write('{"point_id": "b", "err')
+    assert [f["point_id"] for f in store.failures()] == ["a"]
+
+
+def test_unwritable_output_folder(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(StoreError, match="not writable"):
+        RunStore.create(blocker / "results", {})
