@@ -205,6 +205,9 @@ def sweep(
     prompts: Path | None = typer.Option(None, help="prompt text: ShareGPT JSON, JSONL with 'text', or plain text"),
     out_dir: Path = typer.Option(Path("results"), "--out", help="folder that receives results/<run_id>/"),
     resume: Path | None = typer.Option(None, help="finish an interrupted run in this folder (uses its spec)"),
+    name: str | None = typer.Option(
+        None, help="run folder name under --out: resumed if unfinished, skipped if complete (for scripts)"
+    ),
     dry_run: bool = typer.Option(False, help="print the grid, engine-restart plan and estimated duration"),
     quiet: bool = typer.Option(False, help="plain log lines instead of a live progress bar"),
     fail_fast: bool = typer.Option(False, help="stop at the first failed point"),
@@ -220,6 +223,13 @@ def sweep(
     from harness.sweep import SweepOptions, plan_sweep, run_sweep
 
     try:
+        if name is not None and resume is None and (out_dir / name / "manifest.json").is_file():
+            status = RunStore.open(out_dir / name).read_manifest().get("status")
+            if status == "complete":
+                out.print(f"{out_dir / name} is already complete; nothing to do")
+                return
+            resume = out_dir / name
+            err.print(f"resuming unfinished run {resume} (status {status})", highlight=False)
         if resume is not None:
             spec = build_spec(RunStore.open(resume).read_manifest()["spec"])
         else:

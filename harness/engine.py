@@ -38,6 +38,7 @@ class EngineSettings:
     hf_overrides: dict[str, Any] = field(default_factory=dict)
     trust_remote_code: bool = False
     verbose: bool = False
+    gc_guard: bool = True  # keep garbage collection out of timed steps (off only to measure its effect)
 
     def engine_args(self) -> dict[str, Any]:
         """Keyword arguments for vLLM's EngineArgs."""
@@ -203,8 +204,9 @@ class VllmEngine:
         raw: list[tuple[float, float, float, int, int, int]] = []
         final: Any = None
         n_prev = 0
-        gc.collect()
-        gc.disable()
+        if self.settings.gc_guard:
+            gc.collect()
+            gc.disable()
         try:
             engine.add_request(request_id, TokensPrompt(prompt_token_ids=token_ids), params)
             window_start = -1.0

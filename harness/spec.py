@@ -50,6 +50,8 @@ class SweepSpec(BaseModel):
     engine: dict[str, Any] = Field(default_factory=dict, description="extra vLLM EngineArgs")
     engine_mode: Literal["multiprocess", "inprocess"] = "multiprocess"
     telemetry_interval_ms: float = Field(25.0, gt=0)
+    telemetry: bool = Field(True, description="off only to measure telemetry's own overhead")
+    gc_guard: bool = Field(True, description="garbage collection off inside timed requests")
     trust_remote_code: bool = False
 
     @field_validator("axes")

@@ -5,6 +5,7 @@ The CLI builds a `SweepSpec` and `SweepOptions` and calls `run_sweep`; the same 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import signal
@@ -27,6 +28,7 @@ from harness.spec import (
     Point,
     SpecError,
     SweepSpec,
+    build_spec,
     engine_axes,
     expand,
     group_by_engine,
@@ -57,6 +59,7 @@ class SweepOptions:
 
     out_root: Path = Path("results")
     resume_dir: Path | None = None
+    run_id: str | None = None
     gpu: int | None = None
     fail_fast: bool = False
     lock_clocks_mhz: int | None = None
@@ -251,6 +254,7 @@ def _engine_settings(plan: Plan, point: Point, options: SweepOptions) -> EngineS
         hf_overrides=hf,
         trust_remote_code=spec.trust_remote_code,
         verbose=options.verbose,
+        gc_guard=spec.gc_guard,
     )
 
 
@@ -273,7 +277,7 @@ def run_sweep(spec: SweepSpec, options: SweepOptions, report: Reporter) -> Sweep
             for p in store.discard_partial():
                 report("log", {"message": f"discarded unfinished write {p.relative_to(store.run_dir)}"})
             manifest = store.update_manifest(status="running", resumed_at=utc_now(), resume_command=options.command)
-            if manifest.get("spec") != spec.model_dump(mode="json"):
+            if build_spec(manifest.get("spec") or {}) != spec:
                 raise SpecError(
                     f"--resume: the run in {options.resume_dir} was made with another spec; resume it "
                     "with the same flags (or none: the saved spec is used)"
@@ -308,6 +312,7 @@ def run_sweep(spec: SweepSpec, options: SweepOptions, report: Reporter) -> Sweep
                     "engine_starts": [],
                     "models": {str(t): m.__dict__ for t, m in plan.models.items()},
                 },
+                run_id=options.run_id,
             )
         with lock_clocks(source, options.lock_clocks_mhz), _stop_on_signals() as stop:
             status = _run_points(plan, store, options, source, stop, report)
@@ -449,7 +454,8 @@ def _measure_point(
     rows: list[dict[str, Any]] = []
     device_name = source.info.get("device_name") or cpu_model()
     # a sampler per point: it samples on start and stop, so the point's telemetry brackets its requests
-    with TelemetrySampler(source, spec.telemetry_interval_ms) as sampler:
+    sampler = TelemetrySampler(source, spec.telemetry_interval_ms)
+    with sampler if spec.telemetry else contextlib.nullcontext():
         records = []
         for rep, (prompt, _) in enumerate(plist):
             if stop.signal is not None:

@@ -12,10 +12,10 @@ prompts for config-only models that ship no tokenizer).
 from __future__ import annotations
 
 import json
+import pydoc_data.topics
 import sysconfig
 from pathlib import Path
 
-import pydoc_data.topics
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 ASSETS = Path(__file__).resolve().parents[1] / "harness" / "assets"
