@@ -39,6 +39,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 out = Console()
+if not out.is_terminal:  # logs and CI: wide enough for the summary table
+    out = Console(width=160)
 err = Console(stderr=True)
 
 EXIT_BAD_INPUT = 2
@@ -220,7 +222,7 @@ def sweep(
     verbose: bool = typer.Option(False, help="show vLLM's own log"),
 ) -> None:
     """Sweep prompt lengths and serving configs; write results/<run_id>/."""
-    from harness.sweep import SweepOptions, plan_sweep, run_sweep
+    from harness.sweep import SweepOptions, plan_sweep, prompt_sources, run_sweep
 
     try:
         if name is not None and resume is None and (out_dir / name / "manifest.json").is_file():
@@ -251,13 +253,16 @@ def sweep(
             }
             spec = resolve_spec(spec_file, gpu, overrides)
         plan = plan_sweep(spec)
-        if spec.prompts is not None:
-            from harness.prompts import load_documents
-
-            load_documents(spec.prompts)  # a bad prompts file fails now, not after the first engine start
         if dry_run:
+            if spec.prompts is not None:
+                prompt_sources(plan)  # a bad or too short prompts file fails the plan too (run_sweep checks it)
             _print_plan(plan)
             return
+        if gpu is not None:
+            from harness.telemetry import open_source
+
+            with open_source(gpu):  # a GPU that is not there fails now, before vLLM is imported
+                pass
         if spec.device == "cuda":
             from harness.engine import engine_environment
 
@@ -272,6 +277,7 @@ def sweep(
         options = SweepOptions(
             out_root=out_dir,
             resume_dir=resume,
+            run_id=name,
             gpu=gpu,
             fail_fast=fail_fast,
             lock_clocks_mhz=lock_clocks,

@@ -67,6 +67,13 @@ class EngineSettings:
         return args
 
 
+def _one_line(error: BaseException, limit: int = 300) -> str:
+    """An error's whole message on one line, cut to `limit` characters (a pydantic error's first line only
+    names the config class; the reason is on the next ones)."""
+    text = " ".join(str(error).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _has_weights(model_path: str) -> bool:
     from pathlib import Path
 
@@ -166,7 +173,7 @@ class VllmEngine:
             raise EngineError(
                 f"engine start failed for {self.settings.model_name} "
                 f"(block_size={self.settings.block_size}): {type(e).__name__}: "
-                f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+                f"{_one_line(e)}"
             ) from e
         self.start_seconds = time.perf_counter() - t0
         return self.start_seconds
@@ -205,7 +212,10 @@ class VllmEngine:
         final: Any = None
         n_prev = 0
         if self.settings.gc_guard:
+            # Collect what the last request left, then freeze the survivors (vLLM, torch: ~1 s to scan) so
+            # the next collection only scans new objects; no collection can land inside a timed step.
             gc.collect()
+            gc.freeze()
             gc.disable()
         try:
             engine.add_request(request_id, TokensPrompt(prompt_token_ids=token_ids), params)
@@ -230,7 +240,7 @@ class VllmEngine:
                     if out.finished:
                         final = out
         except Exception as e:
-            raise EngineError(f"engine failed during request: {type(e).__name__}: {e}") from e
+            raise EngineError(f"engine failed during request: {type(e).__name__}: {_one_line(e)}") from e
         finally:
             gc.enable()
         return self._records(raw, final, len(token_ids), max_new_tokens)

@@ -143,13 +143,27 @@ class RunStore:
         """Write one finished point's tables; samples last, so its presence means the point is complete."""
         for name in ("prompts", "telemetry", "samples"):
             if name in tables:
-                with atomic_path(self.run_dir / name / f"{point_id}.parquet") as tmp:
-                    pq.write_table(tables[name], tmp)
+                try:
+                    with atomic_path(self.run_dir / name / f"{point_id}.parquet") as tmp:
+                        pq.write_table(tables[name], tmp)
+                except OSError as e:  # disk filled up or folder went away mid-run; finished points are kept
+                    raise StoreError(
+                        f"cannot write {name} of point {point_id} under {self.run_dir}: {e.strerror or e}; "
+                        f"free space and resume with  profile sweep --resume {self.run_dir}"
+                    ) from e
 
     def record_failure(self, record: dict[str, Any]) -> None:
         """Append one failure record (one JSON line), flushed to disk."""
-        with (self.run_dir / "failures.jsonl").open("a", encoding="utf-8") as f:
-            f.write(json.dumps({**record, "time": utc_now()}, default=str) + "\n")
+        path = self.run_dir / "failures.jsonl"
+        with path.open("a+b") as f:
+            f.seek(0, os.SEEK_END)
+            if f.tell():  # a line cut by a kill must not swallow this record
+                f.seek(-1, os.SEEK_END)
+                cut = f.read(1) != b"\n"
+                f.seek(0, os.SEEK_END)
+                if cut:
+                    f.write(b"\n")
+            f.write((json.dumps({**record, "time": utc_now()}, default=str) + "\n").encode("utf-8"))
             f.flush()
             os.fsync(f.fileno())
 

@@ -9,7 +9,6 @@ import contextlib
 import os
 import platform
 import signal
-import statistics
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -35,7 +34,7 @@ from harness.spec import (
     model_config,
     resolve_model,
 )
-from harness.store import RunStore, utc_now
+from harness.store import RunStore, check_writable, utc_now
 from harness.telemetry import (
     TelemetrySampler,
     TelemetrySource,
@@ -141,6 +140,29 @@ def plan_sweep(spec: SweepSpec) -> Plan:
     max_len = min(min(m.max_context for m in models.values()), -(-need // 256) * 256)
     points = expand(spec)
     return Plan(spec, points, group_by_engine(points), models, max_len)
+
+
+def prompt_sources(plan: Plan) -> dict[str, PromptSource]:
+    """One prompt cutter per model path, checked before any engine starts.
+
+    Raises SpecError when the prompt text is too short for the longest `text_tokens` (with that model's
+    tokenizer) or the tokenizer gives ids outside the model's vocabulary.
+    """
+    documents = load_documents(plan.spec.prompts)
+    longest = max(plan.spec.axes["text_tokens"])
+    where = f"prompts file {plan.spec.prompts}" if plan.spec.prompts else "the built-in corpus"
+    sources: dict[str, PromptSource] = {}
+    for m in plan.models.values():
+        if m.path in sources:
+            continue
+        source = PromptSource(documents, load_tokenizer(m.path), m.vocab_size, plan.spec.seed)
+        if source.max_tokens < longest:
+            raise SpecError(
+                f"prompt text too short: {where} gives at most {source.max_tokens} tokens with "
+                f"{source.tokenizer.name} (tier {m.tier}), text_tokens {longest} requested"
+            )
+        sources[m.path] = source
+    return sources
 
 
 def _git_info() -> tuple[str | None, bool | None]:
@@ -268,8 +290,15 @@ Reporter = Callable[[str, dict[str, Any]], None]
 
 
 def run_sweep(spec: SweepSpec, options: SweepOptions, report: Reporter) -> SweepResult:
-    """Run (or resume) a sweep; `report(event, data)` receives progress events for display."""
+    """Run (or resume) a sweep; `report(event, data)` receives progress events for display.
+
+    Bad input (spec, prompts, an unwritable or full output folder, a GPU that is not there) fails here with
+    SpecError/StoreError/TelemetryError before a run folder is written or an engine started.
+    """
     plan = plan_sweep(spec)
+    sources = prompt_sources(plan)
+    if options.resume_dir is None:
+        check_writable(options.out_root)
     with open_source(options.gpu) as source:
         _select_gpu(options.gpu)
         if options.resume_dir is not None:
@@ -315,14 +344,22 @@ def run_sweep(spec: SweepSpec, options: SweepOptions, report: Reporter) -> Sweep
                 run_id=options.run_id,
             )
         with lock_clocks(source, options.lock_clocks_mhz), _stop_on_signals() as stop:
-            status = _run_points(plan, store, options, source, stop, report)
+            try:
+                status = _run_points(plan, store, options, source, sources, stop, report)
+            except KeyboardInterrupt:  # a second Ctrl-C: the engine is already closed, the point not written
+                status = "interrupted"
     return _finish(store, plan, status, report)
 
 
 def _run_points(
-    plan: Plan, store: RunStore, options: SweepOptions, source: TelemetrySource, stop: _StopFlag, report: Reporter
+    plan: Plan,
+    store: RunStore,
+    options: SweepOptions,
+    source: TelemetrySource,
+    sources: dict[str, PromptSource],
+    stop: _StopFlag,
+    report: Reporter,
 ) -> str:
-    spec = plan.spec
     done = store.done_points()
     todo_groups = [[p for p in g if p.point_id not in done] for g in plan.groups]
     todo_groups = [g for g in todo_groups if g]
@@ -335,48 +372,51 @@ def _run_points(
             "engine_starts": len(todo_groups),
         },
     )
-    documents = load_documents(spec.prompts)
-    sources: dict[str, PromptSource] = {}
     failed = 0  # in this attempt; a resumed run retries earlier failures
     for group in todo_groups:
         first = group[0]
         settings = _engine_settings(plan, first, options)
         m = plan.models[int(first.axes["tier"])]
-        if m.path not in sources:
-            sources[m.path] = PromptSource(documents, load_tokenizer(m.path), m.vocab_size, spec.seed)
         prompts = sources[m.path]
         remaining = list(group)
         while remaining:  # one pass per engine start; an engine that dies is restarted for the rest
             engine = VllmEngine(settings)
-            try:
-                seconds = engine.start()
-                starts = store.read_manifest().get("engine_starts", [])
-                store.update_manifest(
-                    engine_starts=[
-                        *starts,
+            try:  # the engine is closed however this pass ends (failure, Ctrl-C, a second Ctrl-C)
+                try:
+                    seconds = engine.start()
+                    starts = store.read_manifest().get("engine_starts", [])
+                    store.update_manifest(
+                        engine_starts=[
+                            *starts,
+                            {
+                                "engine_config_id": first.engine_config_id,
+                                "model": m.name,
+                                "block_size": settings.block_size,
+                                "seconds": round(seconds, 2),
+                            },
+                        ]
+                    )
+                    report(
+                        "engine",
                         {
-                            "engine_config_id": first.engine_config_id,
                             "model": m.name,
                             "block_size": settings.block_size,
-                            "seconds": round(seconds, 2),
+                            "seconds": seconds,
+                            "points": len(remaining),
                         },
-                    ]
-                )
-                report(
-                    "engine",
-                    {"model": m.name, "block_size": settings.block_size, "seconds": seconds, "points": len(remaining)},
-                )
-                _warm_up(engine, prompts, plan, remaining)
-            except (EngineError, MeasurementError) as e:
-                engine.close()
-                for p in remaining:
-                    _fail(store, p, e, report)
-                failed += len(remaining)
-                store.update_manifest(points_failed=failed)
-                if options.fail_fast:
-                    return "failed"
-                break
-            try:
+                    )
+                    if stop.signal is None:
+                        _warm_up(engine, prompts, plan, remaining)
+                except (EngineError, MeasurementError) as e:
+                    if stop.signal is not None:  # Ctrl-C in a terminal reaches the engine core too: not a failure
+                        return "interrupted"
+                    for p in remaining:
+                        _fail(store, p, e, report)
+                    failed += len(remaining)
+                    store.update_manifest(points_failed=failed)
+                    if options.fail_fast:
+                        return "failed"
+                    break
                 while remaining:
                     point = remaining[0]
                     if stop.signal is not None:
@@ -384,6 +424,8 @@ def _run_points(
                     try:
                         tables, figures = _measure_point(engine, prompts, plan, point, source, stop, store.run_dir.name)
                     except (MeasurementError, EngineError) as e:
+                        if stop.signal is not None:
+                            return "interrupted"
                         remaining.pop(0)
                         _fail(store, point, e, report)
                         failed += 1
@@ -391,6 +433,7 @@ def _run_points(
                         if options.fail_fast:
                             return "failed"
                         if isinstance(e, EngineError):
+                            report("log", {"message": "restarting the engine for the rest of its points"})
                             break  # restart the engine for the rest of the group
                         continue
                     if tables is None:
@@ -558,23 +601,25 @@ def _cv(x: pd.Series) -> float:
 
 
 def summarize(samples: pd.DataFrame, spec: SweepSpec) -> pd.DataFrame:
-    """Per tier and config: prefill median at each length, decode median, and CVs (distinct prompts)."""
+    """Per tier and config: prefill median (ms) at the shortest, a middle and the longest length, the mean CV of
+    prefill across different prompts of one length (%), decode median (ms), and the median CV of decode at equal
+    position across different prompts (%)."""
     if samples.empty:
         return pd.DataFrame()
     config = [a for a in spec.axes if a != "text_tokens"]
+    lengths = sorted(samples.text_tokens.unique())
+    shown = sorted({lengths[0], lengths[len(lengths) // 2], lengths[-1]})
     rows = []
     for key, g in samples.groupby([*config, "model"], sort=True):
         pre = g[g.phase == "prefill"]
-        dec = g[g.phase == "decode"]
+        distinct = g[g.prompt_kind == "distinct"]
         row: dict[str, Any] = dict(zip([*config, "model"], key if isinstance(key, tuple) else (key,), strict=True))
-        for n, gp in pre.groupby("text_tokens"):
-            row[f"prefill_ms@{n}"] = round(float(gp.latency_ms.median()), 2)
-        distinct = pre[pre.prompt_kind == "distinct"]
-        row["prefill_cv_pct"] = round(
-            100 * statistics.fmean([_cv(gp.latency_ms) for _, gp in distinct.groupby("text_tokens")] or [float("nan")]),
-            1,
-        )
-        row["decode_ms"] = round(float(dec.latency_ms.median()), 2)
-        row["decode_cv_pct"] = round(100 * float(dec.groupby("position").latency_ms.agg(_cv).median()), 1)
+        for n in shown:
+            row[f"prefill@{n}"] = round(float(pre[pre.text_tokens == n].latency_ms.median()), 2)
+        cvs = distinct[distinct.phase == "prefill"].groupby("text_tokens").latency_ms.agg(_cv).dropna()
+        row["prefill_cv%"] = round(100 * float(cvs.mean()), 1) if len(cvs) else float("nan")
+        dec = distinct[distinct.phase == "decode"]
+        row["decode_ms"] = round(float(g[g.phase == "decode"].latency_ms.median()), 2)
+        row["decode_cv%"] = round(100 * float(dec.groupby(["text_tokens", "position"]).latency_ms.agg(_cv).median()), 1)
         rows.append(row)
     return pd.DataFrame(rows)
