@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The main job on the embedded default: set up (idempotent), sweep the CPU model ladder on a real vLLM engine,
+# analyze it, train the estimator, compare feature variants, and write the report.
+# A second run reuses the finished sweep (results/default) and redoes only the quick estimator steps.
+#   RUN_NAME=... OUT=... bash scripts/main.sh   to keep several runs apart.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh cpu,dev
+run_name="${RUN_NAME:-default}"
+out="${OUT:-results}"
+run="$out/$run_name"
+bin=.venv/bin
+"$bin/profile" sweep --out "$out" --name "$run_name"
+"$bin/estimate" analyze "$run"
+"$bin/estimate" train "$run" --variant tokens --out "models/$run_name-tokens"
+"$bin/estimate" compare "$run"
+if "$bin/estimate" report --help >/dev/null 2>&1; then
+  "$bin/estimate" report "$run" --model "models/$run_name-tokens" --out "reports/$run_name"
+fi
+"$bin/estimate" predict --model "models/$run_name-tokens" --tier 1 --top-k 0 --blocks 32 --text-tokens 512 --new-tokens 128
+echo "main job done: results in $run, model in models/$run_name-tokens"
