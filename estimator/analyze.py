@@ -11,32 +11,20 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 from rich.console import Console
 from rich.table import Table
 
-from estimator.dataset import RunSet, load_runs
+from estimator.dataset import RunSet, RunsSpec, json_number, load_runs
 from estimator.errors import EstimatorError
 
 CV_SUFFICIENT_PCT = 10.0
 CV_INSUFFICIENT_PCT = 15.0
 
 
-class AnalyzeSpec(BaseModel):
+class AnalyzeSpec(RunsSpec):
     """What `estimate analyze` does: which runs, where the table goes (default `<first run>/analysis`)."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    runs: list[Path] = Field(min_length=1)
     out: Path | None = None
-
-    @field_validator("runs")
-    @classmethod
-    def _runs_exist(cls, runs: list[Path]) -> list[Path]:
-        for r in runs:
-            if not r.is_dir():
-                raise ValueError(f"run folder {r} does not exist")
-        return runs
 
     def out_dir(self) -> Path:
         return self.out if self.out is not None else self.runs[0] / "analysis"
@@ -51,7 +39,7 @@ class LooFloor:
     groups: int
 
     def as_dict(self) -> dict[str, Any]:
-        return {"mape_pct": _num(self.mape_pct), "rows": self.rows, "groups": self.groups}
+        return {"mape_pct": json_number(self.mape_pct), "rows": self.rows, "groups": self.groups}
 
 
 @dataclass
@@ -65,13 +53,6 @@ class Analysis:
     written: list[Path] = field(default_factory=list)
 
 
-def _num(v: Any) -> Any:
-    """JSON-safe number (NaN → None)."""
-    if isinstance(v, float | np.floating):
-        return float(v) if math.isfinite(float(v)) else None
-    if isinstance(v, np.integer):
-        return int(v)
-    return v
 
 
 def loo_ape_pct(frame: pd.DataFrame, group_columns: Sequence[str]) -> np.ndarray:
@@ -221,13 +202,13 @@ def _summarise(table: pd.DataFrame, phase: str, floor: LooFloor, token_only: Loo
         )
     return {
         "groups": len(cvd),
-        "median_cv_distinct_pct": _num(med_d),
-        "median_cv_same_pct": _num(med_s),
-        "median_cv_excess_pct": _num(med_e),
-        "share_groups_cv_below_10_pct": _num(
+        "median_cv_distinct_pct": json_number(med_d),
+        "median_cv_same_pct": json_number(med_s),
+        "median_cv_excess_pct": json_number(med_e),
+        "share_groups_cv_below_10_pct": json_number(
             float((cvd < CV_SUFFICIENT_PCT).mean()) if len(cvd) else float("nan")
         ),
-        "share_groups_cv_above_15_pct": _num(
+        "share_groups_cv_above_15_pct": json_number(
             float((cvd > CV_INSUFFICIENT_PCT).mean()) if len(cvd) else float("nan")
         ),
         "noise_floor": floor.as_dict(),
@@ -259,7 +240,7 @@ def write_analysis(analysis: Analysis, out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     csv_path, json_path = out / "analysis.csv", out / "analysis.json"
     analysis.table.to_csv(csv_path, index=False, float_format="%.6g")
-    records = [{k: _num(v) for k, v in r.items()} for r in analysis.table.to_dict("records")]
+    records = [{k: json_number(v) for k, v in r.items()} for r in analysis.table.to_dict("records")]
     payload = {
         "experiment": "1: is the token count enough?",
         "runs": analysis.runs,

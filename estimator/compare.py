@@ -13,12 +13,12 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 from rich.console import Console
 from rich.table import Table
 
 from estimator.analyze import LooFloor, loo_ape_pct, noise_floor
-from estimator.dataset import PHASES, RunSet, load_runs
+from estimator.dataset import PHASES, RunSet, RunsSpec, json_number, load_runs
 from estimator.embedding import EmbeddingCache, embed_texts
 from estimator.errors import EstimatorError
 from estimator.evaluate import (
@@ -56,12 +56,9 @@ R2_NOT_ENOUGH, MAE_NOT_ENOUGH_MS = 0.8, 10.0
 BASELINE = "tokens"
 
 
-class CompareSpec(BaseModel):
+class CompareSpec(RunsSpec):
     """What `estimate compare` does: runs, output folder (default `<first run>/compare`), variants, sizes."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    runs: list[Path] = Field(min_length=1)
     out: Path | None = None
     variants: list[Variant] = Field(default_factory=lambda: list(VARIANTS), min_length=1)  # type: ignore[arg-type]
     references: bool = True
@@ -70,14 +67,6 @@ class CompareSpec(BaseModel):
     max_decode_rows: int = Field(default=DEFAULT_MAX_DECODE_ROWS, ge=100)
     cost_calls: int = Field(default=200, ge=5)
     embedding_cost_calls: int = Field(default=10, ge=1)
-
-    @field_validator("runs")
-    @classmethod
-    def _runs_exist(cls, runs: list[Path]) -> list[Path]:
-        for r in runs:
-            if not r.is_dir():
-                raise ValueError(f"run folder {r} does not exist")
-        return runs
 
     @field_validator("variants")
     @classmethod
@@ -107,14 +96,6 @@ class Comparison:
     written: list[Path] = field(default_factory=list)
 
 
-def _num(v: Any) -> Any:
-    if isinstance(v, float | np.floating):
-        return float(v) if math.isfinite(float(v)) else None
-    if isinstance(v, np.integer):
-        return int(v)
-    if isinstance(v, np.bool_):
-        return bool(v)
-    return v
 
 
 def _clean(obj: Any) -> Any:
@@ -123,7 +104,7 @@ def _clean(obj: Any) -> Any:
         return {str(k): _clean(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
         return [_clean(v) for v in obj]
-    return _num(obj)
+    return json_number(obj)
 
 
 def latency_scale(frames: Mapping[Phase, pd.DataFrame]) -> dict[str, dict[str, float]]:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from estimator.errors import EstimatorError
 
@@ -26,6 +29,35 @@ REQUIRED_SAMPLE_COLUMNS: tuple[str, ...] = (
 )
 Phase = Literal["prefill", "decode"]
 PHASES: tuple[Phase, ...] = ("prefill", "decode")
+
+
+class RunsSpec(BaseModel):
+    """Base of every command spec that reads run folders: at least one, each an existing folder."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    runs: list[Path] = Field(min_length=1)
+
+    @field_validator("runs")
+    @classmethod
+    def _runs_exist(cls, runs: list[Path]) -> list[Path]:
+        for r in runs:
+            if not r.is_dir():
+                raise ValueError(f"run folder {r} does not exist")
+        return runs
+
+
+def json_number(v: Any) -> Any:
+    """JSON-safe scalar: NaN/inf -> None, numpy scalars -> Python."""
+    if isinstance(v, float | np.floating):
+        return float(v) if math.isfinite(float(v)) else None
+    if isinstance(v, np.integer):
+        return int(v)
+    if isinstance(v, np.bool_):
+        return bool(v)
+    return v
+
+
 # Per-request or per-step columns that a spec may sweep but that are features, not config axes.
 NOT_CONFIG_COLUMNS = frozenset({"text_tokens", "position", "step_index", "max_new_tokens", "batch_size"})
 

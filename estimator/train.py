@@ -13,9 +13,9 @@ from typing import Any
 import lightgbm as lgb
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field
 
-from estimator.dataset import PHASES, SCHEMA_VERSION, RunSet, load_runs
+from estimator.dataset import PHASES, SCHEMA_VERSION, RunSet, RunsSpec, load_runs
 from estimator.embedding import (
     CHUNK_WORDS,
     EMBEDDING_MODEL,
@@ -68,26 +68,15 @@ NUM_ROUNDS = 300
 DEFAULT_MAX_DECODE_ROWS = 20_000
 
 
-class TrainSpec(BaseModel):
+class TrainSpec(RunsSpec):
     """What `estimate train` does: which runs, which feature variant, where the model goes."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    runs: list[Path] = Field(min_length=1)
     variant: Variant = "tokens"
     out: Path
     seed: int = 0
     max_decode_rows: int = Field(default=DEFAULT_MAX_DECODE_ROWS, ge=100)
     test_fraction: float = Field(default=0.25, gt=0.0, lt=1.0)
     held_out: bool = True
-
-    @field_validator("runs")
-    @classmethod
-    def _runs_exist(cls, runs: list[Path]) -> list[Path]:
-        for r in runs:
-            if not r.is_dir():
-                raise ValueError(f"run folder {r} does not exist")
-        return runs
 
 
 @dataclass(frozen=True)
