@@ -7,6 +7,7 @@ closed-form coefficients per config, and the embedding PCA as plain arrays for t
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -74,11 +75,16 @@ class TrainingSummary(_Strict):
     latency_ms: dict[str, dict[str, float]]
 
 
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 class PhaseMeta(_Strict):
     features: list[str]
     model_file: str
     target: Literal["log_latency_ms", "log_ratio_to_closed_form"]
     num_trees: int
+    sha256: str | None = None  # of model_file; checked before LightGBM parses it (its parser aborts on bad input)
 
 
 class HeldOut(_Strict):
@@ -235,7 +241,12 @@ class LatencyEstimator:
         folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)
         for phase, model in self.models.items():
-            model.booster.save_model(str(folder / self.meta.phases[phase].model_file))
+            # tmp + rename, and the digest in meta.json: a kill mid-save never leaves a model that loads half
+            target = folder / self.meta.phases[phase].model_file
+            tmp_model = target.with_name(target.name + ".tmp")
+            model.booster.save_model(str(tmp_model))
+            self.meta.phases[phase].sha256 = _sha256(tmp_model)
+            os.replace(tmp_model, target)
         tmp = folder / "meta.json.tmp"
         tmp.write_text(json.dumps(self.meta.model_dump(mode="json"), indent=1) + "\n")
         os.replace(tmp, folder / "meta.json")
@@ -294,6 +305,8 @@ class LatencyEstimator:
             model_path = folder / pm.model_file
             if not model_path.is_file() or Path(pm.model_file).name != pm.model_file:
                 raise EstimatorError(f"{folder}: missing model file {pm.model_file!r}")
+            if pm.sha256 is not None and _sha256(model_path) != pm.sha256:
+                raise EstimatorError(f"{model_path}: content does not match meta.json (truncated or edited model file)")
             try:
                 booster = lgb.Booster(model_file=str(model_path))
             except lgb.basic.LightGBMError as exc:
@@ -488,13 +501,16 @@ class LatencyEstimator:
         )
 
 
+MAX_TOKENS = 262_144  # beyond any served context window; a larger ask is an input error, not work
+
+
 class PredictSpec(_Strict):
     """What `estimate predict` asks: one request under one config."""
 
     model: Path
     config: dict[str, int | float | str]
-    text_tokens: int = Field(gt=0)
-    new_tokens: int = Field(ge=1)
+    text_tokens: int = Field(gt=0, le=MAX_TOKENS)
+    new_tokens: int = Field(ge=1, le=MAX_TOKENS)
     text: str | None = None
 
 

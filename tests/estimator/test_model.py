@@ -205,6 +205,9 @@ def test_metadata_mismatches_are_one_line_errors(saved_models: dict[str, Path], 
         assert "\n" not in str(info.value)
     path = _copy(saved_models["tokens"], tmp_path / "booster")
     shutil.copy(saved_models["poly"] / "prefill.txt", path / "prefill.txt")
+    with pytest.raises(EstimatorError, match="content does not match meta.json"):
+        LatencyEstimator.load(path)
+    _edit_meta(path, lambda m: m["phases"]["prefill"].update(sha256=None))  # a model saved without digests
     with pytest.raises(EstimatorError, match="differ"):
         LatencyEstimator.load(path)
     with pytest.raises(EstimatorError, match="no meta.json"):
