@@ -91,6 +91,8 @@ def resolve_spec(spec_file: Path | None, gpu: int | None, overrides: dict[str, A
             data[key] = overrides[key]
     if overrides.get("inprocess"):
         data["engine_mode"] = "inprocess"
+    if data.get("trust_remote_code") and not overrides.get("trust_remote_code"):
+        raise SpecError("the spec file sets trust_remote_code; a model's own code runs only with --trust-remote-code")
     if overrides.get("trust_remote_code"):
         data["trust_remote_code"] = True
     if overrides.get("telemetry_interval_ms") is not None:

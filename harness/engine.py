@@ -8,11 +8,14 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 ENGINE_CORE_MODES = {"multiprocess": "1", "inprocess": "0"}
+WATCH_INTERVAL_S = 1.0  # how often the watchdog looks at the engine core process
 
 
 class EngineError(RuntimeError):
@@ -64,6 +67,7 @@ class EngineSettings:
         if self.hf_overrides:
             args["hf_overrides"] = dict(self.hf_overrides)
         args.update(self.engine_kwargs)
+        args["trust_remote_code"] = self.trust_remote_code  # only the flag turns it on, never an engine kwarg
         return args
 
 
@@ -91,6 +95,7 @@ class StepRecord:
     latency_ms: float
     step_calls: int
     engine_elapsed_ms: float | None
+    client_lagged: bool = False
 
 
 @dataclass
@@ -140,6 +145,8 @@ class VllmEngine:
         self.settings = settings
         self._engine: Any = None
         self._iters = _IterationLog()
+        self._watch_stop = threading.Event()
+        self.died: str | None = None  # why the engine core process is gone, once the watchdog saw it go
         self.start_seconds: float | None = None
 
     def __enter__(self) -> VllmEngine:
@@ -176,9 +183,36 @@ class VllmEngine:
                 f"{_one_line(e)}"
             ) from e
         self.start_seconds = time.perf_counter() - t0
+        self._watch()
         return self.start_seconds
 
+    def _watch(self) -> None:
+        """Make step() raise, not hang, when the engine core process dies.
+
+        vLLM 0.32's client notices a dead engine core (marks itself dead and shuts down), but a caller blocked
+        in step() waits on the client's output queue forever; a watchdog thread puts an error there instead.
+        """
+        client = getattr(self._engine, "engine_core", None)
+        resources = getattr(client, "resources", None)
+        outputs = getattr(client, "outputs_queue", None)
+        if resources is None or outputs is None:  # in-process engine core: a crash raises in this process
+            return
+        procs = list(getattr(getattr(resources, "engine_manager", None), "processes", None) or [])
+        stop = self._watch_stop = threading.Event()
+
+        def watch() -> None:
+            while not stop.wait(WATCH_INTERVAL_S):
+                if getattr(resources, "engine_dead", False) or any(not p.is_alive() for p in procs):
+                    codes = [p.exitcode for p in procs if p.exitcode is not None]
+                    how = [f"killed by {signal.Signals(-c).name}" if c < 0 else f"exit code {c}" for c in codes]
+                    self.died = "the engine core process died" + (f" ({', '.join(how)})" if how else "")
+                    outputs.put_nowait(RuntimeError(self.died))
+                    return
+
+        threading.Thread(target=watch, name="harness-engine-watchdog", daemon=True).start()
+
     def close(self) -> None:
+        self._watch_stop.set()
         if self._engine is not None:
             # a dying engine must not mask the error that killed it
             with contextlib.suppress(Exception):
@@ -240,7 +274,8 @@ class VllmEngine:
                     if out.finished:
                         final = out
         except Exception as e:
-            raise EngineError(f"engine failed during request: {type(e).__name__}: {_one_line(e)}") from e
+            why = self.died or f"{type(e).__name__}: {_one_line(e)}"
+            raise EngineError(f"engine failed during request: {why}") from e
         finally:
             gc.enable()
         return self._records(raw, final, len(token_ids), max_new_tokens)
@@ -276,7 +311,26 @@ class VllmEngine:
                 )
             )
             prev_tokens, prev_iter = tokens, n_iter
+        _mark_client_lag(steps)
         return RequestRecord(steps=steps, prompt_tokens=received, cached_tokens=cached, generated_tokens=generated)
+
+
+LAG_RATIO = 0.5
+
+
+def _mark_client_lag(steps: list[StepRecord]) -> None:
+    """Flag steps where the harness fell behind the engine core.
+
+    The engine core runs ahead in its own process: if the caller was held up (descheduled on a busy machine),
+    the next token is already waiting and its `step()` returns in microseconds, while the step before it absorbed
+    the wait. Such a pair is flagged (caller time < LAG_RATIO x the engine's own iteration time on the short one);
+    the rows stay in the results, and the estimator leaves them out.
+    """
+    for i, s in enumerate(steps):
+        if s.engine_elapsed_ms and s.latency_ms < LAG_RATIO * s.engine_elapsed_ms:
+            s.client_lagged = True
+            if i > 0:
+                steps[i - 1].client_lagged = True
 
 
 def engine_environment() -> dict[str, Any]:

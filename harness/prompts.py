@@ -95,12 +95,14 @@ def _read_user_file(path: Path) -> list[Document]:
     if not raw.strip():
         raise SpecError(f"prompts file is empty: {path}")
     texts: list[str]
+    # ValueError: bad JSON, or an integer too long to convert; RecursionError: nesting deeper than Python's stack
     if path.suffix == ".json":
         try:
-            data = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise SpecError(f"prompts file {path} is not valid JSON: {e}") from e
-        texts = _texts_from_json(data, path)
+            texts = _texts_from_json(json.loads(raw), path)
+        except SpecError:
+            raise
+        except (ValueError, RecursionError) as e:
+            raise SpecError(f"prompts file {path} is not valid JSON: {_first_line(e)}") from e
     elif path.suffix == ".jsonl":
         texts = []
         for i, line in enumerate(raw.splitlines(), 1):
@@ -108,16 +110,23 @@ def _read_user_file(path: Path) -> list[Document]:
                 continue
             try:
                 texts.extend(_texts_from_json(json.loads(line), path))
-            except json.JSONDecodeError as e:
-                raise SpecError(f"prompts file {path} line {i} is not valid JSON: {e}") from e
+            except SpecError:
+                raise
+            except (ValueError, RecursionError) as e:
+                raise SpecError(f"prompts file {path} line {i} is not valid JSON: {_first_line(e)}") from e
     else:
         texts = [t for t in raw.split("\n\n") if t.strip()]
-    texts = [t for t in texts if t.strip()]
+    # a JSON escape can hold a lone surrogate, which neither the tokenizer nor Parquet accept
+    texts = [t.encode("utf-8", "replace").decode("utf-8") for t in texts if t.strip()]
     if not texts:
         raise SpecError(
             f"prompts file {path} holds no text (expected ShareGPT JSON, JSONL with a 'text' field, or plain text)"
         )
     return [Document(f"{path.name}:{i}", str(path), "user", t) for i, t in enumerate(texts)]
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def _texts_from_json(data: Any, path: Path) -> list[str]:

@@ -60,9 +60,18 @@ class SweepSpec(BaseModel):
         for name, values in axes.items():
             if not isinstance(values, list) or not values:
                 raise ValueError(f"axis '{name}' must be a non-empty list")
+            for v in values:
+                _check_plain(f"axis '{name}'", v)
             if len({json.dumps(v, sort_keys=True) for v in values}) != len(values):
                 raise ValueError(f"axis '{name}' has repeated values")
         return axes
+
+    @field_validator("engine")
+    @classmethod
+    def _engine_plain(cls, engine: dict[str, Any]) -> dict[str, Any]:
+        for key, value in engine.items():
+            _check_plain(f"engine.{key}", value)
+        return engine
 
     @model_validator(mode="after")
     def _check(self) -> SweepSpec:
@@ -79,6 +88,8 @@ class SweepSpec(BaseModel):
                 raise ValueError(
                     f"mapping for '{name}' is '{target}'; expected model, prompt, engine:X, hf:X or sampling:X"
                 )
+        if "trust_remote_code" in self.engine or "engine:trust_remote_code" in self.mapping.values():
+            raise ValueError("trust_remote_code can only be turned on with the --trust-remote-code flag")
         for n in self.axes["text_tokens"]:
             if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
                 raise ValueError(f"text_tokens must be positive integers, got {n!r}")
@@ -101,6 +112,17 @@ class SweepSpec(BaseModel):
     @property
     def requests_per_point(self) -> int:
         return self.reps + self.same_prompt_repeats
+
+
+def _check_plain(where: str, value: Any) -> None:
+    """Refuse a value that would not come back the same from the manifest's JSON (--resume compares specs):
+    a YAML date, NaN or infinity, a table with non-string keys."""
+    try:
+        same = json.loads(json.dumps(value, allow_nan=False)) == value
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where} holds {value!r}, which is not plain data ({e})") from None
+    if not same:
+        raise ValueError(f"{where} holds {value!r}, which is not plain data (a table key that is not a string?)")
 
 
 def default_axes(device: str) -> dict[str, list[Any]]:
@@ -148,13 +170,17 @@ def load_spec_file(path: Path) -> dict[str, Any]:
     """Read a TOML or YAML spec file into a plain dict (not yet validated)."""
     if not path.is_file():
         raise SpecError(f"spec file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    kind = "TOML" if path.suffix == ".toml" else "YAML"
     try:
+        text = path.read_text(encoding="utf-8")
         data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
-    except (tomllib.TOMLDecodeError, yaml.YAMLError) as e:
-        raise SpecError(
-            f"spec file {path} is not valid {'TOML' if path.suffix == '.toml' else 'YAML'}: {str(e).splitlines()[0]}"
-        ) from e
+        json.dumps(data, default=str)  # plain data only: a self-referencing YAML alias is refused here
+    except OSError as e:
+        raise SpecError(f"cannot read spec file {path}: {e.strerror or e}") from e
+    # ValueError: bad UTF-8, bad TOML, an impossible YAML date, a cycle; RecursionError: absurdly deep nesting
+    except (ValueError, RecursionError, yaml.YAMLError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise SpecError(f"spec file {path} is not valid {kind}: {first}") from e
     if not isinstance(data, dict):
         raise SpecError(f"spec file {path} must hold a table/mapping at the top level")
     return data

@@ -526,6 +526,7 @@ def _measure_point(
                     "latency_ms": s.latency_ms,
                     "engine_elapsed_ms": s.engine_elapsed_ms,
                     "step_calls": s.step_calls,
+                    "client_lagged": s.client_lagged,
                     "t_start_s": s.t_start_s,
                     "t_end_s": s.t_end_s,
                     "max_new_tokens": spec.max_new_tokens,

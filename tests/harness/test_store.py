@@ -66,3 +66,15 @@ def test_unwritable_output_folder(tmp_path: Path) -> None:
     blocker.write_text("not a folder")
     with pytest.raises(StoreError, match="not writable"):
         RunStore.create(blocker / "results", {})
+
+
+def test_client_lag_flags_the_short_step_and_the_one_that_absorbed_the_wait() -> None:
+    from harness.engine import StepRecord, _mark_client_lag
+
+    def step(i: int, caller_ms: float, engine_ms: float) -> StepRecord:
+        return StepRecord(step_index=i, t_start_s=i, t_end_s=i + 1, latency_ms=caller_ms, step_calls=1,
+                          engine_elapsed_ms=engine_ms)
+
+    steps = [step(0, 10.0, 9.5), step(1, 8.0, 4.0), step(2, 0.07, 4.0), step(3, 4.1, 4.0)]
+    _mark_client_lag(steps)
+    assert [s.client_lagged for s in steps] == [False, True, True, False]
