@@ -7,15 +7,15 @@ input (EstimatorError, spec validation) print one line on stderr and exit with c
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import typer
-from pydantic import BaseModel, ValidationError
 from rich.console import Console
 
-from estimator.errors import EstimatorError, one_line_validation_error
+from estimator.cli_common import build_spec, run_command
+from estimator.cli_extra import nightly, report
+from estimator.errors import EstimatorError
 
 app = typer.Typer(
     name="estimate",
@@ -25,8 +25,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-S = TypeVar("S", bound=BaseModel)
-T = TypeVar("T")
 
 RunsArg = Annotated[
     list[Path], typer.Argument(help="Run folders (results/<run_id>), one or more.", show_default=False)
@@ -36,26 +34,6 @@ RunsArg = Annotated[
 def _console() -> Console:
     return Console(width=160) if not Console().is_terminal else Console()
 
-
-def _fail(message: str) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(code=2)
-
-
-def build_spec(cls: type[S], **values: Any) -> S:
-    """Validate a spec; a validation problem becomes an EstimatorError with one line."""
-    try:
-        return cls(**values)
-    except ValidationError as exc:
-        raise EstimatorError(one_line_validation_error(exc)) from exc
-
-
-def _run(fn: Callable[[], T]) -> T:
-    """Call `fn`, turning EstimatorError into a one-line error and exit code 2."""
-    try:
-        return fn()
-    except EstimatorError as exc:
-        raise _fail(str(exc)) from None
 
 
 @app.command()
@@ -73,7 +51,7 @@ def analyze(
         write_analysis(result, spec.out_dir())
         print_analysis(result, _console())
 
-    _run(go)
+    run_command(go)
 
 
 @app.command()
@@ -120,7 +98,7 @@ def train(
                 )
         console.print(f"wrote {result.path}")
 
-    _run(go)
+    run_command(go)
 
 
 @app.command()
@@ -159,7 +137,7 @@ def compare(
         write_comparison(result, spec.out_dir())
         print_comparison(result, console)
 
-    _run(go)
+    run_command(go)
 
 
 def _axis_value(text: str) -> int | float | str:
@@ -220,7 +198,11 @@ def predict(
         typer.echo(f"decode total     {report['decode_ms_total']:.3f} ms")
         typer.echo(f"request total    {report['total_ms']:.3f} ms")
 
-    _run(go)
+    run_command(go)
+
+
+app.command()(report)
+app.command()(nightly)
 
 
 if __name__ == "__main__":  # pragma: no cover
