@@ -26,10 +26,10 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import field_validator
 
 from estimator.analyze import CV_INSUFFICIENT_PCT, CV_SUFFICIENT_PCT, analyze_runs, noise_floor
-from estimator.dataset import PHASES, RunInfo, RunSet, load_runs
+from estimator.dataset import PHASES, RunInfo, RunSet, RunsSpec, load_runs
 from estimator.errors import EstimatorError
 from estimator.evaluate import ClosedForm, error_metrics
 
@@ -56,28 +56,17 @@ _COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e
 # ---------------------------------------------------------------- spec and document model
 
 
-class ReportSpec(BaseModel):
+class ReportSpec(RunsSpec):
     """What `estimate report` does: which runs, which model (optional), where the page goes.
 
     `history` (nightly JSONL) and `nightly_summary` (tonight's summary JSON) add the nightly section.
     """
 
-    model_config = ConfigDict(extra="forbid")
-
-    runs: list[Path] = Field(min_length=1)
     out: Path
     model: Path | None = None
     history: Path | None = None
     nightly_summary: Path | None = None
     title: str | None = None
-
-    @field_validator("runs")
-    @classmethod
-    def _runs_exist(cls, runs: list[Path]) -> list[Path]:
-        for r in runs:
-            if not r.is_dir():
-                raise ValueError(f"run folder {r} does not exist")
-        return runs
 
     @field_validator("model")
     @classmethod
@@ -359,14 +348,12 @@ def manifest_rows(run: RunInfo) -> list[tuple[str, str]]:
     if isinstance(starts, list) and starts:
         secs = [float(s.get("seconds", float("nan"))) for s in starts if isinstance(s, dict)]
         ok = [s for s in secs if math.isfinite(s)]
-        rows.append(
-            (
-                "engine starts",
-                f"{len(starts)} starts, {sum(ok):.0f} s in all ({min(ok):.0f}–{max(ok):.0f} s each)"
-                if ok
-                else f"{len(starts)} starts",
-            )
-        )
+        count = f"{len(starts)} start{'' if len(starts) == 1 else 's'}"
+        if ok and len(ok) > 1:
+            count += f", {sum(ok):.0f} s in all ({min(ok):.0f}–{max(ok):.0f} s each)"
+        elif ok:
+            count += f", {ok[0]:.0f} s"
+        rows.append(("engine starts", count))
     summary = _dict(m.get("summary"))
     ratios = [
         f"{p} {summary[f'{p}_harness_over_engine_ratio']:.3f}×"
