@@ -345,7 +345,7 @@ def condition_warnings(baseline: Mapping[str, float | None], tonight: Mapping[st
     b, t = baseline.get("load_avg_1m"), tonight.get("load_avg_1m")
     if b is not None and t is not None and abs(t - b) >= LOAD_DIFF_WARN:
         out.append(
-            f"the machine was busier in the {'baseline' if b > t else 'tonight'} run: load average {b:.1f} "
+            f"the machine was busier {'in the baseline run' if b > t else 'tonight'}: load average {b:.1f} "
             f"(baseline) vs {t:.1f} (tonight); other processes may explain part of any difference"
         )
     for key, what in (("sm_clock_mhz", "SM clock"), ("cpu_freq_mhz", "CPU frequency")):
