@@ -152,7 +152,7 @@ def axes_from_manifest(manifest: dict[str, Any]) -> list[str]:
     return names or list(DEFAULT_AXES)
 
 
-def _read_parquet_folder(folder: Path) -> pd.DataFrame:
+def read_parquet_folder(folder: Path) -> pd.DataFrame:
     """All finished `*.parquet` files of a folder (unfinished `*.tmp` writes are skipped)."""
     if not folder.is_dir():
         return pd.DataFrame()
@@ -174,7 +174,7 @@ def load_run(run_dir: Path) -> tuple[RunInfo, pd.DataFrame, pd.DataFrame, list[s
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
     run_id = str(manifest.get("run_id") or run_dir.name)
-    samples = _read_parquet_folder(run_dir / "samples")
+    samples = read_parquet_folder(run_dir / "samples")
     if samples.empty:
         raise EstimatorError(f"{run_dir}: no samples (samples/*.parquet is empty or missing)")
     axes = axes_from_manifest(manifest)
@@ -183,7 +183,7 @@ def load_run(run_dir: Path) -> tuple[RunInfo, pd.DataFrame, pd.DataFrame, list[s
         raise EstimatorError(f"{run_dir}: samples lack column(s) {', '.join(missing)}")
     if "run_id" not in samples.columns:
         samples["run_id"] = run_id
-    prompts = _read_parquet_folder(run_dir / "prompts")
+    prompts = read_parquet_folder(run_dir / "prompts")
     if prompts.empty or not {"prompt_id", "text"} <= set(prompts.columns):
         raise EstimatorError(f"{run_dir}: no prompts (prompts/*.parquet missing or lacks prompt_id/text)")
     return RunInfo(run_id=run_id, path=run_dir, manifest=manifest), samples, prompts, axes

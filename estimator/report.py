@@ -29,7 +29,7 @@ import pandas as pd
 from pydantic import field_validator
 
 from estimator.analyze import CV_INSUFFICIENT_PCT, CV_SUFFICIENT_PCT, analyze_runs, noise_floor
-from estimator.dataset import PHASES, RunInfo, RunSet, RunsSpec, load_runs
+from estimator.dataset import PHASES, RunInfo, RunSet, RunsSpec, load_runs, read_parquet_folder
 from estimator.errors import EstimatorError
 from estimator.evaluate import ClosedForm, error_metrics
 
@@ -942,18 +942,9 @@ def variants_section(compare_dir: Path | None, run_ids: Sequence[str]) -> tuple[
 def read_telemetry(run_dir: Path) -> pd.DataFrame:
     """All finished telemetry files of a run (t_s on the perf_counter clock), sorted by time."""
     folder = run_dir / "telemetry"
-    if not folder.is_dir():
-        return pd.DataFrame()
-    frames = []
-    for f in sorted(folder.glob("*.parquet")):
-        try:
-            frames.append(pd.read_parquet(f))
-        except Exception as exc:  # pyarrow raises several types for a damaged file
-            raise EstimatorError(f"{f}: unreadable parquet file ({type(exc).__name__}: {exc})") from exc
-    frames = [f for f in frames if len(f)]
-    if not frames:
-        return pd.DataFrame()
-    out = pd.concat(frames, ignore_index=True)
+    out = read_parquet_folder(folder)
+    if out.empty:
+        return out
     if "t_s" not in out.columns:
         raise EstimatorError(f"{folder}: telemetry lacks the t_s column")
     return out.sort_values("t_s").reset_index(drop=True)
