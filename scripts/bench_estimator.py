@@ -22,11 +22,11 @@ from rich.console import Console
 from rich.table import Table
 
 from estimator import EstimatorError, LatencyEstimator
-from estimator.analyze import noise_floor
-from estimator.dataset import load_runs
-from estimator.evaluate import median_call_us
-from estimator.features import VARIANTS
-from estimator.train import train_estimator
+from estimator.data.runs import load_runs
+from estimator.model.features import VARIANTS
+from estimator.model.train import train_estimator
+from estimator.study.analyze import noise_floor
+from estimator.study.references import median_call_us
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 

@@ -6,7 +6,7 @@ import hashlib
 
 import numpy as np
 
-from estimator.embedding import EMBED_DIM
+from estimator.model.embedding import EMBED_DIM
 
 
 def fake_encoder(texts: list[str]) -> np.ndarray:

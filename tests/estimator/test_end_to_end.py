@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from estimator import LatencyEstimator
 from estimator.cli import app
-from estimator.dataset import load_runs
+from estimator.data.runs import load_runs
 
 runner = CliRunner()
 pytestmark = pytest.mark.slow

@@ -1,0 +1,206 @@
+"""The `estimate` command: thin typer commands over the estimator library.
+
+Each command parses flags, builds one validated spec, calls one library function and prints. Problems with the
+input (EstimatorError, spec validation) print one line on stderr and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from estimator.cli.common import build_spec, run_command
+from estimator.cli.extra import nightly, report
+from estimator.errors import EstimatorError
+
+app = typer.Typer(
+    name="estimate",
+    help="Learn and evaluate a latency estimator from harness runs (results schema v1).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+RunsArg = Annotated[
+    list[Path], typer.Argument(help="Run folders (results/<run_id>), one or more.", show_default=False)
+]
+
+
+def _console() -> Console:
+    return Console(width=160) if not Console().is_terminal else Console()
+
+
+
+@app.command()
+def analyze(
+    runs: RunsArg,
+    out: Annotated[Path | None, typer.Option(help="Output folder [default: <first run>/analysis].")] = None,
+) -> None:
+    """Experiment 1: latency CV across different prompts vs repeats of one prompt, per config and length."""
+    from estimator.data.runs import load_runs
+    from estimator.study.analyze import AnalyzeSpec, analyze_runs, print_analysis, write_analysis
+
+    def go() -> None:
+        spec = build_spec(AnalyzeSpec, runs=runs, out=out)
+        result = analyze_runs(load_runs(spec.runs))
+        write_analysis(result, spec.out_dir())
+        print_analysis(result, _console())
+
+    run_command(go)
+
+
+@app.command()
+def train(
+    runs: RunsArg,
+    out: Annotated[Path, typer.Option(help="Model folder to write (e.g. models/NAME).")],
+    variant: Annotated[str, typer.Option(help="tokens | buckets | poly | embedding | residual.")] = "tokens",
+    seed: Annotated[int, typer.Option(help="Seed for the split, subsampling and LightGBM.")] = 0,
+    max_decode_rows: Annotated[
+        int, typer.Option(help="Subsample decode rows to at most this many.")
+    ] = 20_000,
+    held_out: Annotated[
+        bool, typer.Option(help="Also fit on a by-prompt split to record held-out metrics.")
+    ] = True,
+) -> None:
+    """Fit one LightGBM model per phase and save it (LightGBM text models + meta.json, no pickle)."""
+    from estimator.model.train import TrainSpec
+    from estimator.model.train import train as train_model
+
+    def go() -> None:
+        spec = build_spec(
+            TrainSpec,
+            runs=runs,
+            out=out,
+            variant=variant,
+            seed=seed,
+            max_decode_rows=max_decode_rows,
+            held_out=held_out,
+        )
+        result = train_model(spec)
+        console = _console()
+        meta = result.meta
+        console.print(
+            f"trained [bold]{meta.variant}[/bold] on {meta.training.rows['prefill']} prefill + "
+            f"{meta.training.rows['decode']} decode rows ({len(meta.training.configs)} configs, text_tokens "
+            f"{meta.training.text_tokens_min}..{meta.training.text_tokens_max}) in {result.train_s:.1f} s"
+        )
+        if meta.held_out:
+            for phase, m in meta.held_out.metrics.items():
+                console.print(
+                    f"  held out ({meta.held_out.description}) {phase}: R² {_fmt(m.get('r2'), 3)}, "
+                    f"MAE {_fmt(m.get('mae_ms'), 3)} ms, MAPE {_fmt(m.get('mape_pct'))}%, "
+                    f"p90 APE {_fmt(m.get('p90_ape_pct'))}%"
+                )
+        console.print(f"wrote {result.path}")
+
+    run_command(go)
+
+
+@app.command()
+def compare(
+    runs: RunsArg,
+    out: Annotated[Path | None, typer.Option(help="Output folder [default: <first run>/compare].")] = None,
+    variant: Annotated[
+        list[str] | None, typer.Option(help="Variants to compare (repeatable) [default: all five].")
+    ] = None,
+    references: Annotated[
+        bool, typer.Option(help="Also fit the closed-form and random-forest references.")
+    ] = True,
+    seed: Annotated[int, typer.Option(help="Seed for the by-prompt split, subsampling and the models.")] = 0,
+    max_decode_rows: Annotated[
+        int, typer.Option(help="Subsample decode training rows to at most this many.")
+    ] = 20_000,
+    cost_calls: Annotated[int, typer.Option(help="Single-row calls timed per model (median).")] = 200,
+) -> None:
+    """Experiment 2: feature variants vs references on by-prompt and by-length held-out splits; verdict."""
+    from estimator.study.compare import CompareSpec, print_comparison, run_compare, write_comparison
+
+    def go() -> None:
+        values: dict[str, Any] = {
+            "runs": runs,
+            "out": out,
+            "references": references,
+            "seed": seed,
+            "max_decode_rows": max_decode_rows,
+            "cost_calls": cost_calls,
+        }
+        if variant:
+            values["variants"] = variant
+        spec = build_spec(CompareSpec, **values)
+        console = _console()
+        result = run_compare(spec, progress=lambda msg: console.print(f"[dim]{msg}[/dim]"))
+        write_comparison(result, spec.out_dir())
+        print_comparison(result, console)
+
+    run_command(go)
+
+
+def _axis_value(text: str) -> int | float | str:
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            continue
+    return text
+
+
+def _fmt(v: Any, digits: int = 2) -> str:
+    return "–" if v is None else f"{float(v):.{digits}f}"
+
+
+@app.command()
+def predict(
+    model: Annotated[Path, typer.Option(help="Model folder written by `estimate train`.")],
+    text_tokens: Annotated[int, typer.Option(help="Prompt length in tokens.")],
+    new_tokens: Annotated[int, typer.Option(help="Tokens to generate (prefill emits the first).")],
+    tier: Annotated[int | None, typer.Option(help="Model tier.")] = None,
+    top_k: Annotated[int | None, typer.Option(help="Sampling top_k (0 = off).")] = None,
+    blocks: Annotated[int | None, typer.Option(help="KV-cache block size in tokens.")] = None,
+    axis: Annotated[list[str] | None, typer.Option(help="Other axis value, NAME=VALUE (repeatable).")] = None,
+    text: Annotated[str | None, typer.Option(help="Prompt text (needed by the embedding variant).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
+) -> None:
+    """Predict prefill ms, decode ms per step (first/median/last) and whole-request ms for one request."""
+    from estimator.model.predict import PredictSpec, predict_report
+
+    def go() -> None:
+        config: dict[str, Any] = {
+            k: v for k, v in (("tier", tier), ("top_k", top_k), ("blocks", blocks)) if v is not None
+        }
+        for item in axis or []:
+            name, sep, value = item.partition("=")
+            if not sep or not name:
+                raise EstimatorError(f"--axis needs NAME=VALUE, got {item!r}")
+            config[name.strip()] = _axis_value(value.strip())
+        spec = build_spec(
+            PredictSpec, model=model, config=config, text_tokens=text_tokens, new_tokens=new_tokens, text=text
+        )
+        report = predict_report(spec)
+        for w in report["warnings"]:
+            typer.echo(f"warning: {w}", err=True)
+        if as_json:
+            typer.echo(json.dumps(report, indent=1, default=str))
+            return
+        cfg = ", ".join(f"{k}={v}" for k, v in report["config"].items())
+        typer.echo(f"model {report['model']} ({report['variant']}); {cfg}")
+        typer.echo(f"prefill          {report['prefill_ms']:.3f} ms  ({report['text_tokens']} prompt tokens)")
+        if report["decode_steps"]:
+            typer.echo(
+                f"decode per step  first {report['decode_first_ms']:.3f} ms, "
+                f"median {report['decode_median_ms']:.3f} ms, "
+                f"last {report['decode_last_ms']:.3f} ms  ({report['decode_steps']} steps)"
+            )
+        typer.echo(f"decode total     {report['decode_ms_total']:.3f} ms")
+        typer.echo(f"request total    {report['total_ms']:.3f} ms")
+
+    run_command(go)
+
+
+app.command()(report)
+app.command()(nightly)
+

@@ -1,0 +1,125 @@
+"""`meta.json` of a saved model (`ModelMeta`, validated on load: unknown keys are an error) and its helpers.
+
+Layout of `models/<name>/`: `prefill.txt` and `decode.txt` (LightGBM text models) and `meta.json`: feature
+lists, variant, results schema version, training-data summary, held-out metrics, closed-form coefficients per
+config, the embedding PCA as plain arrays for the embedding variant, and a sha256 per model file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from estimator.model.closed_form import ClosedForm
+from estimator.model.features import Phase, Variant
+
+FORMAT_VERSION = 1
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RunSummary(StrictModel):
+    run_id: str
+    path: str
+    status: str
+    device: str | None = None
+
+
+class TrainingSummary(StrictModel):
+    """What the model was trained on (ranges are inclusive)."""
+
+    runs: list[RunSummary]
+    rows: dict[str, int]
+    rows_available: dict[str, int]
+    prompts: int
+    text_tokens_min: int
+    text_tokens_max: int
+    position_min: int
+    position_max: int
+    decode_steps_max: int
+    configs: list[dict[str, Any]]
+    latency_ms: dict[str, dict[str, float]]
+
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+class PhaseMeta(StrictModel):
+    features: list[str]
+    model_file: str
+    target: Literal["log_latency_ms", "log_ratio_to_closed_form"]
+    num_trees: int
+    sha256: str | None = None  # of model_file; checked before LightGBM parses it (its parser aborts on bad input)
+
+
+class HeldOut(StrictModel):
+    split: str
+    description: str
+    metrics: dict[str, dict[str, float | None]]
+
+
+class ClosedFormMeta(StrictModel):
+    """Per-config least-squares coefficients (prefill a + b·n + c·n², decode a + b·p) and pooled fallbacks."""
+
+    prefill: list[dict[str, Any]]
+    decode: list[dict[str, Any]]
+    pooled_prefill: list[float]
+    pooled_decode: list[float]
+
+
+class PcaMeta(StrictModel):
+    input_dim: int
+    output_dim: int
+    n_fit_prompts: int
+    mean: list[float]
+    components: list[list[float]]
+    explained_variance_ratio: list[float]
+
+
+class EmbeddingMeta(StrictModel):
+    model: str
+    chunk_words: int
+    max_chunks: int
+    pca: PcaMeta
+
+
+class ModelMeta(StrictModel):
+    """Contents of meta.json; validated on load (unknown keys are an error)."""
+
+    format_version: int
+    schema_version: int
+    tool_version: str
+    created_at: str
+    variant: Variant
+    axes: list[str]
+    config_columns: list[str]
+    categories: dict[str, list[str]]
+    phases: dict[Phase, PhaseMeta]
+    training: TrainingSummary
+    held_out: HeldOut | None
+    closed_form: ClosedFormMeta
+    embedding: EmbeddingMeta | None
+    lightgbm_params: dict[str, Any]
+    request_prediction: str
+
+
+
+def closed_form_from_meta(meta: ModelMeta, phase: Phase) -> ClosedForm:
+    """The closed-form fit of one phase stored in the metadata."""
+    cf = meta.closed_form
+    records: Sequence[Mapping[str, Any]] = cf.prefill if phase == "prefill" else cf.decode
+    pooled = cf.pooled_prefill if phase == "prefill" else cf.pooled_decode
+    return ClosedForm.from_records(phase, meta.axes, records, pooled)
+
+
+def finite_or_none(value: float) -> float | None:
+    """JSON-safe float (NaN/inf → None)."""
+    return value if math.isfinite(value) else None
