@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from harness.engine_log import EngineOutput
 from harness.spec import (
     CPU_LADDER,
     GPU_LADDER,
@@ -114,7 +114,7 @@ class ConsoleReporter:
         if self.progress is not None:
             self.progress.console.print(message, highlight=False)
         else:
-            print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+            print(f"[{time.strftime('%H:%M:%S')}] {message}", file=err.file, flush=True)
 
     def __call__(self, event: str, data: dict[str, Any]) -> None:
         if event == "start":
@@ -141,9 +141,12 @@ class ConsoleReporter:
                     "sweep", total=data["points_total"], completed=data["points_done"], last="starting engine"
                 )
         elif event == "engine":
+            noise = ""
+            if data.get("log_warnings") or data.get("log_errors"):
+                noise = f"; vLLM logged {data['log_warnings']} warning(s), {data['log_errors']} error(s)"
             self.log(
                 f"engine start {data['model']} block_size={data['block_size']}: {data['seconds']:.1f} s "
-                f"({data['points']} points on it)"
+                f"({data['points']} points on it){noise}"
             )
         elif event == "point":
             p = data["point"]
@@ -157,7 +160,8 @@ class ConsoleReporter:
                 eta = (data["total"] - data["done"]) / rate if rate > 0 else math.nan
                 self.log(f"point {data['done']}/{data['total']} {axes}: {last}; ETA {eta:.0f} s")
         elif event == "failure":
-            self.log(f"[failed] point {data['point'].point_id} {data['point'].axes}: {data['error']}")
+            where = f" (engine output: {data['engine_log']})" if data.get("engine_log") else ""
+            self.log(f"[failed] point {data['point'].point_id} {data['point'].axes}: {data['error']}{where}")
         elif event == "log":
             self.log(data["message"])
         elif event == "end" and self.progress is not None:
@@ -221,7 +225,7 @@ def sweep(
         False, help="run the engine core in this process (NOT how vLLM serves; labelled in the results)"
     ),
     trust_remote_code: bool = typer.Option(False, help="allow a model folder's own code to run"),
-    verbose: bool = typer.Option(False, help="show vLLM's own log"),
+    verbose: bool = typer.Option(False, help="show vLLM's own output live (it always goes to RUN/engine.log)"),
 ) -> None:
     """Sweep prompt lengths and serving configs; write results/<run_id>/."""
     from harness.sweep import SweepOptions, plan_sweep, prompt_sources, run_sweep
@@ -260,6 +264,11 @@ def sweep(
                 prompt_sources(plan)  # a bad or too short prompts file fails the plan too (run_sweep checks it)
             _print_plan(plan)
             return
+        engine_output: EngineOutput | None = None
+        if EngineOutput.possible():  # not under a test runner's in-process invocation
+            engine_output = EngineOutput(verbose)
+            out.file, err.file = engine_output.stdout, engine_output.stderr
+            engine_output.start()  # before anything imports vLLM
         if gpu is not None:
             from harness.telemetry import open_source
 
@@ -284,19 +293,31 @@ def sweep(
             fail_fast=fail_fast,
             lock_clocks_mhz=lock_clocks,
             verbose=verbose,
+            engine_output=engine_output,
         )
         reporter = ConsoleReporter(quiet)
         failures: list[dict[str, Any]] = []
+        log_levels = [0, 0]
 
         def report(event: str, data: dict[str, Any]) -> None:
             if event == "end":
                 failures.extend(data["failures"])
+            if event == "engine":
+                log_levels[0] += data.get("log_warnings", 0)
+                log_levels[1] += data.get("log_errors", 0)
             reporter(event, data)
 
         result = run_sweep(spec, options, report)
     except (SpecError, StoreError, TelemetryError) as e:
         raise _fail(str(e)) from None
     print_summary(result, failures)
+    if engine_output is not None and engine_output.path is not None:
+        err.print(
+            f"engine output (vLLM, torch, Triton): {log_levels[0]} warning line(s), {log_levels[1]} error line(s) "
+            f"at engine starts; see {engine_output.path}",
+            highlight=False,
+            soft_wrap=True,
+        )
     if result.status == "interrupted":
         err.print(f"interrupted: resume with  profile sweep --resume {result.run_dir}", highlight=False)
         raise typer.Exit(EXIT_INTERRUPTED)

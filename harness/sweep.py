@@ -22,6 +22,7 @@ import pyarrow as pa
 
 from harness import __version__
 from harness.engine import EngineError, EngineSettings, MeasurementError, VllmEngine, engine_environment
+from harness.engine_log import LOG_NAME, EngineOutput
 from harness.prompts import PromptSource, load_documents, load_tokenizer
 from harness.spec import (
     Point,
@@ -63,6 +64,7 @@ class SweepOptions:
     fail_fast: bool = False
     lock_clocks_mhz: int | None = None
     verbose: bool = False
+    engine_output: EngineOutput | None = None  # where the engine's own output goes (engine.log); None: untouched
     command: list[str] = field(default_factory=lambda: list(sys.argv))
 
 
@@ -275,7 +277,8 @@ def _engine_settings(plan: Plan, point: Point, options: SweepOptions) -> EngineS
         engine_kwargs=kwargs,
         hf_overrides=hf,
         trust_remote_code=spec.trust_remote_code,
-        verbose=options.verbose,
+        # with engine.log catching it, vLLM logs at its own level; otherwise only errors, unless --verbose
+        verbose=options.verbose or options.engine_output is not None,
         gc_guard=spec.gc_guard,
     )
 
@@ -343,6 +346,8 @@ def run_sweep(spec: SweepSpec, options: SweepOptions, report: Reporter) -> Sweep
                 },
                 run_id=options.run_id,
             )
+        if options.engine_output is not None:
+            options.engine_output.attach(store.run_dir / LOG_NAME)
         with lock_clocks(source, options.lock_clocks_mhz), _stop_on_signals() as stop:
             try:
                 status = _run_points(plan, store, options, source, sources, stop, report)
@@ -383,7 +388,10 @@ def _run_points(
             engine = VllmEngine(settings)
             try:  # the engine is closed however this pass ends (failure, Ctrl-C, a second Ctrl-C)
                 try:
+                    log = options.engine_output
+                    log_offset = log.offset() if log else 0
                     seconds = engine.start()
+                    warnings, errors = log.levels_since(log_offset) if log else (0, 0)
                     starts = store.read_manifest().get("engine_starts", [])
                     store.update_manifest(
                         engine_starts=[
@@ -393,6 +401,8 @@ def _run_points(
                                 "model": m.name,
                                 "block_size": settings.block_size,
                                 "seconds": round(seconds, 2),
+                                "log_warnings": warnings,
+                                "log_errors": errors,
                             },
                         ]
                     )
@@ -403,6 +413,8 @@ def _run_points(
                             "block_size": settings.block_size,
                             "seconds": seconds,
                             "points": len(remaining),
+                            "log_warnings": warnings,
+                            "log_errors": errors,
                         },
                     )
                     if stop.signal is None:
@@ -458,7 +470,9 @@ def _fail(store: RunStore, point: Point, error: Exception, report: Reporter) -> 
             "error": str(error),
         }
     )
-    report("failure", {"point": point, "error": f"{type(error).__name__}: {error}"})
+    log = store.run_dir / LOG_NAME
+    engine_log = log if isinstance(error, EngineError) and log.is_file() else None
+    report("failure", {"point": point, "error": f"{type(error).__name__}: {error}", "engine_log": engine_log})
 
 
 def _warm_up(engine: VllmEngine, prompts: PromptSource, plan: Plan, group: list[Point]) -> None:

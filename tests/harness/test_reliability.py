@@ -342,6 +342,10 @@ def test_fail_fast_stops_at_the_first_failed_point(tmp_path: Path) -> None:
     assert m["engine_starts"] == [] and not list((run / "samples").iterdir())
     assert "status: failed; points done 0, failed 8" in proc.stdout
     assert "Traceback" not in proc.stderr
+    # the engine's error stays one line, pointing at the engine's own output
+    failed = [line for line in proc.stderr.splitlines() if "[failed]" in line]
+    assert len(failed) == 4 and all(f"(engine output: {run / 'engine.log'})" in line for line in failed)
+    assert (run / "engine.log").is_file()
 
 
 # --- fault 4: full disk, unwritable folder --------------------------------------------------------------------
