@@ -86,7 +86,7 @@ def resolve_spec(spec_file: Path | None, gpu: int | None, overrides: dict[str, A
         data["ladder"] = [overrides["model"]]
         axes["tier"] = [0]
     data["axes"] = axes
-    for key in ("reps", "same_prompt_repeats", "max_new_tokens", "prompts", "warmup_requests", "seed"):
+    for key in ("reps", "same_prompt_repeats", "max_new_tokens", "prompts", "warmup_requests", "seed", "sampling_seed"):
         if overrides.get(key) is not None:
             data[key] = overrides[key]
     if overrides.get("inprocess"):
@@ -208,7 +208,10 @@ def sweep(
     same_prompt_repeats: int | None = typer.Option(None, help="repeats of one prompt per point (noise floor)"),
     max_new_tokens: int | None = typer.Option(None, help="tokens generated per request (decode positions + 1)"),
     warmup: int | None = typer.Option(None, help="untimed requests after each engine start"),
-    seed: int | None = typer.Option(None, help="seed for prompt choice and sampling"),
+    seed: int | None = typer.Option(None, help="seed for prompt choice and request order"),
+    sampling_seed: int | None = typer.Option(
+        None, help="give every request this sampling seed (default: none, as served; on CUDA a seed changes the kernel)"
+    ),
     model: str | None = typer.Option(None, help="a local model folder (or preset name) instead of the ladder"),
     prompts: Path | None = typer.Option(None, help="prompt text: ShareGPT JSON, JSONL with 'text', or plain text"),
     out_dir: Path = typer.Option(Path("results"), "--out", help="folder that receives results/<run_id>/"),
@@ -253,6 +256,7 @@ def sweep(
                 "prompts": str(prompts) if prompts else None,
                 "warmup_requests": warmup,
                 "seed": seed,
+                "sampling_seed": sampling_seed,
                 "inprocess": inprocess,
                 "trust_remote_code": trust_remote_code,
                 "telemetry_interval_ms": telemetry_interval_ms,

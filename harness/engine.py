@@ -36,7 +36,7 @@ class EngineSettings:
     block_size: int
     max_model_len: int
     mode: str = "multiprocess"
-    seed: int = 0
+    sampling_seed: int | None = None  # per-request SamplingParams.seed; None: none, as served
     engine_kwargs: dict[str, Any] = field(default_factory=dict)
     hf_overrides: dict[str, Any] = field(default_factory=dict)
     trust_remote_code: bool = False
@@ -57,7 +57,6 @@ class EngineSettings:
             "max_num_seqs": 8,
             "disable_log_stats": False,
             "enable_logging_iteration_details": True,
-            "seed": self.seed,
             "trust_remote_code": self.trust_remote_code,
         }
         if self.device == "cpu":
@@ -69,6 +68,15 @@ class EngineSettings:
         args.update(self.engine_kwargs)
         args["trust_remote_code"] = self.trust_remote_code  # only the flag turns it on, never an engine kwarg
         return args
+
+    def sampling_params(self, max_new_tokens: int, sampling: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Keyword arguments for one request's SamplingParams: a fixed length, no EOS stop, no detokenizing, and
+        a seed only when the spec asks for one."""
+        params: dict[str, Any] = {"max_tokens": max_new_tokens, "ignore_eos": True, "detokenize": False}
+        if self.sampling_seed is not None:
+            params["seed"] = self.sampling_seed
+        params.update(sampling or {})
+        return params
 
 
 def _one_line(error: BaseException, limit: int = 300) -> str:
@@ -234,9 +242,7 @@ class VllmEngine:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        params = SamplingParams(
-            max_tokens=max_new_tokens, ignore_eos=True, detokenize=False, seed=self.settings.seed, **(sampling or {})
-        )
+        params = SamplingParams(**self.settings.sampling_params(max_new_tokens, sampling))
         engine = self._engine
         iters = self._iters.elapsed_ms
         iters.clear()

@@ -45,7 +45,12 @@ class SweepSpec(BaseModel):
     same_prompt_repeats: int = Field(3, ge=0, description="repeats of one prompt per point (noise floor)")
     max_new_tokens: int = Field(32, ge=2)
     warmup_requests: int = Field(3, ge=0)
-    seed: int = 0
+    seed: int = Field(0, description="seed for prompt choice and request order (not for sampling)")
+    sampling_seed: int | None = Field(
+        None,
+        description="per-request SamplingParams.seed; None = none, as served (a seed moves CUDA's top-k/top-p "
+        "sampling off its fused kernel)",
+    )
     prompts: str | None = Field(None, description="prompt file; None = the built-in corpus")
     engine: dict[str, Any] = Field(default_factory=dict, description="extra vLLM EngineArgs")
     engine_mode: Literal["multiprocess", "inprocess"] = "multiprocess"

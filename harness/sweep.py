@@ -273,7 +273,7 @@ def _engine_settings(plan: Plan, point: Point, options: SweepOptions) -> EngineS
         block_size=block_size,
         max_model_len=plan.max_model_len,
         mode=spec.engine_mode,
-        seed=spec.seed,
+        sampling_seed=spec.sampling_seed,
         engine_kwargs=kwargs,
         hf_overrides=hf,
         trust_remote_code=spec.trust_remote_code,
