@@ -66,6 +66,11 @@ def train(
     held_out: Annotated[
         bool, typer.Option(help="Also fit on a by-prompt split to record held-out metrics.")
     ] = True,
+    numeric_axis: Annotated[
+        list[str] | None,
+        typer.Option(help="Config axis that may be interpolated inside its trained range (repeatable); "
+                     "other axes accept only their trained values."),
+    ] = None,
 ) -> None:
     """Fit one LightGBM model per phase and save it (LightGBM text models + meta.json, no pickle)."""
     from estimator.model.train import TrainSpec
@@ -80,6 +85,7 @@ def train(
             seed=seed,
             max_decode_rows=max_decode_rows,
             held_out=held_out,
+            numeric_axes=list(numeric_axis or []),
         )
         result = train_model(spec)
         console = _console()
@@ -164,6 +170,11 @@ def predict(
     axis: Annotated[list[str] | None, typer.Option(help="Other axis value, NAME=VALUE (repeatable).")] = None,
     text: Annotated[str | None, typer.Option(help="Prompt text (needed by the embedding variant).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
+    allow_unseen: Annotated[
+        bool,
+        typer.Option(help="Answer for axis values or lengths outside the training data (flagged as unseen) "
+                     "instead of refusing them."),
+    ] = False,
 ) -> None:
     """Predict prefill ms, decode ms per step (first/median/last) and whole-request ms for one request."""
     from estimator.model.predict import PredictSpec, predict_report
@@ -178,11 +189,19 @@ def predict(
                 raise EstimatorError(f"--axis needs NAME=VALUE, got {item!r}")
             config[name.strip()] = _axis_value(value.strip())
         spec = build_spec(
-            PredictSpec, model=model, config=config, text_tokens=text_tokens, new_tokens=new_tokens, text=text
+            PredictSpec,
+            model=model,
+            config=config,
+            text_tokens=text_tokens,
+            new_tokens=new_tokens,
+            text=text,
+            allow_unseen=allow_unseen,
         )
         report = predict_report(spec)
         for w in report["warnings"]:
             typer.echo(f"warning: {w}", err=True)
+        if report["unseen"]:
+            typer.echo(f"UNSEEN (a best guess, --allow-unseen): {'; '.join(report['unseen'])}", err=True)
         if as_json:
             typer.echo(json.dumps(report, indent=1, default=str))
             return
@@ -197,6 +216,8 @@ def predict(
             )
         typer.echo(f"decode total     {report['decode_ms_total']:.3f} ms")
         typer.echo(f"request total    {report['total_ms']:.3f} ms")
+        if report["unseen"]:
+            typer.echo(f"unseen           {'; '.join(report['unseen'])}")
 
     run_command(go)
 

@@ -91,6 +91,26 @@ class EmbeddingMeta(StrictModel):
     pca: PcaMeta
 
 
+class TablesMeta(StrictModel):
+    """The compiled lookup tables (`estimator.model.tables`), saved beside the LightGBM models."""
+
+    file: str
+    version: int
+    sha256: str
+    configs: int
+    bytes: int
+
+
+class AxisRange(StrictModel):
+    """What a config axis's trained values mean: `categorical` (only these values) or `numeric` (anything in
+    [min, max] may be interpolated)."""
+
+    kind: Literal["categorical", "numeric"]
+    values: list[str]
+    min: float | None = None
+    max: float | None = None
+
+
 class ModelMeta(StrictModel):
     """Contents of meta.json; validated on load (unknown keys are an error)."""
 
@@ -109,6 +129,8 @@ class ModelMeta(StrictModel):
     embedding: EmbeddingMeta | None
     lightgbm_params: dict[str, Any]
     request_prediction: str
+    tables: TablesMeta | None = None  # absent in models saved before the tables existed: compiled on load
+    axis_ranges: dict[str, AxisRange] | None = None  # absent in older models: derived from training.configs
 
 
 

@@ -23,21 +23,17 @@ class PredictSpec(StrictModel):
     text_tokens: int = Field(gt=0, le=MAX_TOKENS)
     new_tokens: int = Field(ge=1, le=MAX_TOKENS)
     text: str | None = None
+    allow_unseen: bool = False
 
 
 def predict_report(spec: PredictSpec) -> dict[str, Any]:
     """Prefill ms, decode ms per step (first/median/last, exact) and whole-request ms of one request."""
     est = LatencyEstimator.load(spec.model)
     config = est.complete_config(spec.config)
-    unknown = sorted(set(config) - set(est.meta.config_columns))
-    if unknown:
-        raise EstimatorError(
-            f"unknown axis {', '.join(unknown)} (model axes: {', '.join(est.meta.config_columns)})"
-        )
     if est.variant == "embedding" and spec.text is None:
         raise EstimatorError("this model uses the embedding variant: pass the prompt with --text")
-    req = est.predict_request(config, spec.text_tokens, spec.new_tokens, spec.text)
-    steps = est.decode_positions(config, spec.text_tokens, spec.new_tokens, spec.text)
+    req = est.predict_request(config, spec.text_tokens, spec.new_tokens, spec.text, allow_unseen=spec.allow_unseen)
+    steps = est.decode_positions(config, spec.text_tokens, spec.new_tokens, spec.text, allow_unseen=spec.allow_unseen)
     return {
         "model": str(spec.model),
         "variant": est.variant,
@@ -53,4 +49,5 @@ def predict_report(spec: PredictSpec) -> dict[str, Any]:
         "decode_ms_total_exact": float(steps.sum()),
         "total_ms": req.total_ms,
         "warnings": list(req.warnings),
+        "unseen": list(req.unseen),
     }

@@ -26,7 +26,7 @@ from estimator.model.embedding import (
     Projection,
     prompt_vectors,
 )
-from estimator.model.estimator import REQUEST_KNOTS, LatencyEstimator, PhaseModel, baseline_ms
+from estimator.model.estimator import LatencyEstimator, PhaseModel, axis_ranges, baseline_ms
 from estimator.model.evaluation import error_metrics, split_by_prompt
 from estimator.model.features import (
     PCA_DIM,
@@ -75,6 +75,9 @@ class TrainSpec(RunsSpec):
     max_decode_rows: int = Field(default=DEFAULT_MAX_DECODE_ROWS, ge=100)
     test_fraction: float = Field(default=0.25, gt=0.0, lt=1.0)
     held_out: bool = True
+    numeric_axes: list[str] = Field(
+        default_factory=list, description="config axes that may be interpolated inside their trained range"
+    )
 
 
 @dataclass(frozen=True)
@@ -255,6 +258,7 @@ def train_estimator(
     test_fraction: float = 0.25,
     held_out: bool = True,
     cache: EmbeddingCache | None = None,
+    numeric_axes: Sequence[str] = (),
 ) -> LatencyEstimator:
     """Fit a LatencyEstimator on all rows (decode subsampled), with metrics from a by-prompt held-out fit."""
     frames = prepare_frames(runset, variant)
@@ -315,11 +319,17 @@ def train_estimator(
         embedding=embedding_meta,
         lightgbm_params=dict(LGBM_PARAMS, num_boost_round=NUM_ROUNDS, seed=seed),
         request_prediction=(
-            "decode sum = exact sum of the piecewise-linear interpolant of the decode model at "
-            f"<= {REQUEST_KNOTS} "
-            "step indices (exact when new_tokens - 1 <= that)"
+            "compiled tables (tables.npz): prefill and per-step decode values per trained config between the "
+            "trees' split thresholds, decode prefix sums over position; exact (the booster's own outputs)"
+            if variant != "embedding"
+            else "booster per request: prefill row + one decode row per step (exact sum)"
         ),
     )
+    unknown = sorted(set(numeric_axes) - set(runset.config_columns))
+    if unknown:
+        known = ", ".join(runset.config_columns)
+        raise EstimatorError(f"--numeric-axis {', '.join(unknown)}: not an axis of these runs ({known})")
+    meta.axis_ranges = axis_ranges(meta.training.configs, runset.config_columns, numeric_axes)
     return LatencyEstimator(meta, models, ctx.projection if ctx else None)
 
 
@@ -334,6 +344,7 @@ def train(spec: TrainSpec) -> TrainResult:
         max_decode_rows=spec.max_decode_rows,
         test_fraction=spec.test_fraction,
         held_out=spec.held_out,
+        numeric_axes=spec.numeric_axes,
     )
     elapsed = time.perf_counter() - t0
     path = est.save(spec.out)

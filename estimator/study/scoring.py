@@ -33,7 +33,9 @@ def score_model_on_runs(model_dir: Path, runset: RunSet, group: str | None) -> M
             f = runset.phase(phase)
             if est.meta.variant == "embedding":
                 f = runset.with_text(f)
-            pred = est.predict_prefill(f) if phase == "prefill" else est.predict_decode(f)
+            # measured rows: lengths or configs outside the model's training data are scored, not refused
+            predict = est.predict_prefill if phase == "prefill" else est.predict_decode
+            pred = predict(f, allow_unseen=True)
             keep = [c for c in (group, "latency_ms") if c and c in f.columns]
             frames[phase] = f[keep].assign(predicted_ms=pred)
     except EstimatorError as exc:

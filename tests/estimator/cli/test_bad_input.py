@@ -193,12 +193,23 @@ def test_predict_non_integer_feature_is_a_usage_error(model: Path) -> None:
     assert "Traceback" not in result.output
 
 
-def test_predict_unknown_tier_is_flagged_not_silent(model: Path) -> None:
-    # the estimator's choice: a config outside training is predicted, with a one-line warning (exit 0)
-    result = runner.invoke(app, ["predict", "--model", str(model), "--tier", "9", *REQUEST[2:]])
+@pytest.mark.parametrize(
+    ("flag", "value", "trained"),
+    [("--tier", "9", "1, 2"), ("--top-k", "7", "0, 40"), ("--blocks", "33", "32")],
+)
+def test_predict_unseen_axis_value_is_refused(model: Path, flag: str, value: str, trained: str) -> None:
+    # a tree would answer tier 9 as if it were tier 2: a confident, wrong number; refused unless asked for
+    args = dict(zip(REQUEST[::2], REQUEST[1::2], strict=True))
+    args[flag] = value
+    argv = [x for kv in args.items() for x in kv]
+    name = flag[2:].replace("-", "_")
+    err = _one_line_error(runner.invoke(app, ["predict", "--model", str(model), *argv]), f"{name}={value}")
+    assert f"trained values: {trained}" in err and "--allow-unseen" in err
+    result = runner.invoke(app, ["predict", "--model", str(model), *argv, "--allow-unseen", "--json"])
     assert result.exit_code == 0, result.output
-    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
-    assert any(re.search(r"\btier\b\W{1,4}9\b", w) for w in warnings), result.stderr
+    report = json.loads(result.stdout)
+    assert report["unseen"] == [f"{name}={value}"] and report["total_ms"] > 0
+    assert f"UNSEEN (a best guess, --allow-unseen): {name}={value}" in result.stderr
 
 
 def test_predict_absurd_length_is_a_clean_error(model: Path) -> None:
@@ -222,7 +233,7 @@ class _Payload:
 
 def test_model_folder_holds_no_pickle(model: Path) -> None:
     names = sorted(p.name for p in model.iterdir())
-    assert names == ["decode.txt", "meta.json", "prefill.txt"]
+    assert names == ["decode.txt", "meta.json", "prefill.txt", "tables.npz"]  # tables.npz: a zip of .npy arrays
     for p in model.iterdir():
         assert not p.read_bytes().startswith(b"\x80"), f"{p.name} looks like a pickle"
 

@@ -90,6 +90,9 @@ def test_predict_errors_and_warnings(cli_model: Path) -> None:
         )
     )
     assert "unknown axis dtype" in err
-    result = runner.invoke(app, [*base, "--blocks", "32", "--text-tokens", "5000", "--new-tokens", "2"])
+    err = _one_line_error(runner.invoke(app, [*base, "--blocks", "32", "--text-tokens", "5000", "--new-tokens", "2"]))
+    assert "text_tokens=5000 (trained 16..512)" in err and "cannot extrapolate" in err
+    long_prompt = [*base, "--blocks", "32", "--text-tokens", "5000", "--new-tokens", "2"]
+    result = runner.invoke(app, [*long_prompt, "--allow-unseen"])
     assert result.exit_code == 0
-    assert "warning: text_tokens 5000 is outside the trained range" in result.stderr
+    assert "unseen           text_tokens=5000" in result.stdout
