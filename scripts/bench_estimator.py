@@ -1,11 +1,19 @@
-"""Benchmark the estimator per feature variant: training time, prediction cost and held-out error.
+"""Benchmark the estimator: per feature variant, and the compiled tables against the LightGBM booster.
 
-    python scripts/bench_estimator.py results/<run_id> [more runs] [--variant tokens --variant embedding]
+    python scripts/bench_estimator.py variants results/<run_id> [more runs] [--variant tokens --variant embedding]
+    python scripts/bench_estimator.py tables models/default-tokens
 
-Prints, per variant: training time (s, with the held-out fit), load time (ms), the cost of one prefill and
-one decode prediction from a raw dict row (µs, features included; the embedding variant embeds the text on
-every call), 1,000 decode rows in one call (µs), predict_request with 1,024 new tokens (µs, computed anew and
-answered from its memo), and held-out (by-prompt) MAPE per phase next to the noise-floor MAPE and their ratio.
+`variants` prints, per variant: training time (s, with the held-out fit), load time (ms), the cost of one prefill
+and one decode prediction from a raw dict row (µs, features included; the embedding variant embeds the text on
+every call), 1,000 decode rows in one call (µs), predict_request with 1,024 new tokens (µs), and held-out
+(by-prompt) MAPE per phase next to the noise-floor MAPE and their ratio.
+
+`tables` measures, in one run, the scheduler's path (compiled tables) against the booster path on the same
+model: one prefill row with new arguments each call, predict_request with random text_tokens 16-4096 and
+new_tokens 1-4096 (uncached: there is no memo), predict_requests over 10,000 requests; the largest relative
+difference to the booster on every trained config at every length breakpoint ± 1 and at random lengths, and of
+request totals against the exact sum of per-step booster predictions; and the tables' memory. Lengths beyond
+the training range are asked with allow_unseen=True (the tables hold the trees' exact answer there too).
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ from estimator.model.train import train_estimator
 from estimator.study.analyze import noise_floor
 from estimator.study.references import median_call_us
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True)
 
 
 def _row(frame: Any, axes: list[str], phase: str, with_text: bool) -> dict[str, Any]:
@@ -40,7 +48,7 @@ def _row(frame: Any, axes: list[str], phase: str, with_text: bool) -> dict[str, 
 
 
 @app.command()
-def main(
+def variants(
     runs: Annotated[list[Path], typer.Argument(help="Run folders.")],
     variant: Annotated[
         list[str] | None, typer.Option(help="Variants to bench (repeatable) [default: all].")
@@ -71,7 +79,7 @@ def main(
         "prefill 1 row µs",
         "decode 1 row µs",
         f"decode {len(rows_1000)} rows µs",
-        "request 1024 tok µs (new / repeated)",
+        "request 1024 tok µs",
         "prefill MAPE % (× noise)",
         "decode MAPE % (× noise)",
     ):
@@ -100,9 +108,8 @@ def main(
             config = {a: one_pre[a] for a in axes}
             req_text = str(one_pre["text"]) if text else None
             n_tok = int(one_pre["text_tokens"])
-            req = partial(est.predict_request, config, n_tok, 1024, req_text)
-            req_us = median_call_us(partial(req, cache=False), n_calls)
-            cached_us = median_call_us(req, n_calls)
+            request = partial(est.predict_request, config, n_tok, 1024, req_text, allow_unseen=True)
+            req_us = median_call_us(request, n_calls)
             held = est.meta.held_out.metrics if est.meta.held_out else {}
             cells = []
             for phase in ("prefill", "decode"):
@@ -119,7 +126,7 @@ def main(
                 f"{pre_us:.0f}",
                 f"{dec_us:.0f}",
                 f"{many_us:.0f}",
-                f"{req_us:.0f} / {cached_us:.1f}",
+                f"{req_us:.1f}",
                 *cells,
             )
     console.print(table)
@@ -127,6 +134,107 @@ def main(
         "noise-floor MAPE (same prompt, leave-one-out): "
         + ", ".join(f"{p} {f.mape_pct:.2f}% over {f.groups} groups" for p, f in floors.items())
     )
+
+
+def _per_call_us(fn: Any, args: list[tuple[Any, ...]]) -> float:
+    """Mean wall time (µs) of fn(*a) over the argument list, each argument set used once."""
+    t0 = time.perf_counter()
+    for a in args:
+        fn(*a)
+    return (time.perf_counter() - t0) / len(args) * 1e6
+
+
+@app.command()
+def tables(
+    model: Annotated[Path, typer.Argument(help="Model folder (estimate train) with tables.npz.")],
+    calls: Annotated[int, typer.Option(help="Calls per timing (each with new arguments).")] = 20_000,
+    seed: int = 0,
+) -> None:
+    """The compiled tables against the booster path: cost per call and agreement."""
+    console = Console(width=160)
+    est = LatencyEstimator.load(model)
+    t = est.tables
+    if t is None:
+        typer.echo(f"error: {model} has no compiled tables (variant {est.variant})", err=True)
+        raise typer.Exit(2)
+    rng = np.random.default_rng(seed)
+    configs = [{a: c[a] for a in est.meta.axes} for c in est.meta.training.configs]
+    cfg = configs[len(configs) // 2]
+    n = rng.integers(16, 4097, max(calls, 10_000))
+    new = rng.integers(1, 4097, max(calls, 10_000))
+    pre_rows = [({**cfg, "text_tokens": int(x)},) for x in n[:calls]]
+    booster_rows = [({k: np.array([v]) for k, v in r[0].items()},) for r in pre_rows[:2000]]
+    pre_model = est.models["prefill"]
+
+    def booster_prefill(cols: dict[str, np.ndarray]) -> None:
+        pre_model.predict(cols, 1)
+
+    def booster_request(c: dict[str, Any], tok: int, steps: int) -> float:
+        """The exact request total from the booster: the prefill row plus one row per decode step."""
+        one = {**{a: np.asarray([c[a]]) for a in est.meta.axes}, "text_tokens": np.asarray([tok])}
+        total = float(pre_model.predict(one, 1)[0])
+        if steps:
+            pos = tok + np.arange(1, steps + 1)
+            cols = {a: np.repeat(np.asarray([c[a]]), steps) for a in est.meta.axes}
+            cols["text_tokens"] = np.full(steps, tok)
+            cols["position"] = pos
+            total += float(est.models["decode"].predict(cols, steps).sum())
+        return total
+
+    est.predict_prefill(*pre_rows[0], allow_unseen=True)  # warm the config memo, as a scheduler's first call does
+    rows = []
+    pre_us = _per_call_us(lambda r: est.predict_prefill(r, allow_unseen=True), pre_rows)
+    pre_b_us = _per_call_us(booster_prefill, booster_rows)
+    rows.append(("predict_prefill, one row, new arguments each call", f"{pre_us:.2f} µs", f"{pre_b_us:.1f} µs"))
+    req_args = [(cfg, int(a), int(b)) for a, b in zip(n[:calls], new[:calls], strict=True)]
+    req_us = _per_call_us(lambda c, a, b: est.predict_request(c, a, b, allow_unseen=True), req_args)
+    req_b_us = _per_call_us(lambda c, a, b: booster_request(c, a, b - 1), req_args[:100])
+    rows.append(("predict_request, text_tokens 16-4096, new_tokens 1-4096", f"{req_us:.2f} µs", f"{req_b_us:.0f} µs"))
+    batch_cfgs = [configs[i] for i in rng.integers(0, len(configs), 10_000)]
+    bn, bnew = n[:10_000], new[:10_000]
+    est.predict_requests(batch_cfgs[:10], bn[:10], bnew[:10], allow_unseen=True)
+    t0 = time.perf_counter()
+    for _ in range(5):
+        est.predict_requests(batch_cfgs, bn, bnew, allow_unseen=True)
+    batch_ms = (time.perf_counter() - t0) / 5 * 1e3
+    rows.append(("predict_requests, 10,000 requests (mixed configs)", f"{batch_ms:.2f} ms", "–"))
+    # agreement: every trained config, every breakpoint ± 1 and random lengths
+    worst_pre = worst_dec = worst_sum = 0.0
+    for c in configs:
+        row = t.index[tuple(str(v) for v in (c[a] for a in est.meta.axes))]
+        toks = np.unique(np.concatenate([t.prefill_t - 1, t.prefill_t, t.prefill_t + 1, rng.integers(1, 4097, 200)]))
+        toks = toks[toks >= 1]
+        cols = {a: np.repeat(np.asarray([c[a]]), len(toks)) for a in est.meta.axes}
+        cols["text_tokens"] = toks
+        ref = pre_model.predict(cols, len(toks))
+        worst_pre = max(worst_pre, float(np.max(np.abs(t.prefill_many(np.full(len(toks), row), toks) / ref - 1))))
+        dec_toks = np.unique(np.concatenate([t.decode_t - 1, t.decode_t, t.decode_t + 1, rng.integers(1, 4097, 20)]))
+        pos_probe = np.unique(np.concatenate([t.decode_p - 1, t.decode_p, t.decode_p + 1, rng.integers(2, 8193, 200)]))
+        for tok in dec_toks[dec_toks >= 1]:
+            p = pos_probe[pos_probe > tok]
+            dcols = {a: np.repeat(np.asarray([c[a]]), len(p)) for a in est.meta.axes}
+            dcols["text_tokens"] = np.full(len(p), tok)
+            dcols["position"] = p
+            ref_d = est.models["decode"].predict(dcols, len(p))
+            worst_dec = max(worst_dec, float(np.max(np.abs(t.decode_steps(row, int(tok), p) / ref_d - 1))))
+        for a, b in zip(rng.integers(16, 4097, 20), rng.integers(1, 4097, 20), strict=True):
+            exact = booster_request(c, int(a), int(b) - 1)
+            got = est.predict_request(c, int(a), int(b), allow_unseen=True).total_ms
+            worst_sum = max(worst_sum, abs(got / exact - 1))
+    table = Table(title=f"Compiled tables vs the LightGBM booster: {model} ({est.variant})")
+    for col in ("figure", "tables", "booster"):
+        table.add_column(col, justify="right" if col != "figure" else "left")
+    for r in rows:
+        table.add_row(*r)
+    table.add_row("largest relative difference, prefill (every config, breakpoints ± 1)", f"{worst_pre:.2e}", "")
+    table.add_row("largest relative difference, decode step", f"{worst_dec:.2e}", "")
+    table.add_row("request total vs the exact per-step booster sum", f"{worst_sum:.2e}", "")
+    table.add_row(
+        "tables in memory",
+        f"{t.nbytes() / 1024:.1f} KiB",
+        f"{len(t.keys)} configs; prefill {len(t.prefill_t)} breakpoints; decode {len(t.decode_t)} × {len(t.decode_p)}",
+    )
+    console.print(table)
 
 
 if __name__ == "__main__":
