@@ -6,8 +6,10 @@ The CLI builds a `SweepSpec` and `SweepOptions` and calls `run_sweep`; the same 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import platform
+import random
 import signal
 import subprocess
 import sys
@@ -21,9 +23,16 @@ import pandas as pd
 import pyarrow as pa
 
 from harness import __version__
-from harness.engine import EngineError, EngineSettings, MeasurementError, VllmEngine, engine_environment
+from harness.engine import (
+    EngineError,
+    EngineSettings,
+    MeasurementError,
+    RequestRecord,
+    VllmEngine,
+    engine_environment,
+)
 from harness.engine_log import LOG_NAME, EngineOutput
-from harness.prompts import PromptSource, load_documents, load_tokenizer
+from harness.prompts import Prompt, PromptSource, load_documents, load_tokenizer
 from harness.spec import (
     Point,
     SpecError,
@@ -377,6 +386,7 @@ def _run_points(
             "engine_starts": len(todo_groups),
         },
     )
+    spec = plan.spec
     failed = 0  # in this attempt; a resumed run retries earlier failures
     for group in todo_groups:
         first = group[0]
@@ -429,32 +439,53 @@ def _run_points(
                     if options.fail_fast:
                         return "failed"
                     break
-                while remaining:
-                    point = remaining[0]
-                    if stop.signal is not None:
-                        return "interrupted"
-                    try:
-                        tables, figures = _measure_point(engine, prompts, plan, point, source, stop, store.run_dir.name)
-                    except (MeasurementError, EngineError) as e:
+                # every request of this engine start in one seeded, interleaved order; a point is written once
+                # all its requests are done (so a kill or Ctrl-C loses only unfinished points)
+                batch = _EnginePass(plan, remaining, prompts, source, store.run_dir.name)
+                report(
+                    "log",
+                    {
+                        "message": f"measuring {len(batch.order)} requests of {len(remaining)} points in one "
+                        "interleaved order (points are written as their last request finishes)"
+                    },
+                )
+                sampler = TelemetrySampler(source, spec.telemetry_interval_ms)
+                with sampler if spec.telemetry else contextlib.nullcontext():
+                    for req in batch.order:
+                        point = req.point
                         if stop.signal is not None:
                             return "interrupted"
-                        remaining.pop(0)
-                        _fail(store, point, e, report)
-                        failed += 1
-                        store.update_manifest(points_failed=failed)
-                        if options.fail_fast:
-                            return "failed"
-                        if isinstance(e, EngineError):
-                            report("log", {"message": "restarting the engine for the rest of its points"})
-                            break  # restart the engine for the rest of the group
-                        continue
-                    if tables is None:
-                        return "interrupted"
-                    store.write_point(point.point_id, tables)
-                    remaining.pop(0)
-                    done.add(point.point_id)
-                    store.update_manifest(points_done=len(done), points_failed=failed)
-                    report("point", {"point": point, "done": len(done), "total": len(plan.points), **figures})
+                        if point not in remaining:  # it failed earlier in this pass
+                            continue
+                        try:
+                            record = engine.run_request(
+                                f"{point.point_id}-{req.rep}",
+                                batch.prompt(req).token_ids,
+                                spec.max_new_tokens,
+                                _sampling(spec, point),
+                            )
+                        except (MeasurementError, EngineError) as e:
+                            if stop.signal is not None:
+                                return "interrupted"
+                            remaining.remove(point)
+                            batch.drop(point)
+                            _fail(store, point, e, report)
+                            failed += 1
+                            store.update_manifest(points_failed=failed)
+                            if options.fail_fast:
+                                return "failed"
+                            if isinstance(e, EngineError):
+                                report("log", {"message": "restarting the engine for the rest of its points"})
+                                break  # restart the engine for the rest of the group
+                            continue
+                        if not batch.add(req, record, sampler.drain()):
+                            continue
+                        tables, figures = batch.tables(point)
+                        store.write_point(point.point_id, tables)
+                        remaining.remove(point)
+                        done.add(point.point_id)
+                        store.update_manifest(points_done=len(done), points_failed=failed)
+                        report("point", {"point": point, "done": len(done), "total": len(plan.points), **figures})
             finally:
                 engine.close()
     return "complete" if failed == 0 else "failed"
@@ -476,66 +507,107 @@ def _fail(store: RunStore, point: Point, error: Exception, report: Reporter) -> 
 
 
 def _warm_up(engine: VllmEngine, prompts: PromptSource, plan: Plan, group: list[Point]) -> None:
-    """Untimed requests after an engine start, at the group's shortest and longest prompt lengths."""
+    """Untimed requests after an engine start: every sampling config of the group at its shortest and longest
+    prompt length (at least `warmup_requests` requests; none when it is 0)."""
+    spec = plan.spec
+    if spec.warmup_requests == 0:
+        return
     lengths = sorted({p.text_tokens for p in group})
+    ends = sorted({lengths[0], lengths[-1]}, reverse=True)
+    samplings: dict[str, dict[str, Any]] = {}
+    for p in group:
+        s = _sampling(spec, p)
+        samplings.setdefault(json.dumps(s, sort_keys=True), s)
+    combos = [(n, s) for s in samplings.values() for n in ends]
     prompts.reseed(f"warmup:{group[0].engine_config_id}")
-    for i in range(plan.spec.warmup_requests):
-        n = lengths[-1] if i % 2 == 0 else lengths[0]
+    for i in range(max(spec.warmup_requests, len(combos))):
+        n, sampling = combos[i % len(combos)]
         engine.run_request(
-            f"warmup-{group[0].engine_config_id}-{i}",
-            prompts.cut(n, i).token_ids,
-            plan.spec.max_new_tokens,
-            _sampling(plan.spec, group[0]),
+            f"warmup-{group[0].engine_config_id}-{i}", prompts.cut(n, i).token_ids, spec.max_new_tokens, sampling
         )
 
 
-def _measure_point(
-    engine: VllmEngine,
-    prompts: PromptSource,
-    plan: Plan,
-    point: Point,
-    source: TelemetrySource,
-    stop: _StopFlag,
-    run_id: str,
-) -> tuple[dict[str, pa.Table] | None, dict[str, Any]]:
-    """Run one point's requests; return its tables (None when interrupted) and headline figures."""
-    spec = plan.spec
-    n = point.text_tokens
-    prompts.reseed(point.point_id)
-    plist = [(prompts.cut(n, i), "distinct") for i in range(spec.reps)]
-    if spec.same_prompt_repeats:
-        same = prompts.cut(n, spec.reps)
-        plist += [(same, "same")] * spec.same_prompt_repeats
-    model = plan.models[int(point.axes["tier"])].name
-    sampling = _sampling(spec, point)
-    rows: list[dict[str, Any]] = []
-    device_name = source.info.get("device_name") or cpu_model()
-    # a sampler per point: it samples on start and stop, so the point's telemetry brackets its requests
-    sampler = TelemetrySampler(source, spec.telemetry_interval_ms)
-    with sampler if spec.telemetry else contextlib.nullcontext():
-        records = []
-        for rep, (prompt, _) in enumerate(plist):
-            if stop.signal is not None:
-                return None, {}
-            records.append(
-                engine.run_request(f"{point.point_id}-{rep}", prompt.token_ids, spec.max_new_tokens, sampling)
-            )
-    telemetry = telemetry_frame(sampler.drain(), source.name)
-    for rep, ((prompt, kind), rec) in enumerate(zip(plist, records, strict=True)):
+@dataclass(frozen=True)
+class PlannedRequest:
+    """One timed request: its place in the engine start's order (`seq`, 0-based), its point, and `rep`, its index
+    within the point (0..reps-1: distinct prompts; then the repeats of one prompt)."""
+
+    seq: int
+    point: Point
+    rep: int
+
+
+def request_order(spec: SweepSpec, points: list[Point], key: str) -> list[PlannedRequest]:
+    """The order in which one engine start runs its points' requests: seeded by (spec.seed, key), interleaved.
+
+    Requests go in rounds: round r holds one request of every point, in a shuffled order, and each point's own
+    requests (distinct prompts and same-prompt repeats) are shuffled over the rounds. So every point spans the
+    whole engine start: slow drift (heat, clocks, memory) lands on every length and sampling config alike
+    instead of on whichever ran last.
+    """
+    rng = random.Random(f"{spec.seed}:order:{key}")
+    n = spec.requests_per_point
+    reps = {p.point_id: rng.sample(range(n), n) for p in points}
+    order: list[tuple[Point, int]] = []
+    for r in range(n):
+        round_ = [(p, reps[p.point_id][r]) for p in points]
+        rng.shuffle(round_)
+        order += round_
+    return [PlannedRequest(seq, p, rep) for seq, (p, rep) in enumerate(order)]
+
+
+class _EnginePass:
+    """One engine start's requests: their order, their prompts, and each point's rows until it is complete."""
+
+    def __init__(
+        self, plan: Plan, points: list[Point], prompts: PromptSource, source: TelemetrySource, run_id: str
+    ) -> None:
+        spec = self.spec = plan.spec
+        self.plan, self.source, self.run_id = plan, source, run_id
+        self.order = request_order(spec, points, points[0].engine_config_id)
+        self.prompts: dict[str, list[tuple[Prompt, str]]] = {}
+        for p in points:  # cut per point as before the interleaving: a resumed run cuts the same prompts
+            prompts.reseed(p.point_id)
+            plist = [(prompts.cut(p.text_tokens, i), "distinct") for i in range(spec.reps)]
+            if spec.same_prompt_repeats:
+                same = prompts.cut(p.text_tokens, spec.reps)
+                plist += [(same, "same")] * spec.same_prompt_repeats
+            self.prompts[p.point_id] = plist
+        self.rows: dict[str, list[dict[str, Any]]] = {p.point_id: [] for p in points}
+        self.left = {p.point_id: spec.requests_per_point for p in points}
+        self.telemetry: list[dict[str, Any]] = []  # every sample of this pass (snapshots join against it)
+        self.unwritten: list[dict[str, Any]] = []  # samples not yet in a telemetry file
+        self.device_name = source.info.get("device_name") or cpu_model()
+
+    def prompt(self, req: PlannedRequest) -> Prompt:
+        return self.prompts[req.point.point_id][req.rep][0]
+
+    def drop(self, point: Point) -> None:
+        self.rows.pop(point.point_id, None)
+        self.left.pop(point.point_id, None)
+
+    def add(self, req: PlannedRequest, rec: RequestRecord, telemetry: list[dict[str, Any]]) -> bool:
+        """Keep one finished request's rows; True when its point has all its requests."""
+        self.telemetry += telemetry
+        self.unwritten += telemetry
+        point, spec = req.point, self.spec
+        prompt, kind = self.prompts[point.point_id][req.rep]
+        model = self.plan.models[int(point.axes["tier"])].name
         for s in rec.steps:
-            rows.append(
+            self.rows[point.point_id].append(
                 {
-                    "run_id": run_id,
+                    "run_id": self.run_id,
                     "point_id": point.point_id,
                     "engine_config_id": point.engine_config_id,
-                    "rep": rep,
+                    "rep": req.rep,
+                    "seq": req.seq,
                     "prompt_kind": kind,
                     "prompt_id": prompt.prompt_id,
                     **point.axes,
                     "model": model,
                     "phase": "prefill" if s.step_index == 0 else "decode",
                     "text_tokens": rec.prompt_tokens,
-                    "position": n + s.step_index,
+                    "position": point.text_tokens + s.step_index,
                     "step_index": s.step_index,
                     "latency_ms": s.latency_ms,
                     "engine_elapsed_ms": s.engine_elapsed_ms,
@@ -546,38 +618,49 @@ def _measure_point(
                     "max_new_tokens": spec.max_new_tokens,
                     "batch_size": 1,
                     "engine_mode": spec.engine_mode,
-                    "device": device_name,
+                    "device": self.device_name,
                 }
             )
-    samples = join_snapshots(pd.DataFrame(rows), telemetry)
-    seen: set[str] = set()
-    prompt_rows = []
-    for prompt, kind in plist:
-        if prompt.prompt_id in seen:
-            continue
-        seen.add(prompt.prompt_id)
-        prompt_rows.append(
-            {
-                "prompt_id": prompt.prompt_id,
-                "text": prompt.text,
-                "text_tokens": prompt.text_tokens,
-                "token_ids": prompt.token_ids,
-                "source": prompt.source,
-                "content_class": prompt.content_class,
-                "prompt_kind": kind,
-                "point_id": point.point_id,
-            }
-        )
-    tables = {
-        "samples": pa.Table.from_pandas(samples, preserve_index=False),
-        "prompts": pa.Table.from_pylist(prompt_rows),
-    }
-    if not telemetry.empty:
-        telemetry.insert(0, "point_id", point.point_id)
-        tables["telemetry"] = pa.Table.from_pandas(telemetry, preserve_index=False)
-    pre = samples.loc[samples.phase == "prefill", "latency_ms"]
-    dec = samples.loc[samples.phase == "decode", "latency_ms"]
-    return tables, {"prefill_ms": float(pre.median()), "decode_ms": float(dec.median())}
+        self.left[point.point_id] -= 1
+        return self.left[point.point_id] == 0
+
+    def tables(self, point: Point) -> tuple[dict[str, pa.Table], dict[str, Any]]:
+        """A complete point's tables and headline figures. Its telemetry file holds the samples taken since the
+        previous point was written (each sample is stored once; the snapshots join against the whole pass)."""
+        rows = self.rows.pop(point.point_id)
+        self.left.pop(point.point_id)
+        rows.sort(key=lambda r: (r["rep"], r["step_index"]))
+        samples = join_snapshots(pd.DataFrame(rows), telemetry_frame(self.telemetry, self.source.name))
+        seen: set[str] = set()
+        prompt_rows = []
+        for prompt, kind in self.prompts[point.point_id]:
+            if prompt.prompt_id in seen:
+                continue
+            seen.add(prompt.prompt_id)
+            prompt_rows.append(
+                {
+                    "prompt_id": prompt.prompt_id,
+                    "text": prompt.text,
+                    "text_tokens": prompt.text_tokens,
+                    "token_ids": prompt.token_ids,
+                    "source": prompt.source,
+                    "content_class": prompt.content_class,
+                    "prompt_kind": kind,
+                    "point_id": point.point_id,
+                }
+            )
+        tables = {
+            "samples": pa.Table.from_pandas(samples, preserve_index=False),
+            "prompts": pa.Table.from_pylist(prompt_rows),
+        }
+        telemetry = telemetry_frame(self.unwritten, self.source.name)
+        self.unwritten = []
+        if not telemetry.empty:
+            telemetry.insert(0, "point_id", point.point_id)
+            tables["telemetry"] = pa.Table.from_pandas(telemetry, preserve_index=False)
+        pre = samples.loc[samples.phase == "prefill", "latency_ms"]
+        dec = samples.loc[samples.phase == "decode", "latency_ms"]
+        return tables, {"prefill_ms": float(pre.median()), "decode_ms": float(dec.median())}
 
 
 def _finish(store: RunStore, plan: Plan, status: str, report: Reporter) -> SweepResult:

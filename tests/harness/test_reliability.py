@@ -40,10 +40,12 @@ from tests.conftest import run_profile
 
 runner = CliRunner()
 PRESET = Path(__file__).resolve().parents[2] / "harness" / "presets" / "cpu-tiny"
-# every real-engine sweep here: one small model, one block size, 3 requests x 4 tokens per point
-SMALL = ["--tier", "0", "--blocks", "32", "--reps", "2", "--same-prompt-repeats", "1", "--max-new-tokens", "4",
+# every real-engine sweep here: one small model, one block size, 3 requests x 32 tokens per point. Requests
+# run interleaved (all points of an engine start finish in its last round): 32 tokens (~70 ms) spread the
+# points' completions over a few seconds, so a kill or a signal after the first one lands mid-sweep
+SMALL = ["--tier", "0", "--blocks", "32", "--reps", "2", "--same-prompt-repeats", "1", "--max-new-tokens", "32",
          "--warmup", "1", "--quiet"]
-ROWS_PER_POINT = 3 * 4
+ROWS_PER_POINT = 3 * 32
 
 
 # --- helpers ----------------------------------------------------------------------------------------------
@@ -128,6 +130,14 @@ class _Sweep:
             if time.monotonic() > deadline:
                 self.kill()
                 pytest.fail(f"no {n} point(s) after {timeout_s} s: {self.stderr[-3000:]}")
+            time.sleep(0.02)
+
+    def wait_for_output(self, text: str, timeout_s: float = 400) -> None:
+        deadline = time.monotonic() + timeout_s
+        while text not in self.stderr:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.kill()
+                pytest.fail(f"no {text!r} on stderr: {self.stderr[-3000:]}")
             time.sleep(0.02)
 
     def engine_processes(self) -> list[psutil.Process]:
@@ -279,7 +289,7 @@ def _failing_spec(tmp_path: Path, seqs: list[int], ladder_alien: bool) -> Path:
     ladder = ["cpu-tiny", str(alien)] if ladder_alien else ["cpu-tiny"]
     spec = tmp_path / "failing.toml"
     spec.write_text(
-        "reps = 2\nsame_prompt_repeats = 1\nmax_new_tokens = 4\nwarmup_requests = 1\n"
+        "reps = 2\nsame_prompt_repeats = 1\nmax_new_tokens = 32\nwarmup_requests = 1\n"
         f"ladder = {json.dumps(ladder)}\n"
         "[axes]\ntext_tokens = [32, 48, 64, 80]\n"
         f"tier = {json.dumps(list(range(len(ladder))))}\n"
@@ -293,7 +303,9 @@ def _failing_spec(tmp_path: Path, seqs: list[int], ladder_alien: bool) -> Path:
 def test_failing_points_are_recorded_and_the_sweep_goes_on(tmp_path: Path) -> None:
     # groups in order: (cpu-tiny, seqs 8) good, (cpu-tiny, seqs 0), (alien, 8), (alien, 0): 4 points each
     sweep = _Sweep(tmp_path, "--spec", str(_failing_spec(tmp_path, [8, 0], ladder_alien=True)), "--quiet")
-    sweep.wait_for_points(1)
+    # mid-pass: after the warm-up, before its points finish (12 interleaved requests, ~1 s)
+    sweep.wait_for_output("measuring 12 requests of 4 points")
+    time.sleep(0.3)
     cores = [p for p in sweep.engine_processes() if "EngineCore" in " ".join(p.cmdline())]
     assert len(cores) == 1
     cores[0].kill()  # the engine dies under the sweep (as an OOM kill would do it)

@@ -41,6 +41,12 @@ def test_samples_follow_the_contract(small_run: Path) -> None:
         assert req.phase.iloc[0] == "prefill" and set(req.phase.iloc[1:]) == {"decode"}
         assert (req.t_end_s.diff().dropna() > 0).all()
     assert (s.latency_ms > 0).all()
+    # each request's place in its engine start's interleaved order (one engine start per config here)
+    assert (s.groupby(["point_id", "rep"]).seq.nunique() == 1).all()
+    for _, g in s[s.phase == "prefill"].groupby("engine_config_id"):
+        assert sorted(g.seq) == list(range(len(g)))
+        first = g.sort_values("seq").head(len(g) // 2)
+        assert first.text_tokens.nunique() == 3 and first.prompt_kind.nunique() == 2  # interleaved, not by point
     assert s.engine_elapsed_ms.notna().mean() > 0.95
     assert {"tel_cpu_util_pct", "tel_rss_mb", "throttled"} <= set(s.columns)
     pre = s[s.phase == "prefill"].groupby("text_tokens").latency_ms.median()
