@@ -9,6 +9,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -49,7 +50,7 @@ EXIT_INTERRUPTED = 130
 
 
 def _fail(message: str, code: int = EXIT_BAD_INPUT) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -112,7 +113,7 @@ class ConsoleReporter:
 
     def log(self, message: str) -> None:
         if self.progress is not None:
-            self.progress.console.print(message, highlight=False)
+            self.progress.console.print(escape(message), highlight=False)
         else:
             print(f"[{time.strftime('%H:%M:%S')}] {message}", file=err.file, flush=True)
 
@@ -187,7 +188,8 @@ def print_summary(result: Any, failures: list[dict[str, Any]]) -> None:
             f"(+{fig.get('decode_harness_minus_engine_ms', math.nan):.3f} ms)"
         )
     for f in failures:
-        out.print(f"[red]failed[/] {f['point_id']} {f.get('axes')}: {f['error_type']}: {f['error']}", highlight=False)
+        detail = escape(f"{f['point_id']} {f.get('axes')}: {f['error_type']}: {f['error']}")
+        out.print(f"[red]failed[/] {detail}", highlight=False)
     out.print(
         f"status: {result.status}; points done {result.points_done}, failed {result.points_failed}; "
         f"results in {result.run_dir}"

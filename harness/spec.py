@@ -93,6 +93,19 @@ class SweepSpec(BaseModel):
                 raise ValueError(
                     f"mapping for '{name}' is '{target}'; expected model, prompt, engine:X, hf:X or sampling:X"
                 )
+        for name in self.axes:  # one engine setting, one place: an [engine] entry would be silently overridden
+            kind, _, key = self.mapping[name].partition(":")
+            if kind == "engine" and key in self.engine:
+                raise ValueError(
+                    f"[engine] {key} = {self.engine[key]!r} contradicts axis '{name}' (mapped to engine:{key}, "
+                    f"values {self.axes[name]}); set {key} in one place"
+                )
+            hf = self.engine.get("hf_overrides")
+            if kind == "hf" and isinstance(hf, dict) and key in hf:
+                raise ValueError(
+                    f"[engine] hf_overrides.{key} = {hf[key]!r} contradicts axis '{name}' (mapped to hf:{key}, "
+                    f"values {self.axes[name]}); set {key} in one place"
+                )
         if "trust_remote_code" in self.engine or "engine:trust_remote_code" in self.mapping.values():
             raise ValueError("trust_remote_code can only be turned on with the --trust-remote-code flag")
         for n in self.axes["text_tokens"]:

@@ -9,6 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from harness.cli import app
+from tests.conftest import run_profile
 
 runner = CliRunner()
 
@@ -91,3 +92,47 @@ def test_dry_run_prints_plan_and_writes_nothing(tmp_path: Path) -> None:
     assert "engine-restart plan: 6 engine starts" in output
     assert "estimated duration" in output
     assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.parametrize(
+    ("spec", "names"),
+    [
+        ("[axes]\nblocks = [32, 128]\n[engine]\nblock_size = 64\n", ["block_size = 64", "axis 'blocks'"]),
+        (
+            '[axes]\nseqs = [1, 8]\n[mapping]\nseqs = "engine:max_num_seqs"\n[engine]\nmax_num_seqs = 4\n',
+            ["max_num_seqs = 4", "axis 'seqs'"],
+        ),
+        (
+            '[axes]\nlayers = [2, 4]\n[mapping]\nlayers = "hf:num_hidden_layers"\n'
+            "[engine]\nhf_overrides = {num_hidden_layers = 3}\n",
+            ["hf_overrides.num_hidden_layers = 3", "axis 'layers'"],
+        ),
+    ],
+)
+def test_engine_entry_contradicting_an_axis_is_bad_input(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, spec: str, names: list[str]
+) -> None:
+    monkeypatch.setattr("harness.sweep.VllmEngine", mock_refuse)
+    f = tmp_path / "contradiction.toml"
+    f.write_text(spec)
+    code, output = _sweep(tmp_path, "--spec", str(f))
+    assert code == 2, output
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and all(n in errors[0] for n in names), output
+    assert "Traceback" not in output
+    assert not (tmp_path / "results").exists() or not any((tmp_path / "results").iterdir())
+
+
+def test_engine_entry_contradicting_an_axis_from_the_command_line(tmp_path: Path) -> None:
+    f = tmp_path / "contradiction.toml"
+    f.write_text("[engine]\nblock_size = 64\n")
+    proc = run_profile("sweep", "--spec", str(f), "--blocks", "32", "--out", str(tmp_path / "results"), timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "error: invalid spec: spec: [engine] block_size = 64 contradicts axis 'blocks' (mapped to "
+        "engine:block_size, values [32]); set block_size in one place"
+    ]
+
+
+def mock_refuse(*args: object, **kwargs: object) -> None:
+    raise AssertionError("an engine was started")
