@@ -194,6 +194,57 @@ class VllmEngine:
         self._watch()
         return self.start_seconds
 
+    def effective_config(self) -> dict[str, Any]:
+        """What the running engine was configured with, read back after start (JSON-ready).
+
+        Read from `LLMEngine.vllm_config`, the caller-side VllmConfig. In multiprocess mode the engine core got a
+        copy of it (after the platform's and vLLM's own adjustments, which run here before the core is spawned);
+        the values the core settles itself, the KV-cache size (`num_gpu_blocks`) and a block size a backend
+        enlarged, are copied back into it from the core's start-up handshake (vLLM 0.32 `core_client.py`).
+        """
+        cfg = self._vllm_config()
+        cache, sched, model, comp = cfg.cache_config, cfg.scheduler_config, cfg.model_config, cfg.compilation_config
+        blocks = cache.num_gpu_blocks
+        return {
+            "source": "LLMEngine.vllm_config (KV-cache size and block size from the engine core's handshake)",
+            "block_size": cache.block_size,
+            "num_gpu_blocks": blocks,
+            "kv_cache_tokens": blocks * cache.block_size if blocks else None,
+            "kv_cache_memory_bytes": cache.kv_cache_memory_bytes,
+            "enable_prefix_caching": cache.enable_prefix_caching,
+            "max_num_seqs": sched.max_num_seqs,
+            "max_num_batched_tokens": sched.max_num_batched_tokens,
+            "enable_chunked_prefill": sched.enable_chunked_prefill,
+            "async_scheduling": sched.async_scheduling,
+            "compilation_mode": _plain(comp.mode),
+            "cudagraph_mode": _plain(comp.cudagraph_mode),
+            "cudagraph_capture_sizes": list(comp.cudagraph_capture_sizes or []),
+            "enforce_eager": model.enforce_eager,
+            "dtype": str(model.dtype).removeprefix("torch."),
+            "max_model_len": model.max_model_len,
+        }
+
+    def effective_value(self, target: str) -> tuple[bool, Any]:
+        """(found, value) of an axis target ("engine:<EngineArgs field>" or "hf:<config key>") in the running
+        engine's config; an EngineArgs field is looked up by name on vLLM's sub-configs."""
+        cfg = self._vllm_config()
+        kind, _, key = target.partition(":")
+        if kind == "hf":
+            hf = cfg.model_config.hf_config
+            return (True, getattr(hf, key)) if hasattr(hf, key) else (False, None)
+        if kind != "engine":
+            return False, None
+        for sub in ("cache_config", "scheduler_config", "model_config", "parallel_config", "load_config"):
+            obj = getattr(cfg, sub, None)
+            if obj is not None and hasattr(obj, key):
+                return True, _plain(getattr(obj, key))
+        return False, None
+
+    def _vllm_config(self) -> Any:
+        if self._engine is None:
+            raise EngineError("engine is not started")
+        return self._engine.vllm_config
+
     def _watch(self) -> None:
         """Make step() raise, not hang, when the engine core process dies.
 
@@ -319,6 +370,19 @@ class VllmEngine:
             prev_tokens, prev_iter = tokens, n_iter
         _mark_client_lag(steps)
         return RequestRecord(steps=steps, prompt_tokens=received, cached_tokens=cached, generated_tokens=generated)
+
+
+def _plain(value: Any) -> Any:
+    """A config value as JSON-ready data (enums by name)."""
+    import enum
+
+    if isinstance(value, enum.Enum):
+        return value.name
+    if isinstance(value, str | int | float | bool) or value is None:
+        return value
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return str(value)
 
 
 LAG_RATIO = 0.5

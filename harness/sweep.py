@@ -402,6 +402,7 @@ def _run_points(
                     log_offset = log.offset() if log else 0
                     seconds = engine.start()
                     warnings, errors = log.levels_since(log_offset) if log else (0, 0)
+                    effective = engine.effective_config()
                     starts = store.read_manifest().get("engine_starts", [])
                     store.update_manifest(
                         engine_starts=[
@@ -413,9 +414,13 @@ def _run_points(
                                 "seconds": round(seconds, 2),
                                 "log_warnings": warnings,
                                 "log_errors": errors,
+                                "effective": effective,
                             },
                         ]
                     )
+                    mismatch = _effective_mismatch(spec, first, engine)
+                    if mismatch:
+                        raise MeasurementError(mismatch)
                     report(
                         "engine",
                         {
@@ -489,6 +494,23 @@ def _run_points(
             finally:
                 engine.close()
     return "complete" if failed == 0 else "failed"
+
+
+def _effective_mismatch(spec: SweepSpec, point: Point, engine: VllmEngine) -> str | None:
+    """A message naming both values when the running engine's config differs from an engine-level axis value
+    (vLLM or its platform adjusted it: e.g. the CPU platform turns async scheduling off)."""
+    for axis in engine_axes(spec):
+        target = spec.mapping[axis]
+        if target == "model":
+            continue
+        found, value = engine.effective_value(target)
+        if found and value != point.axes[axis]:
+            key = target.partition(":")[2]
+            return (
+                f"the running engine has {key} = {value!r}, but axis {axis} = {point.axes[axis]!r} asked for it "
+                f"({target}); vLLM or its platform changed it"
+            )
+    return None
 
 
 def _fail(store: RunStore, point: Point, error: Exception, report: Reporter) -> None:

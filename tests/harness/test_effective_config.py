@@ -1,0 +1,48 @@
+"""The running engine's config, read back after each start: stored in the manifest, checked against the axes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_profile
+
+pytestmark = pytest.mark.slow
+
+
+def test_effective_config_is_in_the_manifest(served_run: tuple[subprocess.CompletedProcess[str], Path]) -> None:
+    _, run = served_run
+    (start,) = json.loads((run / "manifest.json").read_text())["engine_starts"]
+    eff = start["effective"]
+    assert eff["block_size"] == 32  # the blocks axis
+    assert eff["num_gpu_blocks"] > 0 and eff["kv_cache_tokens"] == eff["num_gpu_blocks"] * 32
+    assert eff["enable_prefix_caching"] is False
+    assert eff["max_num_batched_tokens"] >= 96 + 3  # holds the longest prompt
+    assert eff["async_scheduling"] is False  # the CPU platform turns it off
+    assert eff["max_num_seqs"] >= 1 and eff["dtype"] and eff["compilation_mode"]
+    assert isinstance(eff["cudagraph_capture_sizes"], list)
+    assert "vllm_config" in eff["source"]
+
+
+def test_an_axis_value_the_engine_changed_fails_its_points(tmp_path: Path) -> None:
+    """The CPU platform turns async scheduling off whatever was asked: the points must fail, naming both."""
+    spec = tmp_path / "async.toml"
+    spec.write_text(
+        "reps = 1\nsame_prompt_repeats = 0\nmax_new_tokens = 2\nwarmup_requests = 0\n"
+        '[axes]\ntext_tokens = [32, 64]\ntier = [0]\ntop_k = [0]\nblocks = [32]\nasync = [true]\n'
+        '[mapping]\nasync = "engine:async_scheduling"\n'
+    )
+    proc = run_profile("sweep", "--spec", str(spec), "--quiet", "--out", str(tmp_path / "r"), "--name", "run")
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    run = tmp_path / "r" / "run"
+    failures = [json.loads(line) for line in (run / "failures.jsonl").read_text().splitlines()]
+    assert len(failures) == 2
+    for f in failures:
+        assert f["error_type"] == "MeasurementError"
+        assert "the running engine has async_scheduling = False, but axis async = True" in f["error"]
+    m = json.loads((run / "manifest.json").read_text())
+    assert m["engine_starts"][0]["effective"]["async_scheduling"] is False
+    assert not list((run / "samples").iterdir())
