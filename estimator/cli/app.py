@@ -26,14 +26,11 @@ app = typer.Typer(
 )
 
 
-RunsArg = Annotated[
-    list[Path], typer.Argument(help="Run folders (results/<run_id>), one or more.", show_default=False)
-]
+RunsArg = Annotated[list[Path], typer.Argument(help="Run folders (results/<run_id>), one or more.", show_default=False)]
 
 
 def _console() -> Console:
     return Console(width=160) if not Console().is_terminal else Console()
-
 
 
 @app.command()
@@ -60,23 +57,33 @@ def train(
     out: Annotated[Path, typer.Option(help="Model folder to write (e.g. models/NAME).")],
     variant: Annotated[str, typer.Option(help="tokens | buckets | poly | embedding | residual.")] = "tokens",
     seed: Annotated[int, typer.Option(help="Seed for the split, subsampling and LightGBM.")] = 0,
-    max_decode_rows: Annotated[
-        int, typer.Option(help="Subsample decode rows to at most this many.")
-    ] = 20_000,
-    held_out: Annotated[
-        bool, typer.Option(help="Also fit on a by-prompt split to record held-out metrics.")
-    ] = True,
+    max_decode_rows: Annotated[int, typer.Option(help="Subsample decode rows to at most this many.")] = 20_000,
+    held_out: Annotated[bool, typer.Option(help="Also fit on a by-prompt split to record held-out metrics.")] = True,
     numeric_axis: Annotated[
         list[str] | None,
-        typer.Option(help="Config axis that may be interpolated inside its trained range (repeatable); "
-                     "other axes accept only their trained values."),
+        typer.Option(
+            help="Config axis that may be interpolated inside its trained range (repeatable); "
+            "other axes accept only their trained values."
+        ),
     ] = None,
+    target: Annotated[
+        str,
+        typer.Option(
+            help="request: prefill + per-position decode (batch size 1, the default); iteration: one "
+            "engine iteration under continuous batching, from its composition (batch runs: iterations/)."
+        ),
+    ] = "request",
 ) -> None:
     """Fit one LightGBM model per phase and save it (LightGBM text models + meta.json, no pickle)."""
     from estimator.model.train import TrainSpec
     from estimator.model.train import train as train_model
 
     def go() -> None:
+        if target not in ("request", "iteration"):
+            raise EstimatorError(f"--target must be request or iteration, got {target!r}")
+        if target == "iteration":
+            _train_iterations(runs, out, seed)
+            return
         spec = build_spec(
             TrainSpec,
             runs=runs,
@@ -107,6 +114,26 @@ def train(
     run_command(go)
 
 
+def _train_iterations(runs: list[Path], out: Path, seed: int) -> None:
+    from estimator.model.iteration import train_iteration_estimator
+
+    result = train_iteration_estimator(runs, out, seed=seed)
+    meta = result.estimator.meta
+    held = f"{result.held_out_mape_pct:.2f}%" if result.held_out_mape_pct is not None else "– (fewer than 4 segments)"
+    typer.echo(
+        f"trained the iteration model on {meta.rows} iterations of {', '.join(meta.runs)} "
+        f"({len(meta.configs)} configs); held-out MAPE (by segment) {held}"
+    )
+    for fit in meta.configs:
+        a, b, c, d, e, f = fit.coef_ms
+        cfg = ", ".join(f"{k}={v}" for k, v in fit.config.items())
+        typer.echo(
+            f"  {cfg}: {a:.3g} + {b:.3g}·prefill_tokens + {c:.3g}·Σlen² + {d:.3g}·decode_seqs + "
+            f"{e:.3g}·Σctx + {f:.3g}·decodes·(max−mean ctx) ms ({fit.rows} iterations)"
+        )
+    typer.echo(f"wrote {result.path / 'iteration.json'}")
+
+
 @app.command()
 def compare(
     runs: RunsArg,
@@ -114,16 +141,23 @@ def compare(
     variant: Annotated[
         list[str] | None, typer.Option(help="Variants to compare (repeatable) [default: all five].")
     ] = None,
-    references: Annotated[
-        bool, typer.Option(help="Also fit the closed-form and random-forest references.")
-    ] = True,
+    references: Annotated[bool, typer.Option(help="Also fit the closed-form and random-forest references.")] = True,
     seed: Annotated[int, typer.Option(help="Seed for the by-prompt split, subsampling and the models.")] = 0,
-    max_decode_rows: Annotated[
-        int, typer.Option(help="Subsample decode training rows to at most this many.")
-    ] = 20_000,
+    max_decode_rows: Annotated[int, typer.Option(help="Subsample decode training rows to at most this many.")] = 20_000,
     cost_calls: Annotated[int, typer.Option(help="Single-row calls timed per model (median).")] = 200,
+    repeated: Annotated[
+        bool, typer.Option(help="Repeated grouped folds with 95% intervals (learners × variants, three questions).")
+    ] = True,
+    folds: Annotated[int, typer.Option(help="Folds grouped by prompt, per seed.")] = 5,
+    seeds: Annotated[int, typer.Option(help="Seeds the by-prompt folds are repeated over.")] = 3,
+    learner: Annotated[
+        list[str] | None, typer.Option(help="lightgbm | ridge | spline (repeatable) [default: all three].")
+    ] = None,
+    repeated_decode_rows: Annotated[
+        int, typer.Option(help="Decode training rows per fold (subsampled) in the repeated folds.")
+    ] = 2000,
 ) -> None:
-    """Experiment 2: feature variants vs references on by-prompt and by-length held-out splits; verdict."""
+    """Experiment 2: feature variants × learners vs references, repeated folds with 95% intervals; verdict."""
     from estimator.study.compare import CompareSpec, print_comparison, run_compare, write_comparison
 
     def go() -> None:
@@ -134,9 +168,15 @@ def compare(
             "seed": seed,
             "max_decode_rows": max_decode_rows,
             "cost_calls": cost_calls,
+            "repeated": repeated,
+            "folds": folds,
+            "seeds": seeds,
+            "repeated_decode_rows": repeated_decode_rows,
         }
         if variant:
             values["variants"] = variant
+        if learner:
+            values["learners"] = learner
         spec = build_spec(CompareSpec, **values)
         console = _console()
         result = run_compare(spec, progress=lambda msg: console.print(f"[dim]{msg}[/dim]"))
@@ -172,8 +212,10 @@ def predict(
     as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
     allow_unseen: Annotated[
         bool,
-        typer.Option(help="Answer for axis values or lengths outside the training data (flagged as unseen) "
-                     "instead of refusing them."),
+        typer.Option(
+            help="Answer for axis values or lengths outside the training data (flagged as unseen) "
+            "instead of refusing them."
+        ),
     ] = False,
 ) -> None:
     """Predict prefill ms, decode ms per step (first/median/last) and whole-request ms for one request."""
@@ -222,6 +264,61 @@ def predict(
     run_command(go)
 
 
+@app.command()
+def batch(
+    runs: RunsArg,
+    out: Annotated[Path | None, typer.Option(help="Output folder [default: <first run>/batch].")] = None,
+    folds: Annotated[int, typer.Option(help="Folds grouped by segment (replay or batch point).")] = 5,
+    seeds: Annotated[int, typer.Option(help="Repeats of the fold assignment.")] = 3,
+) -> None:
+    """Batch level: is an iteration's token total enough, or does its mix matter? (feature sets × learners)"""
+    from estimator.study.batch import compare_feature_sets, write_json
+
+    def go() -> None:
+        if folds < 2 or seeds < 1:
+            raise EstimatorError("--folds must be >= 2 and --seeds >= 1")
+        result = compare_feature_sets(runs, k=folds, seeds=seeds)
+        typer.echo(
+            f"Batch level: {result.iterations} iterations in {result.segments} segments, {result.folds} folds × "
+            f"{result.seeds} seeds (MAPE with 95% interval; reduction vs totals, paired)"
+        )
+        for score in result.scores:
+            if score.feature_set == "totals":
+                m = score.mape_pct
+                typer.echo(f"  {score.learner}, totals: MAPE {_fmt(m.mean, 1)}% [{_fmt(m.low, 1)}, {_fmt(m.high, 1)}]")
+        for line in result.lines:
+            typer.echo(f"  {line}")
+        typer.echo(f"wrote {write_json(result, (out or runs[0] / 'batch') / 'batch.json')}")
+
+    run_command(go)
+
+
+@app.command()
+def validate(
+    runs: RunsArg,
+    model: Annotated[Path, typer.Option(help="Folder with an iteration model (estimate train --target iteration).")],
+    out: Annotated[Path | None, typer.Option(help="Output folder [default: <first run>/validation].")] = None,
+) -> None:
+    """The iteration model on measured iterations (e.g. replays it never saw): per-iteration, TTFT and
+    end-to-end MAPE, against the iterations' noise floor."""
+    from estimator.study.batch import validate_iterations, write_json
+
+    def go() -> None:
+        result, rows = validate_iterations(model, runs)
+        folder = out or runs[0] / "validation"
+        typer.echo(
+            f"{result.iterations} iterations, {result.requests} requests of {', '.join(result.runs)}: iteration MAPE "
+            f"{result.iteration_mape_pct:.2f}% vs noise floor {_fmt(result.noise_floor_mape_pct)}% "
+            f"({result.noise_floor_groups} groups; ratio {_fmt(result.ratio_to_floor)}); "
+            f"TTFT MAPE {_fmt(result.ttft_mape_pct)}%, end-to-end MAPE {_fmt(result.e2e_mape_pct)}%"
+        )
+        typer.echo("  MAPE by batch size: " + ", ".join(f"{b}: {v:.1f}%" for b, v in result.mape_by_batch_size.items()))
+        write_json(result, folder / "validation.json")
+        rows.to_parquet(folder / "iterations.parquet", index=False)
+        typer.echo(f"wrote {folder / 'validation.json'} and {folder / 'iterations.parquet'}")
+
+    run_command(go)
+
+
 app.command()(report)
 app.command()(nightly)
-

@@ -118,7 +118,7 @@ def build_report(spec: ReportSpec, progress: Callable[[str], None] | None = None
     except EstimatorError as exc:
         analysis = str(exc)
     spread, exp1 = spread_section(runset, analysis)
-    floors = {p: f.mape_pct for p, f in noise_floor(runset.samples, runset.config_columns).items()}
+    floors = {p: f.corrected_mape_pct for p, f in noise_floor(runset.samples, runset.config_columns).items()}
     say("predicted vs measured")
     model: ModelOnRuns | None = score_model_on_runs(spec.model, runset, group) if spec.model is not None else None
     variant = model.estimator.meta.variant if model is not None else "tokens"

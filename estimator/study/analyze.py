@@ -32,14 +32,21 @@ class AnalyzeSpec(RunsSpec):
 
 @dataclass(frozen=True)
 class LooFloor:
-    """MAPE (%) of predicting each row by the mean of the other rows in its group (leave-one-out)."""
+    """MAPE (%) of predicting each row by the mean of the other rows in its group (leave-one-out), raw and
+    corrected for the small-n leave-one-out inflation (`corrected_mape_pct`, docs/noise-floor.md)."""
 
     mape_pct: float
     rows: int
     groups: int
+    corrected_mape_pct: float = float("nan")
 
     def as_dict(self) -> dict[str, Any]:
-        return {"mape_pct": json_number(self.mape_pct), "rows": self.rows, "groups": self.groups}
+        return {
+            "mape_pct": json_number(self.mape_pct),
+            "corrected_mape_pct": json_number(self.corrected_mape_pct),
+            "rows": self.rows,
+            "groups": self.groups,
+        }
 
 
 @dataclass
@@ -55,8 +62,19 @@ class Analysis:
 
 
 
-def loo_ape_pct(frame: pd.DataFrame, group_columns: Sequence[str]) -> np.ndarray:
-    """APE (%) of each row against the mean of the OTHER rows of its group; groups of one row are skipped."""
+def loo_correction(n: np.ndarray | int) -> np.ndarray:
+    """sqrt((n−1)/n): the leave-one-out deviation y_i − mean(others) has variance σ²·n/(n−1) (the mean of the
+    n−1 others carries σ²/(n−1) of its own), so this factor turns it back into the error of the true mean."""
+    n_arr = np.asarray(n, dtype=np.float64)
+    return np.sqrt((n_arr - 1.0) / n_arr)
+
+
+def loo_ape_pct(frame: pd.DataFrame, group_columns: Sequence[str], corrected: bool = False) -> np.ndarray:
+    """APE (%) of each row against the mean of the OTHER rows of its group; groups of one row are skipped.
+
+    `corrected` scales each row's APE by sqrt((n−1)/n) (n = its group's size): the noise floor a predictor that
+    knew the true mean would score (docs/noise-floor.md).
+    """
     if frame.empty:
         return np.zeros(0)
     grouped = frame.groupby(list(group_columns), sort=False, dropna=False)["latency_ms"]
@@ -65,7 +83,16 @@ def loo_ape_pct(frame: pd.DataFrame, group_columns: Sequence[str]) -> np.ndarray
     y = frame["latency_ms"].to_numpy(dtype=np.float64)
     ok = count >= 2
     pred = (total[ok] - y[ok]) / (count[ok] - 1)
-    return np.abs(pred - y[ok]) / y[ok] * 100.0
+    out = np.abs(pred - y[ok]) / y[ok] * 100.0
+    return out * loo_correction(count[ok]) if corrected else out
+
+
+def loo_mask(frame: pd.DataFrame, group_columns: Sequence[str]) -> np.ndarray:
+    """Rows that `loo_ape_pct` scores (their group has at least two rows), as a boolean mask."""
+    if frame.empty:
+        return np.zeros(0, dtype=bool)
+    count = frame.groupby(list(group_columns), sort=False, dropna=False)["latency_ms"].transform("count")
+    return (count >= 2).to_numpy()
 
 
 def _group_keys(config_columns: Sequence[str], phase: str, *, by_prompt: bool) -> list[str]:
@@ -79,9 +106,13 @@ def _group_keys(config_columns: Sequence[str], phase: str, *, by_prompt: bool) -
 
 def _loo(frame: pd.DataFrame, keys: Sequence[str]) -> LooFloor:
     apes = loo_ape_pct(frame, keys)
+    fixed = loo_ape_pct(frame, keys, corrected=True)
     groups = int((frame.groupby(list(keys), sort=False).size() >= 2).sum()) if len(frame) else 0
     return LooFloor(
-        mape_pct=float(np.mean(apes)) if len(apes) else float("nan"), rows=len(apes), groups=groups
+        mape_pct=float(np.mean(apes)) if len(apes) else float("nan"),
+        rows=len(apes),
+        groups=groups,
+        corrected_mape_pct=float(np.mean(fixed)) if len(fixed) else float("nan"),
     )
 
 
@@ -172,6 +203,8 @@ def _summarise(table: pd.DataFrame, phase: str, floor: LooFloor, token_only: Loo
     med_d = float(cvd.median()) if len(cvd) else float("nan")
     med_s = float(cvs.median()) if len(cvs) else float("nan")
     med_e = float(exc.median()) if len(exc) else float("nan")
+    content = table[f"{phase}_content_cv_pct"].dropna()
+    med_c = float(content.median()) if len(content) else float("nan")
     verdict = reading(med_d)
     head = f"median CV across different prompts {med_d:.1f}%"
     if verdict == "token count suffices":
@@ -187,10 +220,10 @@ def _summarise(table: pd.DataFrame, phase: str, floor: LooFloor, token_only: Loo
         text = "no groups with two or more different prompts"
     if math.isfinite(med_s):
         text += (
-            f"; same-prompt noise floor CV {med_s:.1f}%, so prompt content could explain at most "
-            f"{max(med_e, 0.0):.1f} points of CV (median excess)"
+            f"; same-prompt noise floor CV {med_s:.1f}%, so prompt content's own share of the CV is "
+            f"√(d² − s²) ≈ {med_c:.1f}% (median over groups; it is at least d − s = {max(med_e, 0.0):.1f} points)"
         )
-        if verdict != "token count suffices" and med_s >= CV_SUFFICIENT_PCT and med_e < CV_SUFFICIENT_PCT / 2:
+        if verdict != "token count suffices" and med_s >= CV_SUFFICIENT_PCT and med_c < CV_SUFFICIENT_PCT / 2:
             text += (
                 " — the spread is mostly measurement noise (repeats of one prompt vary as much), so what is "
                 "missing is a quieter measurement, not prompt content"
@@ -205,6 +238,7 @@ def _summarise(table: pd.DataFrame, phase: str, floor: LooFloor, token_only: Loo
         "median_cv_distinct_pct": json_number(med_d),
         "median_cv_same_pct": json_number(med_s),
         "median_cv_excess_pct": json_number(med_e),
+        "median_content_cv_pct": json_number(med_c),
         "share_groups_cv_below_10_pct": json_number(
             float((cvd < CV_SUFFICIENT_PCT).mean()) if len(cvd) else float("nan")
         ),
@@ -278,7 +312,10 @@ _SHORT_READING = {
 
 def print_analysis(analysis: Analysis, console: Console, max_rows: int = 80) -> None:
     """Rich table of Experiment 1 and the reading against the 10% / 15% thresholds."""
-    table = Table(title="Experiment 1: latency spread at equal token count (CV, %)", show_lines=False)
+    table = Table(
+        title="Experiment 1: latency spread at equal token count (CV, %; content = √(CV diff² − CV same²))",
+        show_lines=False,
+    )
     multi_run = len(analysis.runs) > 1
     cols = (["run_id"] if multi_run else []) + analysis.config_columns + ["text_tokens"]
     for c in cols:
@@ -288,11 +325,11 @@ def print_analysis(analysis: Analysis, console: Console, max_rows: int = 80) -> 
         "prefill ms",
         "CV diff",
         "CV same",
-        "excess",
+        "content",
         "decode ms",
         "CV diff",
         "CV same",
-        "excess",
+        "content",
         "prefill reading",
     ):
         table.add_column(c, justify="right")
@@ -304,11 +341,11 @@ def print_analysis(analysis: Analysis, console: Console, max_rows: int = 80) -> 
             _fmt(r["prefill_mean_ms"], 2),
             _fmt(r["prefill_cv_distinct_pct"]),
             _fmt(r["prefill_cv_same_pct"]),
-            _fmt(r["prefill_cv_excess_pct"]),
+            _fmt(r["prefill_content_cv_pct"]),
             _fmt(r["decode_mean_ms"], 2),
             _fmt(r["decode_cv_distinct_pct"]),
             _fmt(r["decode_cv_same_pct"]),
-            _fmt(r["decode_cv_excess_pct"]),
+            _fmt(r["decode_content_cv_pct"]),
             _SHORT_READING.get(str(r["prefill_reading"]), str(r["prefill_reading"])),
         )
     console.print(table)

@@ -45,8 +45,10 @@ from estimator.model.train import (
     subsample,
 )
 from estimator.study.analyze import LooFloor, noise_floor
+from estimator.study.learners import LEARNERS, Learner
 from estimator.study.references import fit_random_forest, median_call_us
-from estimator.study.results import ComparisonResult
+from estimator.study.repeated import RepeatedSpec, evaluate_repeated, print_repeated
+from estimator.study.results import ComparisonResult, RepeatedResult
 from estimator.study.verdict import build_verdict, error_analysis
 
 REFERENCES: tuple[str, ...] = ("closed_form", "random_forest")
@@ -63,6 +65,11 @@ class CompareSpec(RunsSpec):
     max_decode_rows: int = Field(default=DEFAULT_MAX_DECODE_ROWS, ge=100)
     cost_calls: int = Field(default=200, ge=5)
     embedding_cost_calls: int = Field(default=10, ge=1)
+    repeated: bool = True
+    folds: int = Field(default=5, ge=2, le=20)
+    seeds: int = Field(default=3, ge=1, le=20)
+    learners: list[Learner] = Field(default_factory=lambda: list(LEARNERS), min_length=1)  # type: ignore[arg-type]
+    repeated_decode_rows: int = Field(default=2000, ge=100)
 
     @field_validator("variants")
     @classmethod
@@ -90,6 +97,7 @@ class Comparison:
     runs: list[str]
     timings_s: dict[str, float] = field(default_factory=dict)
     written: list[Path] = field(default_factory=list)
+    repeated: RepeatedResult | None = None
 
     def result(self) -> ComparisonResult:
         """The typed result that compare.json serialises (what the report reads back)."""
@@ -103,6 +111,7 @@ class Comparison:
             "verdict": self.verdict,
             "error_analysis": self.error_analysis,
             "timings_s": self.timings_s,
+            "repeated": self.repeated.model_dump(mode="json") if self.repeated else None,
         }
         return ComparisonResult.model_validate(_clean(payload))
 
@@ -247,8 +256,8 @@ def run_compare(spec: CompareSpec, progress: Callable[[str], None] | None = None
                         "model": name,
                         "kind": kind,
                         **{k: v for k, v in m.items() if k != "n"},
-                        "mape_vs_noise_floor": m["mape_pct"] / floors[phase].mape_pct
-                        if math.isfinite(floors[phase].mape_pct) and floors[phase].mape_pct > 0
+                        "mape_vs_noise_floor": m["mape_pct"] / floors[phase].corrected_mape_pct
+                        if math.isfinite(floors[phase].corrected_mape_pct) and floors[phase].corrected_mape_pct > 0
                         else float("nan"),
                         "cost_us": cost if cost is not None else float("nan"),
                         "train_s": fit_s,
@@ -268,7 +277,21 @@ def run_compare(spec: CompareSpec, progress: Callable[[str], None] | None = None
     score_frame = pd.DataFrame(scores)
     predictions = pd.concat(preds, ignore_index=True)
     scale = latency_scale(frames)
-    verdict = build_verdict(score_frame, floors, scale)
+    repeated = None
+    if spec.repeated:
+        say(f"repeated folds: {spec.folds} folds × {spec.seeds} seeds by prompt, each inner length, longer prompts")
+        rspec = RepeatedSpec(
+            k=spec.folds,
+            seeds=spec.seeds,
+            variants=tuple(spec.variants),
+            learners=tuple(spec.learners),
+            references=spec.references,
+            max_decode_rows=spec.repeated_decode_rows,
+            test_fraction=spec.test_fraction,
+        )
+        repeated = evaluate_repeated(frames, axes, categories, runset.config_columns, rspec, cache, say)
+        timings.update(repeated.timings_s)
+    verdict = build_verdict(score_frame, floors, scale, repeated)
     analysis = error_analysis(predictions, runset, floors)
     timings["total_s"] = time.perf_counter() - t_start
     return Comparison(
@@ -281,6 +304,7 @@ def run_compare(spec: CompareSpec, progress: Callable[[str], None] | None = None
         splits={k: v["prefill"].description for k, v in split_sets.items()},
         runs=[r.run_id for r in runset.runs],
         timings_s=timings,
+        repeated=repeated,
     )
 
 
@@ -346,7 +370,7 @@ def _f(v: Any, digits: int = 2) -> str:
 def print_comparison(comp: Comparison, console: Console) -> None:
     """Rich tables of the scores, the verdict and the error analysis."""
     for split, desc in comp.splits.items():
-        table = Table(title=f"Experiment 2, held out {split}: {desc}")
+        table = Table(title=f"Experiment 2, one split (no interval), held out {split}: {desc}")
         for c in ("phase", "model", "R²", "MAE ms", "MAPE %", "× noise", "p90 APE %", "cost µs", "train s"):
             table.add_column(c, justify="right" if c not in ("phase", "model") else "left")
         sub = comp.scores[comp.scores["split"] == split]
@@ -363,8 +387,13 @@ def print_comparison(comp: Comparison, console: Console) -> None:
                 _f(r["train_s"], 2),
             )
         console.print(table)
-    floors = ", ".join(f"{p} {f.mape_pct:.2f}% ({f.groups} groups)" for p, f in comp.noise_floor.items())
-    console.print(f"noise-floor MAPE (same prompt, leave-one-out): {floors}")
+    floors = ", ".join(
+        f"{p} {f.corrected_mape_pct:.2f}% (raw {f.mape_pct:.2f}%, {f.groups} groups)"
+        for p, f in comp.noise_floor.items()
+    )
+    console.print(f"noise-floor MAPE (same prompt, leave-one-out × sqrt((n−1)/n), all rows): {floors}")
+    if comp.repeated is not None:
+        print_repeated(comp.repeated, console)
     console.print("[bold]Verdict[/bold]")
     for line in comp.verdict["lines"]:
         console.print(f"- {line}")

@@ -20,11 +20,13 @@ class _Record(BaseModel):
 
 
 class NoiseFloorResult(_Record):
-    """Same-prompt leave-one-out MAPE (%) over `rows` rows in `groups` groups of repeats."""
+    """Same-prompt leave-one-out MAPE (%) over `rows` rows in `groups` groups of repeats; `corrected_mape_pct`
+    removes the small-n leave-one-out inflation (each APE × sqrt((n−1)/n), docs/noise-floor.md)."""
 
     mape_pct: float | None
     rows: int
     groups: int
+    corrected_mape_pct: float | None = None
 
 
 class ScoreResult(_Record):
@@ -68,6 +70,87 @@ class VerdictResult(_Record):
     lines: list[str]
 
 
+class IntervalResult(_Record):
+    """A figure averaged over folds with its 95% interval (`method`: `t` = corrected resampled t over `n` folds,
+    `bootstrap` = prompts resampled `n` times, `none` = no interval)."""
+
+    mean: float | None
+    low: float | None
+    high: float | None
+    method: str
+    n: int
+
+
+class CellResult(_Record):
+    """One learner × feature variant (or a reference model) on one held-out question and phase, over its folds.
+
+    `by_construction`: the figure equals `tokens`' for a structural reason (trees and monotone transforms);
+    `identical_to_tokens`: whether every fold's predictions were in fact identical to the same learner's tokens.
+    `mape_vs_noise_floor`: MAPE on the rows the noise floor is computed on, over the corrected floor.
+    """
+
+    question: str
+    phase: str
+    model: str
+    learner: str
+    variant: str
+    kind: str
+    folds: int
+    mape_pct: IntervalResult
+    r2: IntervalResult
+    mae_ms: IntervalResult
+    p90_ape_pct: IntervalResult
+    mape_on_floor_rows_pct: float | None = None
+    mape_vs_noise_floor: float | None = None
+    by_construction: bool = False
+    identical_to_tokens: bool | None = None
+    train_s: float = 0.0
+
+
+class PairedResult(_Record):
+    """`model` against `baseline` (same learner's tokens, or LightGBM tokens for a reference) on the same folds:
+    relative MAPE reduction (%) with its interval, and the rule's decision."""
+
+    question: str
+    phase: str
+    model: str
+    baseline: str
+    improvement_pct: IntervalResult
+    decision: str
+    prompts_per_point_needed: float | None = None
+    by_construction: bool = False
+    note: str = ""
+
+
+class HeldOutFloorResult(_Record):
+    """The noise floor on the held-out rows of one question and phase: same-prompt repeats predicted by the mean
+    of the others, raw and corrected (× sqrt((n−1)/n)), averaged over the folds."""
+
+    question: str
+    phase: str
+    raw_mape_pct: IntervalResult
+    corrected_mape_pct: IntervalResult
+    rows: int
+    repeats: list[int]
+
+
+class RepeatedResult(_Record):
+    """Experiment 2 over repeated grouped folds: every figure with a 95% interval, three held-out questions."""
+
+    k: int
+    seeds: int
+    max_decode_rows: int
+    questions: dict[str, str]
+    folds: dict[str, int]
+    prompts_per_point: float
+    rule: str
+    cells: list[CellResult]
+    paired: list[PairedResult]
+    noise_floor: list[HeldOutFloorResult]
+    lines: list[str]
+    timings_s: dict[str, float] = {}
+
+
 class ComparisonResult(_Record):
     """Experiment 2 as saved in `<run>/compare/compare.json` (per-row predictions in predictions.parquet)."""
 
@@ -80,6 +163,7 @@ class ComparisonResult(_Record):
     verdict: VerdictResult
     error_analysis: dict[str, Any]
     timings_s: dict[str, float]
+    repeated: RepeatedResult | None = None
 
 
 def load_comparison(path: Path) -> ComparisonResult:

@@ -57,7 +57,7 @@ def test_train_and_predict(small_run: Path, tmp_path: Path) -> None:
 
 def test_compare(small_run: Path, tmp_path: Path) -> None:
     out_dir = tmp_path / "compare"
-    out = _ok(["compare", str(small_run), "--out", str(out_dir), "--cost-calls", "20"])
+    out = _ok(["compare", str(small_run), "--out", str(out_dir), "--cost-calls", "20", "--folds", "3", "--seeds", "1"])
     assert "Verdict" in out
     payload = json.loads((out_dir / "compare.json").read_text())
     models = {s["model"] for s in payload["scores"]}

@@ -27,6 +27,7 @@ from estimator.report.plots import (
     png_bytes,
     style_axes,
 )
+from estimator.report.sections.intervals import repeated_blocks
 from estimator.study.results import ComparisonResult
 
 # ---------------------------------------------------------------- Experiment 2: variants
@@ -133,10 +134,16 @@ def variants_section(
         Figure(
             f"{FIGURE_PREFIX}variants",
             png_bytes(fig),
-            f"Mean absolute percentage error per variant and reference model, on two held-out splits ({desc}).",
+            f"One split, no interval: mean absolute percentage error per LightGBM variant and reference model, "
+            f"on two held-out splits ({desc}). The repeated folds below carry the intervals and the verdict.",
         )
     )
     sec.add(_variants_table(scores, models, split_names, path))
+    if comparison.repeated is not None:
+        for block in repeated_blocks(comparison.repeated, path):
+            sec.add(block)
+    else:
+        sec.add(Note(f"{path} has no repeated folds: every figure above comes from one split, without an interval."))
     lines = comparison.verdict.lines
     if lines:
         sec.add(Paragraph("Verdict (from `estimate compare`):"))

@@ -64,7 +64,12 @@ def studied_run(small_run: Path, tmp_path_factory: pytest.TempPathFactory) -> tu
     shutil.copytree(small_run, run)
     model = root / "models" / "tokens"
     train(TrainSpec(runs=[run], out=model))
-    compare(CompareSpec(runs=[run], variants=["tokens", "poly"], cost_calls=5))  # type: ignore[list-item]
+    compare(
+        CompareSpec(
+            runs=[run], variants=["tokens", "poly"], cost_calls=5, folds=3, seeds=1,  # type: ignore[list-item]
+            learners=["lightgbm", "ridge"],  # type: ignore[list-item]
+        )
+    )
     return run, model
 
 

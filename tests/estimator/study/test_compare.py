@@ -22,7 +22,10 @@ def comparison(
     out = tmp_path_factory.mktemp("compare")
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(estimator.model.embedding, "load_encoder", lambda: fake_encoder)
-        spec = CompareSpec(runs=[synthetic_run], out=out, cost_calls=5, embedding_cost_calls=2)
+        spec = CompareSpec(
+            runs=[synthetic_run], out=out, cost_calls=5, embedding_cost_calls=2, folds=3, seeds=1,
+            learners=["lightgbm", "ridge"],  # type: ignore[list-item]
+        )
         yield compare(spec), out
 
 
@@ -42,6 +45,14 @@ def test_outputs_and_models(comparison: tuple[Comparison, Path]) -> None:
     assert any(line.startswith("Answer (prefill)") for line in payload["verdict"]["lines"])
     assert payload["error_analysis"]["prefill"]["per_config"]
     assert (out / "embedding_cache.parquet").is_file()
+    rep = payload["repeated"]
+    assert rep["folds"]["by_prompt"] == 3 and set(rep["folds"]) == {"by_prompt", "by_length", "longer"}
+    models = {c["model"] for c in rep["cells"]}
+    assert {"lightgbm:poly", "ridge:poly", "physics", "physics_trees", "closed_form", "random_forest"} <= models
+    assert {f["question"] for f in rep["noise_floor"]} == {"by_prompt", "by_length", "longer"}
+    for f in rep["noise_floor"]:
+        assert f["corrected_mape_pct"]["mean"] < f["raw_mape_pct"]["mean"]
+    assert payload["verdict"]["rule"].startswith("relative MAPE reduction vs tokens (same learner), 95% interval")
 
 
 def test_test_rows_are_held_out(comparison: tuple[Comparison, Path]) -> None:
