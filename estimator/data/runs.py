@@ -1,4 +1,7 @@
-"""Load one or more harness run folders (results schema v1) into one samples table and one prompts table."""
+"""Load one or more harness run folders (results schema v1 or v2) into one samples table and one prompts table.
+
+Schema 2 added the batch tables (`iterations/`, `requests/`, read by `estimator.data.iterations`); the samples
+contract is the same in both."""
 
 from __future__ import annotations
 
@@ -15,7 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from estimator.errors import EstimatorError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # the newest results schema this estimator reads
+SCHEMA_VERSIONS: tuple[int, ...] = (1, 2)  # every version it reads
 DEFAULT_AXES: tuple[str, ...] = ("tier", "top_k", "blocks")
 REQUIRED_SAMPLE_COLUMNS: tuple[str, ...] = (
     "point_id",
@@ -107,7 +111,7 @@ class RunSet:
 
 
 def read_manifest(run_dir: Path) -> dict[str, Any]:
-    """Read and check `manifest.json` of one run folder (schema_version must be 1)."""
+    """Read and check `manifest.json` of one run folder (schema_version must be one of SCHEMA_VERSIONS)."""
     path = run_dir / "manifest.json"
     if not run_dir.is_dir():
         raise EstimatorError(f"{run_dir}: not a run folder (no such directory)")
@@ -120,10 +124,10 @@ def read_manifest(run_dir: Path) -> dict[str, Any]:
     if not isinstance(manifest, dict):
         raise EstimatorError(f"{path}: manifest is not a JSON object")
     version = manifest.get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise EstimatorError(
-            f"{path}: unsupported results schema_version {version!r} (this estimator reads {SCHEMA_VERSION})"
-        )
+    if version not in SCHEMA_VERSIONS:
+        readable = ", ".join(map(str, SCHEMA_VERSIONS))
+        raise EstimatorError(f"{path}: unsupported results schema_version {version!r} (this estimator reads "
+                             f"{readable})")
     return manifest
 
 

@@ -28,11 +28,12 @@ import numpy as np
 import pandas as pd
 from pydantic import ValidationError
 
-from estimator.data.runs import PHASES, SCHEMA_VERSION
+from estimator.data.runs import PHASES, SCHEMA_VERSIONS
 from estimator.errors import EstimatorError, one_line_validation_error
 from estimator.model.closed_form import ClosedForm
 from estimator.model.embedding import CHUNK_WORDS, EMBEDDING_MODEL, MAX_CHUNKS, Projection, embed_texts
 from estimator.model.features import PCA_DIM, FeatureSpec, Phase, as_columns, config_key, embedding_names, key_part
+from estimator.model.iteration import ITERATION_FILE, Composition, IterationEstimator
 from estimator.model.meta import (
     FORMAT_VERSION,
     AxisRange,
@@ -79,9 +80,7 @@ class PhaseModel:
     def target(self) -> Literal["log_latency_ms", "log_ratio_to_closed_form"]:
         return "log_ratio_to_closed_form" if self.spec.variant == "residual" else "log_latency_ms"
 
-    def predict(
-        self, columns: Mapping[str, np.ndarray], n: int, embeddings: np.ndarray | None = None
-    ) -> np.ndarray:
+    def predict(self, columns: Mapping[str, np.ndarray], n: int, embeddings: np.ndarray | None = None) -> np.ndarray:
         """Latency (ms) per row from raw columns (and projected embeddings for the embedding variant)."""
         x = self.spec.matrix(columns, n, embeddings)
         raw = self.booster.predict(x, num_threads=1)
@@ -180,6 +179,7 @@ class LatencyEstimator:
             tables = compile_tables(self.models, meta.training.configs, meta.axes, meta.variant)
         self.tables = tables
         self.ranges = meta.axis_ranges or axis_ranges(meta.training.configs, meta.config_columns)
+        self.iteration: IterationEstimator | None = None  # the batch-level model, when the folder has one
         self._configs: dict[Any, _Config] = {}
         self._warned: set[str] = set()
         t = meta.training
@@ -256,7 +256,10 @@ class LatencyEstimator:
             tables = CompiledTables.load(tables_path, residual=meta.variant == "residual")
             if tables.axes != list(meta.axes) or len(tables.keys) != meta.tables.configs:
                 raise EstimatorError(f"{tables_path}: tables do not match meta.json (axes or configs)")
-        return cls(meta, models, projection, tables)
+        est = cls(meta, models, projection, tables)
+        if (folder / ITERATION_FILE).is_file():
+            est.iteration = IterationEstimator.load(folder)
+        return est
 
     # -------------------------------------------------------------- configs: validated once
 
@@ -350,8 +353,10 @@ class LatencyEstimator:
         unseen = cfg.unseen + tuple(unseen_lengths)
         if unseen and not allow_unseen:
             parts = [cfg.error.rsplit(" (pass", 1)[0]] if cfg.error else []
-            parts += [f"{u} is outside the training data and the {self.variant} variant cannot extrapolate"
-                      for u in unseen_lengths]
+            parts += [
+                f"{u} is outside the training data and the {self.variant} variant cannot extrapolate"
+                for u in unseen_lengths
+            ]
             raise EstimatorError("; ".join(parts) + " (pass allow_unseen=True / --allow-unseen for a best guess)")
         if cfg.table is None and self.projection is None:
             self._warn_once(f"config {cfg.config} is not in the compiled tables: answered by the LightGBM booster")
@@ -419,6 +424,16 @@ class LatencyEstimator:
         if cfg.table is not None and self.tables is not None and self.projection is None:
             return self.tables.decode_steps(cfg.table, n, positions)
         return self._general("decode", cfg.config, n, text, positions)
+
+    def predict_iteration(self, config: Mapping[str, Any], composition: Mapping[str, Any] | Composition) -> float:
+        """Latency (ms) of one engine iteration under continuous batching, from its composition: prefill chunks
+        (or prefill_tokens and prefill_sq_sum) and decode contexts (or num_decode_seqs and decode_ctx_sum).
+        Needs an iteration model in the folder (`estimate train RUN --target iteration --out FOLDER`)."""
+        if self.iteration is None:
+            raise EstimatorError(
+                "this model folder has no iteration model: train one with `estimate train RUN --target iteration`"
+            )
+        return self.iteration.predict_iteration(config, composition)
 
     def predict_requests(
         self,
@@ -616,10 +631,10 @@ def _checked_file(folder: Path, name: str, sha: str | None, what: str) -> Path:
 def _check_meta(meta: ModelMeta, meta_path: Path) -> None:
     if meta.format_version != FORMAT_VERSION:
         raise EstimatorError(f"{meta_path}: model format_version {meta.format_version} (expected {FORMAT_VERSION})")
-    if meta.schema_version != SCHEMA_VERSION:
+    if meta.schema_version not in SCHEMA_VERSIONS:
         raise EstimatorError(
             f"{meta_path}: trained on results schema_version {meta.schema_version}, "
-            f"this estimator reads {SCHEMA_VERSION}"
+            f"this estimator reads {', '.join(map(str, SCHEMA_VERSIONS))}"
         )
     if set(meta.phases) != set(PHASE_NAMES):
         raise EstimatorError(f"{meta_path}: metadata must describe both phases, has {sorted(meta.phases)}")
