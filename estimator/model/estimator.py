@@ -28,18 +28,20 @@ import numpy as np
 import pandas as pd
 from pydantic import ValidationError
 
-from estimator.data.runs import PHASES, SCHEMA_VERSIONS
+from estimator.data.runs import PHASES
 from estimator.errors import EstimatorError, one_line_validation_error
 from estimator.model.closed_form import ClosedForm
-from estimator.model.embedding import CHUNK_WORDS, EMBEDDING_MODEL, MAX_CHUNKS, Projection, embed_texts
+from estimator.model.embedding import EMBEDDING_MODEL, Projection, embed_texts
 from estimator.model.features import PCA_DIM, FeatureSpec, Phase, as_columns, config_key, embedding_names, key_part
 from estimator.model.iteration import ITERATION_FILE, Composition, IterationEstimator
 from estimator.model.meta import (
-    FORMAT_VERSION,
-    AxisRange,
     ModelMeta,
     TablesMeta,
+    axis_ranges,
+    check_meta,
+    checked_file,
     closed_form_from_meta,
+    number,
     sha256_of,
 )
 from estimator.model.tables import FLOOR_MS, TABLES_FILE, TABLES_VERSION, CompiledTables, compile_tables
@@ -233,7 +235,7 @@ class LatencyEstimator:
             meta = ModelMeta.model_validate(raw)
         except ValidationError as exc:
             raise EstimatorError(f"{meta_path}: invalid metadata: {one_line_validation_error(exc)}") from exc
-        _check_meta(meta, meta_path)
+        check_meta(meta, meta_path)
         projection = Projection.from_dict(meta.embedding.pca.model_dump()) if meta.embedding else None
         dim = projection.dim if projection else PCA_DIM
         models: dict[Phase, PhaseModel] = {}
@@ -245,14 +247,14 @@ class LatencyEstimator:
                     f"{meta_path}: {phase} feature list {pm.features} does not match variant {meta.variant!r} "
                     f"with axes {meta.axes}"
                 )
-            model_path = _checked_file(folder, pm.model_file, pm.sha256, "model file")
+            model_path = checked_file(folder, pm.model_file, pm.sha256, "model file")
             cf = closed_form_from_meta(meta, phase) if meta.variant == "residual" else None
             # a model saved without digests is parsed now, so a swapped or damaged file fails here, not mid-use
             booster = _read_booster(model_path, pm.features) if pm.sha256 is None else None
             models[phase] = PhaseModel(spec, booster, cf, model_path)
         tables = None
         if meta.tables is not None:
-            tables_path = _checked_file(folder, meta.tables.file, meta.tables.sha256, "tables file")
+            tables_path = checked_file(folder, meta.tables.file, meta.tables.sha256, "tables file")
             tables = CompiledTables.load(tables_path, residual=meta.variant == "residual")
             if tables.axes != list(meta.axes) or len(tables.keys) != meta.tables.configs:
                 raise EstimatorError(f"{tables_path}: tables do not match meta.json (axes or configs)")
@@ -311,7 +313,7 @@ class LatencyEstimator:
                 continue
             v = full[col]
             if rng.kind == "numeric":
-                x = _number(v)
+                x = number(v)
                 if x is None or not (rng.min is not None and rng.max is not None and rng.min <= x <= rng.max):
                     unseen.append(f"{col}={v}")
                     messages.append(f"{col}={v} is outside the trained range {_g(rng.min)}..{_g(rng.max)}")
@@ -578,35 +580,6 @@ class LatencyEstimator:
         return vecs[[pos[t] for t in texts]]
 
 
-def axis_ranges(
-    configs: Sequence[Mapping[str, Any]], columns: Sequence[str], numeric: Sequence[str] = ()
-) -> dict[str, AxisRange]:
-    """What each config axis's trained values mean: categorical by default, numeric where asked."""
-    out: dict[str, AxisRange] = {}
-    for c in columns:
-        values = sorted({key_part(cfg[c]) for cfg in configs if c in cfg}, key=_sort_key)
-        if c in numeric:
-            nums = [x for x in (_number(v) for v in values) if x is not None]
-            if len(nums) != len(values):
-                raise EstimatorError(f"axis {c} is marked numeric but has non-numeric values {values}")
-            out[c] = AxisRange(kind="numeric", values=values, min=min(nums), max=max(nums))
-        else:
-            out[c] = AxisRange(kind="categorical", values=values)
-    return out
-
-
-def _sort_key(v: str) -> tuple[int, float, str]:
-    x = _number(v)
-    return (0, x, "") if x is not None else (1, 0.0, v)
-
-
-def _number(v: Any) -> float | None:
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        return None
-
-
 def _g(v: float | None) -> str:
     return "?" if v is None else key_part(v)
 
@@ -617,36 +590,6 @@ def _plain(v: Any) -> Any:
 
 def _scalar_row(rows: Mapping[str, Any]) -> bool:
     return all(isinstance(v, int | float | str | np.generic) for v in rows.values())
-
-
-def _checked_file(folder: Path, name: str, sha: str | None, what: str) -> Path:
-    path = folder / name
-    if Path(name).name != name or not path.is_file():
-        raise EstimatorError(f"{folder}: missing {what} {name!r}")
-    if sha is not None and sha256_of(path) != sha:
-        raise EstimatorError(f"{path}: content does not match meta.json (truncated or edited {what})")
-    return path
-
-
-def _check_meta(meta: ModelMeta, meta_path: Path) -> None:
-    if meta.format_version != FORMAT_VERSION:
-        raise EstimatorError(f"{meta_path}: model format_version {meta.format_version} (expected {FORMAT_VERSION})")
-    if meta.schema_version not in SCHEMA_VERSIONS:
-        raise EstimatorError(
-            f"{meta_path}: trained on results schema_version {meta.schema_version}, "
-            f"this estimator reads {', '.join(map(str, SCHEMA_VERSIONS))}"
-        )
-    if set(meta.phases) != set(PHASE_NAMES):
-        raise EstimatorError(f"{meta_path}: metadata must describe both phases, has {sorted(meta.phases)}")
-    if (meta.variant == "embedding") != (meta.embedding is not None):
-        raise EstimatorError(f"{meta_path}: variant {meta.variant!r} and embedding metadata disagree")
-    if meta.embedding and (meta.embedding.chunk_words, meta.embedding.max_chunks) != (CHUNK_WORDS, MAX_CHUNKS):
-        raise EstimatorError(
-            f"{meta_path}: embeddings were chunked as {meta.embedding.chunk_words} words × "
-            f"{meta.embedding.max_chunks}, this estimator uses {CHUNK_WORDS} × {MAX_CHUNKS}"
-        )
-    if meta.tables is not None and meta.tables.version != TABLES_VERSION:
-        raise EstimatorError(f"{meta_path}: tables version {meta.tables.version} (expected {TABLES_VERSION})")
 
 
 def _check_values(phase: Phase, columns: Mapping[str, np.ndarray]) -> None:

@@ -15,8 +15,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from estimator.data.runs import PHASES, SCHEMA_VERSIONS
+from estimator.errors import EstimatorError
 from estimator.model.closed_form import ClosedForm
-from estimator.model.features import Phase, Variant
+from estimator.model.embedding import CHUNK_WORDS, MAX_CHUNKS
+from estimator.model.features import Phase, Variant, key_part
+from estimator.model.tables import TABLES_VERSION
 
 FORMAT_VERSION = 1
 
@@ -133,7 +137,6 @@ class ModelMeta(StrictModel):
     axis_ranges: dict[str, AxisRange] | None = None  # absent in older models: derived from training.configs
 
 
-
 def closed_form_from_meta(meta: ModelMeta, phase: Phase) -> ClosedForm:
     """The closed-form fit of one phase stored in the metadata."""
     cf = meta.closed_form
@@ -145,3 +148,62 @@ def closed_form_from_meta(meta: ModelMeta, phase: Phase) -> ClosedForm:
 def finite_or_none(value: float) -> float | None:
     """JSON-safe float (NaN/inf → None)."""
     return value if math.isfinite(value) else None
+
+
+def axis_ranges(
+    configs: Sequence[Mapping[str, Any]], columns: Sequence[str], numeric: Sequence[str] = ()
+) -> dict[str, AxisRange]:
+    """What each config axis's trained values mean: categorical by default, numeric where asked."""
+    out: dict[str, AxisRange] = {}
+    for c in columns:
+        values = sorted({key_part(cfg[c]) for cfg in configs if c in cfg}, key=_sort_key)
+        if c in numeric:
+            nums = [x for x in (number(v) for v in values) if x is not None]
+            if len(nums) != len(values):
+                raise EstimatorError(f"axis {c} is marked numeric but has non-numeric values {values}")
+            out[c] = AxisRange(kind="numeric", values=values, min=min(nums), max=max(nums))
+        else:
+            out[c] = AxisRange(kind="categorical", values=values)
+    return out
+
+
+def _sort_key(v: str) -> tuple[int, float, str]:
+    x = number(v)
+    return (0, x, "") if x is not None else (1, 0.0, v)
+
+
+def number(v: Any) -> float | None:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def checked_file(folder: Path, name: str, sha: str | None, what: str) -> Path:
+    path = folder / name
+    if Path(name).name != name or not path.is_file():
+        raise EstimatorError(f"{folder}: missing {what} {name!r}")
+    if sha is not None and sha256_of(path) != sha:
+        raise EstimatorError(f"{path}: content does not match meta.json (truncated or edited {what})")
+    return path
+
+
+def check_meta(meta: ModelMeta, meta_path: Path) -> None:
+    if meta.format_version != FORMAT_VERSION:
+        raise EstimatorError(f"{meta_path}: model format_version {meta.format_version} (expected {FORMAT_VERSION})")
+    if meta.schema_version not in SCHEMA_VERSIONS:
+        raise EstimatorError(
+            f"{meta_path}: trained on results schema_version {meta.schema_version}, "
+            f"this estimator reads {', '.join(map(str, SCHEMA_VERSIONS))}"
+        )
+    if set(meta.phases) != set(PHASES):
+        raise EstimatorError(f"{meta_path}: metadata must describe both phases, has {sorted(meta.phases)}")
+    if (meta.variant == "embedding") != (meta.embedding is not None):
+        raise EstimatorError(f"{meta_path}: variant {meta.variant!r} and embedding metadata disagree")
+    if meta.embedding and (meta.embedding.chunk_words, meta.embedding.max_chunks) != (CHUNK_WORDS, MAX_CHUNKS):
+        raise EstimatorError(
+            f"{meta_path}: embeddings were chunked as {meta.embedding.chunk_words} words × "
+            f"{meta.embedding.max_chunks}, this estimator uses {CHUNK_WORDS} × {MAX_CHUNKS}"
+        )
+    if meta.tables is not None and meta.tables.version != TABLES_VERSION:
+        raise EstimatorError(f"{meta_path}: tables version {meta.tables.version} (expected {TABLES_VERSION})")

@@ -26,7 +26,7 @@ from estimator.model.embedding import (
     Projection,
     prompt_vectors,
 )
-from estimator.model.estimator import LatencyEstimator, PhaseModel, axis_ranges, baseline_ms
+from estimator.model.estimator import LatencyEstimator, PhaseModel, baseline_ms
 from estimator.model.evaluation import error_metrics, split_by_prompt
 from estimator.model.features import (
     PCA_DIM,
@@ -47,6 +47,7 @@ from estimator.model.meta import (
     PhaseMeta,
     RunSummary,
     TrainingSummary,
+    axis_ranges,
     finite_or_none,
 )
 
