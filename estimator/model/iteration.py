@@ -144,8 +144,12 @@ class IterationEstimator:
         if found is not None:
             return found
         missing = [c for c in self.meta.config_columns if c not in config]
-        if missing:
-            raise EstimatorError(f"config lacks axis value(s) for {', '.join(missing)}")
+        if missing:  # filled from the one trained config that matches the given values (e.g. `model` from `tier`)
+            given = [c for c in self.meta.config_columns if c in config]
+            matches = [f.config for f in self.meta.configs if config_key(f.config, given) == config_key(config, given)]
+            if len(matches) != 1:
+                raise EstimatorError(f"config lacks axis value(s) for {', '.join(missing)}")
+            config = {**matches[0], **config}
         coef = self._coef.get(config_key(config, self.meta.config_columns))
         if coef is None:
             trained = "; ".join(
