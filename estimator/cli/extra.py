@@ -75,6 +75,9 @@ def nightly(
         float, typer.Option(help="Flag held-out MAPE growing by more than this fraction (and > 1 point).")
     ] = 0.25,
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the CI.")] = 2000,
+    control_k: Annotated[
+        float, typer.Option(help="Flag only beyond the accepted nights' centre × exp(k · their spread).")
+    ] = 3.0,
     seed: Annotated[int, typer.Option(help="Seed for the bootstrap and training.")] = 0,
     confirm: Annotated[
         bool, typer.Option(help="When a config is flagged, sweep once more; keep only the flags it repeats.")
@@ -101,6 +104,7 @@ def nightly(
             tolerance=tolerance,
             mape_growth=mape_growth,
             bootstrap=bootstrap,
+            control_k=control_k,
             seed=seed,
             confirm=confirm,
             compare=compare,

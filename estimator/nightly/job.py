@@ -34,11 +34,13 @@ from typing import Any
 
 from estimator.data.runs import RunSet, load_runs
 from estimator.errors import EstimatorError
+from estimator.nightly.control import apply_history, control_limits, read_history_lines
 from estimator.nightly.spec import (
     BASELINE_FILE,
     EXIT_OK,
     EXIT_REGRESSION,
     EXIT_SWEEP_FAILED,
+    HISTORY_FILE,
     LATEST_FILE,
     SUMMARY_SCHEMA,
     NightlySpec,
@@ -226,6 +228,17 @@ def run_nightly(spec: NightlySpec, progress: Callable[[str], None] | None = None
         checks, more = compare_latency(
             baseline_set, tonight, axes, spec.tolerance, spec.confidence, spec.bootstrap, spec.seed
         )
+        limits = control_limits(
+            read_history_lines(state / HISTORY_FILE), spec.control_k, spec.min_history, spec.default_spread
+        )
+        apply_history(checks, config_medians(tonight, axes), limits)
+        held = [c for c in checks if c.history and c.history["bootstrap_flagged"] and not c.flagged]
+        if held:
+            warnings.append(
+                "beyond the baseline's repeat spread but within the drift seen across accepted nights (not flagged): "
+                + ", ".join(f"{c.label} {c.phase} ×{c.history['ratio_to_center']:.3f} of the nights' centre "
+                            f"(limit ×{c.history['limit_ratio']:.3f})" for c in held if c.history)
+            )
         conditions["baseline"] = run_conditions(baseline_set)
         if spec.confirm and spec.run is None and any(c.flagged for c in checks):
             confirm_id = rerun_confirm(spec, run_id, baseline_set, axes, checks, warnings, say)
@@ -280,7 +293,9 @@ def run_nightly(spec: NightlySpec, progress: Callable[[str], None] | None = None
         "exit_code": exit_code,
         "rule": (
             f"latency: flag a config and phase when the {spec.confidence:.0%} bootstrap CI of median(tonight) / "
-            f"median(baseline) per request lies entirely above {1 + spec.tolerance:.2f}"
+            f"median(baseline) per request lies entirely above {1 + spec.tolerance:.2f}, and tonight's median lies "
+            f"above the accepted nights' centre × exp({spec.control_k:g} · s · sqrt(1 + 1/m)) (s: the spread between "
+            f"nights, at least {spec.default_spread:.0%} while fewer than {spec.min_history} nights are accepted)"
             + (" in tonight's run and in a re-run" if spec.confirm else "")
             + "; estimator: flag when "
             f"held-out MAPE grew by more than {spec.mape_growth:.0%} relative and {spec.mape_min_points:g} points"
@@ -291,6 +306,9 @@ def run_nightly(spec: NightlySpec, progress: Callable[[str], None] | None = None
             "bootstrap": spec.bootstrap,
             "mape_growth": spec.mape_growth,
             "mape_min_points": spec.mape_min_points,
+            "control_k": spec.control_k,
+            "min_history": spec.min_history,
+            "default_spread": spec.default_spread,
         },
         "config_axes": axes,
         "comparisons": [c.as_dict() for c in checks],
@@ -314,6 +332,9 @@ def run_nightly(spec: NightlySpec, progress: Callable[[str], None] | None = None
             "baseline_run_id": summary["baseline_run_id"],
             "regression": regression,
             "accepted": accept,
+            # a night the control limits may learn from: promoted, or neither flagged nor disturbed (a flag that
+            # the re-run dropped means tonight's first window was disturbed)
+            "control": accept or (not regression and confirm_id is None and not sweep_failed),
             "exit_code": exit_code,
             "flagged": summary["flagged"],
             "held_out_mape_pct": tonight_mape,
@@ -369,6 +390,11 @@ def format_result(result: NightlyResult) -> list[str]:
         again = c.get("confirm")
         if again and again.get("ratio") is not None:
             mark += f" (re-run: ratio {again['ratio']:.3f}, CI {again['ci'][0]:.3f}-{again['ci'][1]:.3f})"
+        hist = c.get("history") or {}
+        if hist.get("ratio_to_center") is not None:
+            mark += (
+                f"  nights: ×{hist['ratio_to_center']:.3f} (limit ×{hist['limit_ratio']:.3f}, {hist['nights']} nights)"
+            )
         lines.append(
             f"  {c['label']:<28} {c['phase']:<7} {c['baseline_median_ms']:9.2f} -> {c['tonight_median_ms']:9.2f} ms"
             f"  ratio {c['ratio']:.3f} (95% CI {c['ci'][0]:.3f}-{c['ci'][1]:.3f})  {mark}"

@@ -42,3 +42,10 @@ class NightlySpec(BaseModel):
         True, description="when a config is flagged, sweep once more and keep only the flags the re-run repeats"
     )
     sweep_timeout_s: float = Field(4 * 3600, gt=0)
+    control_k: float = Field(
+        3.0, gt=0.0, description="flag only beyond centre × exp(k · between-night spread) of the accepted nights"
+    )
+    min_history: int = Field(4, ge=2, description="accepted nights before a config's own spread is used")
+    default_spread: float = Field(
+        0.05, gt=0.0, lt=1.0, description="between-night spread assumed while the history is short"
+    )

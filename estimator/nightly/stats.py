@@ -111,6 +111,7 @@ class ConfigCheck:
     flagged: bool
     improved: bool
     confirm: dict[str, Any] | None = None  # the re-run's ratio, CI and flag, when one was made
+    history: dict[str, Any] | None = None  # the control limit from accepted nights (control.py), when applied
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -1,0 +1,152 @@
+"""Control limits from the history: flag a config only when tonight lies beyond the spread seen across accepted
+nights, not just beyond one run's own repeat spread.
+
+The bootstrap CI (stats.py) covers the requests *within* a run; a busy machine shifts a whole night, which that CI
+does not cover. Per config and phase, the accepted nights' median latencies give a centre (their median) and a
+between-night spread s (standard deviation of log medians). Tonight is beyond the limit when
+log(tonight / centre) > k · s · sqrt(1 + 1/m) (m nights: a prediction limit for one new night), with s at least
+the spread pooled over all configs (drift is mostly machine-wide) and at least `min_spread`. While fewer than
+`min_nights` accepted nights exist, s falls back to the pooled spread (when there are two or more nights) or to
+`default_spread` (5%: a 20% slowdown is still flagged, a 10% busy night is not), whichever is larger.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+CONTROL_K = 3.0
+MIN_NIGHTS = 4
+DEFAULT_SPREAD = 0.05
+MIN_SPREAD = 0.01
+
+
+@dataclass(frozen=True)
+class ControlLimit:
+    """For one config and phase: the accepted nights' centre (ms), the spread used (log units, ≈ relative), the
+    limit as a ratio to the centre, how many nights it rests on and where the spread came from."""
+
+    label: str
+    phase: str
+    nights: int
+    center_ms: float | None
+    spread: float
+    limit_ratio: float
+    source: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def read_history_lines(path: Path) -> list[dict[str, Any]]:
+    """history.jsonl as dicts; damaged lines are skipped."""
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict):
+            out.append(rec)
+    return out
+
+
+def accepted_medians(history: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str], list[float]]:
+    """Median latency per (config label, phase) of every accepted night: its line's `control` field (promoted, or
+    not flagged and not disturbed: no flag dropped by a re-run), else promoted or not flagged (older lines). A run
+    checked twice counts once (its last line)."""
+    last: dict[str, Mapping[str, Any]] = {}
+    for rec in history:
+        last[str(rec.get("run_id"))] = rec
+    out: dict[tuple[str, str], list[float]] = {}
+    for rec in last.values():
+        if not rec.get("control", bool(rec.get("accepted")) or not rec.get("regression")):
+            continue
+        for m in rec.get("medians") or []:
+            v = m.get("median_ms")
+            if isinstance(v, int | float) and v > 0:
+                out.setdefault((str(m.get("label")), str(m.get("phase"))), []).append(float(v))
+    return out
+
+
+def _pooled_spread(series: Mapping[tuple[str, str], Sequence[float]]) -> tuple[float, int]:
+    """Standard deviation of log medians around each config's own mean, pooled over configs; and its df."""
+    ss, df = 0.0, 0
+    for values in series.values():
+        if len(values) >= 2:
+            logs = np.log(np.asarray(values))
+            ss += float(np.sum((logs - logs.mean()) ** 2))
+            df += len(values) - 1
+    return (math.sqrt(ss / df), df) if df else (float("nan"), 0)
+
+
+def control_limits(
+    history: Iterable[Mapping[str, Any]],
+    k: float = CONTROL_K,
+    min_nights: int = MIN_NIGHTS,
+    default_spread: float = DEFAULT_SPREAD,
+    min_spread: float = MIN_SPREAD,
+) -> dict[tuple[str, str], ControlLimit]:
+    """The limit per (config label, phase) seen in the accepted nights of `history`."""
+    series = accepted_medians(history)
+    pooled, pooled_df = _pooled_spread(series)
+    nights = max((len(v) for v in series.values()), default=0)
+    out = {}
+    for key, values in series.items():
+        m = len(values)
+        logs = np.log(np.asarray(values))
+        if m >= min_nights:
+            own = float(logs.std(ddof=1))
+            spread = max(own, pooled if pooled_df >= min_nights - 1 else 0.0, min_spread)
+            source = f"history ({m} accepted nights)"
+        else:
+            spread = max(default_spread, pooled if pooled_df >= 1 and nights >= 2 else 0.0, min_spread)
+            source = f"short history ({m} accepted night{'s' if m != 1 else ''}): fallback spread"
+        factor = math.sqrt(1.0 + 1.0 / m)
+        out[key] = ControlLimit(
+            label=key[0],
+            phase=key[1],
+            nights=m,
+            center_ms=float(np.exp(np.median(logs))),
+            spread=spread,
+            limit_ratio=float(math.exp(k * spread * factor)),
+            source=source,
+        )
+    return out
+
+
+def beyond_limit(tonight_ms: float, limit: ControlLimit | None, default_spread: float = DEFAULT_SPREAD,
+                 k: float = CONTROL_K) -> tuple[bool, float | None]:
+    """(beyond the upper control limit, tonight / centre). With no history for this config: the default limit
+    around tonight's own comparison is left to the bootstrap rule (True, None)."""
+    if limit is None or limit.center_ms is None or limit.center_ms <= 0:
+        return True, None
+    ratio = tonight_ms / limit.center_ms
+    return ratio > limit.limit_ratio, ratio
+
+
+def apply_history(checks: Sequence[Any], tonight_medians: Sequence[Mapping[str, Any]],
+                  limits: Mapping[tuple[str, str], ControlLimit]) -> None:
+    """Keep a bootstrap flag only where tonight's median also lies beyond the history's control limit; record
+    the limit on every check (`check.history`)."""
+    medians = {(str(m["label"]), str(m["phase"])): float(m["median_ms"]) for m in tonight_medians}
+    for c in checks:
+        limit = limits.get((c.label, c.phase))
+        tonight = medians.get((c.label, c.phase), c.tonight_median_ms)
+        beyond, ratio = beyond_limit(tonight, limit)
+        c.history = {
+            **(limit.as_dict() if limit else {"source": "no history for this config", "nights": 0}),
+            "tonight_median_ms": tonight,
+            "ratio_to_center": ratio,
+            "beyond_limit": beyond,
+            "bootstrap_flagged": c.flagged,
+        }
+        c.flagged = bool(c.flagged and beyond)
