@@ -26,7 +26,7 @@ import pandas as pd
 
 from estimator.errors import EstimatorError
 from estimator.model.closed_form import ClosedForm
-from estimator.model.features import FeatureSpec, Phase, Variant, as_columns, config_key
+from estimator.model.features import FeatureSpec, Phase, Variant, as_columns, config_key, key_part
 from estimator.model.train import EmbeddingContext, fit_phase_model, lgbm_params, predict_frame
 
 Learner = Literal["lightgbm", "ridge", "spline"]
@@ -201,11 +201,12 @@ def fit_linear(frame: pd.DataFrame, variant: Variant, data: FoldData, spline: bo
 
 
 class PhysicsForm:
-    """prefill = a_cfg + b_cfg·n + c_model·n² (n = text_tokens); decode = a_cfg + b_cfg·p (p = position).
+    """prefill = a_cfg + b_model·n + c_model·n² (n = text_tokens); decode = a_cfg + b_model·p (p = position).
 
-    The quadratic (attention) term is one coefficient per model (`group_column`, e.g. tier), shared by every
-    config of that model, so it is pinned down by all of their lengths at once; NNLS on relative error, like
-    the closed form, so nothing falls with length.
+    Per config only the fixed cost a (sampling, scheduling); the per-token (b) and attention (c) costs are one
+    coefficient per model (`group_column`, e.g. tier), shared by every config of that model, so they are pinned
+    down by all of its configs' lengths at once. NNLS on relative error, like the closed form, so nothing falls
+    with length.
     """
 
     def __init__(self, phase: Phase, config_columns: Sequence[str], group_column: str | None) -> None:
@@ -215,34 +216,40 @@ class PhysicsForm:
         self.x_column = "text_tokens" if phase == "prefill" else "position"
         self.configs: dict[tuple[str, ...], int] = {}
         self.groups: dict[str, int] = {}
-        self.coef = np.zeros(0)
         self.config_group: dict[tuple[str, ...], int] = {}
+        self.coef = np.zeros(0)
+
+    def _index(self, frame: pd.DataFrame) -> np.ndarray:
+        """Config index per row (-1 for a config not seen in training)."""
+        out = np.full(len(frame), -1)
+        for idx in frame.groupby(self.config_columns, sort=False).indices.values():
+            k = config_key(frame.iloc[int(idx[0])], self.config_columns)
+            out[idx] = self.configs.get(k, -1)
+        return out
 
     def _design(self, frame: pd.DataFrame) -> np.ndarray:
         x = frame[self.x_column].to_numpy(dtype=np.float64) / 1000.0
-        n = len(frame)
-        nc = len(self.configs)
-        quad = self.phase == "prefill"
-        out = np.zeros((n, 2 * nc + (len(self.groups) if quad else 0)))
-        keys = [config_key(r, self.config_columns) for r in frame[self.config_columns].to_dict("records")]
-        for i, k in enumerate(keys):
-            c = self.configs.get(k)
-            if c is None:
-                continue
-            out[i, 2 * c] = 1.0
-            out[i, 2 * c + 1] = x[i]
-            if quad:
-                out[i, 2 * nc + self.config_group[k]] = x[i] ** 2
+        cfg = self._index(frame)
+        if (cfg < 0).any():
+            raise EstimatorError("physics form: a config not seen in training")
+        grp = np.array([self.config_group[k] for k in self.configs])[cfg]
+        nc, ng = len(self.configs), len(self.groups)
+        powers = [x, x**2] if self.phase == "prefill" else [x]
+        out = np.zeros((len(frame), nc + ng * len(powers)))
+        rows = np.arange(len(frame))
+        out[rows, cfg] = 1.0
+        for j, xp in enumerate(powers):
+            out[rows, nc + j * ng + grp] = xp
         return out
 
     def fit(self, frame: pd.DataFrame) -> PhysicsForm:
         from scipy.optimize import nnls
 
-        records = frame[self.config_columns].drop_duplicates().to_dict("records")
-        for r in sorted(records, key=lambda r: config_key(r, self.config_columns)):
+        firsts = [frame.iloc[int(i[0])] for i in frame.groupby(self.config_columns, sort=True).indices.values()]
+        for r in firsts:
             k = config_key(r, self.config_columns)
             self.configs[k] = len(self.configs)
-            g = str(r[self.group_column]) if self.group_column else "all"
+            g = key_part(r[self.group_column]) if self.group_column else "all"
             self.config_group[k] = self.groups.setdefault(g, len(self.groups))
         d = self._design(frame)
         y = frame["latency_ms"].to_numpy(dtype=np.float64)
@@ -255,11 +262,7 @@ class PhysicsForm:
         return self
 
     def predict(self, frame: pd.DataFrame) -> np.ndarray:
-        pred = self._design(frame) @ self.coef
-        known = self._design(frame).any(axis=1)
-        if not known.all():
-            raise EstimatorError("physics form: a config not seen in training")
-        return np.maximum(pred, 1e-6)
+        return np.maximum(self._design(frame) @ self.coef, 1e-6)
 
 
 @dataclass

@@ -132,3 +132,17 @@ def test_corrected_t_interval_is_wider_than_the_naive_one() -> None:
     fixed = corrected_t_interval(values, 0.25)
     assert naive.mean == fixed.mean == pytest.approx(10.0)
     assert fixed.high - fixed.low > naive.high - naive.low
+
+
+def test_physics_shape_extrapolates_where_trees_cannot() -> None:
+    """Trained on short prompts of a quadratic prefill, the physics form (attention term per model) and the trees
+    on its residual stay within 2× the in-range error on longer prompts; LightGBM on tokens does not."""
+    frames = synthetic_frames(quadratic=True, prompts=3)
+    spec = RepeatedSpec(k=3, seeds=1, variants=("tokens",), learners=("lightgbm",), references=True)
+    res = evaluate_repeated(frames, AXES, CATEGORIES, AXES, spec)
+    mape = {(c.question, c.phase, c.model): c.mape_pct.mean for c in res.cells}
+    inside = mape[("by_prompt", "prefill", "lightgbm:tokens")]
+    for model in ("physics", "physics_trees"):
+        assert mape[("longer", "prefill", model)] <= 2 * inside, model
+    assert mape[("longer", "prefill", "lightgbm:tokens")] > 4 * inside
+    assert any("longer prompts: physics_trees" in line for line in res.lines)
