@@ -26,15 +26,25 @@ class MeasurementError(RuntimeError):
     """A request ran but broke a measurement condition (wrong length, cache hit, wrong token count)."""
 
 
+# A CPU engine's KV cache. vLLM's CPU default reserves gpu_memory_utilization (0.9) of the machine's memory for
+# it (about 21 GiB on a 24 GiB box) and refuses to start when less is free; a batch-1 sweep needs a few MiB.
+CPU_KV_CACHE_BYTES = 512 << 20
+
+
 @dataclass
 class EngineSettings:
-    """What one engine start needs. Lengths in tokens, memory in bytes."""
+    """What one engine start needs. Lengths in tokens, memory in bytes.
+
+    The engine is configured as vLLM serves (`vllm serve`'s defaults for the model and device) except for the
+    entries `exceptions()` lists, each with its reason; `engine_kwargs` (the spec's [engine] table and
+    engine-level axes) are the user's own settings and win over both.
+    """
 
     model_name: str
     model_path: str
     device: str
-    block_size: int
-    max_model_len: int
+    block_size: int | None  # None: vLLM's default for the device
+    longest_prompt: int  # tokens: the token budget must hold it, so that a prefill is one engine step
     mode: str = "multiprocess"
     sampling_seed: int | None = None  # per-request SamplingParams.seed; None: none, as served
     engine_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -42,27 +52,67 @@ class EngineSettings:
     trust_remote_code: bool = False
     verbose: bool = False
     gc_guard: bool = True  # keep garbage collection out of timed steps (off only to measure its effect)
+    allow_chunked_prefill: bool = False  # a prefill over several iterations is recorded per chunk, not a failure
 
-    def engine_args(self) -> dict[str, Any]:
-        """Keyword arguments for vLLM's EngineArgs."""
-        args: dict[str, Any] = {
-            "model": self.model_path,
-            "load_format": "dummy" if not _has_weights(self.model_path) else "auto",
-            "skip_tokenizer_init": True,
-            "enable_prefix_caching": False,
-            "block_size": self.block_size,
-            "max_model_len": self.max_model_len,
-            # one prefill step per prompt: the token budget holds the longest prompt
-            "max_num_batched_tokens": max(self.max_model_len, 256),
-            "max_num_seqs": 8,
-            "disable_log_stats": False,
-            "enable_logging_iteration_details": True,
-            "trust_remote_code": self.trust_remote_code,
-        }
-        if self.device == "cpu":
-            args["kv_cache_memory_bytes"] = 512 << 20
-        else:
-            args["async_scheduling"] = False  # clean per-step attribution
+    def exceptions(self, default_token_budget: int) -> list[dict[str, Any]]:
+        """The engine arguments that differ from vLLM's serving defaults, each with why: a list of
+        {"arg", "value", "reason"}. `default_token_budget` is vLLM's default max_num_batched_tokens here."""
+        out: list[dict[str, Any]] = []
+
+        def add(arg: str, value: Any, reason: str) -> None:
+            if arg not in self.engine_kwargs:  # the user's own setting is not the harness's exception
+                out.append({"arg": arg, "value": value, "reason": reason})
+
+        add(
+            "enable_prefix_caching",
+            False,
+            "every prompt is measured cold: a prefix-cache hit would skip prefill work (num_cached_tokens is "
+            "checked to be 0)",
+        )
+        if default_token_budget < self.longest_prompt:
+            add(
+                "max_num_batched_tokens",
+                self.longest_prompt,
+                f"vLLM's default token budget ({default_token_budget}) is shorter than the longest prompt "
+                f"({self.longest_prompt}): chunked prefill would split its prefill over several steps",
+            )
+        if self.device == "cpu" and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+            add(
+                "kv_cache_memory_bytes",
+                CPU_KV_CACHE_BYTES,
+                "vLLM's CPU default reserves 90% of the machine's memory for the KV cache and refuses to start "
+                "when less is free; one request at a time needs a few MiB (the KV-cache size does not enter a "
+                "batch-1 step's work)",
+            )
+        if self.device == "cuda":
+            add(
+                "async_scheduling",
+                False,
+                "async scheduling overlaps one step's scheduling with the previous step's execution: each "
+                "timed step() must hold one iteration's work",
+            )
+        add(
+            "skip_tokenizer_init",
+            True,
+            "prompts are cut by the harness and sent as token ids; outputs are not detokenized (a server "
+            "detokenizes in the front end, outside the engine step)",
+        )
+        if not _has_weights(self.model_path):
+            add("load_format", "dummy", "a config-only model: random weights of the real shapes")
+        add(
+            "enable_logging_iteration_details",
+            True,
+            "the engine core's own time per iteration (engine_elapsed_ms), to cross-check the harness's timing",
+        )
+        return out
+
+    def engine_args(self, default_token_budget: int = 1 << 30) -> dict[str, Any]:
+        """Keyword arguments for vLLM's EngineArgs: the model, the exceptions, then the user's engine kwargs."""
+        args: dict[str, Any] = {"model": self.model_path}
+        if self.block_size is not None:
+            args["block_size"] = self.block_size
+        for e in self.exceptions(default_token_budget):
+            args[e["arg"]] = e["value"]
         if self.hf_overrides:
             args["hf_overrides"] = dict(self.hf_overrides)
         args.update(self.engine_kwargs)
@@ -77,6 +127,24 @@ class EngineSettings:
             params["seed"] = self.sampling_seed
         params.update(sampling or {})
         return params
+
+
+def SERVING_CONTEXT() -> Any:  # noqa: N802 (a constant that needs vLLM imported)
+    """vLLM's usage context of `vllm serve`: its defaults (token budget, max_num_seqs) are the served ones."""
+    from vllm.usage.usage_lib import UsageContext
+
+    return UsageContext.OPENAI_API_SERVER
+
+
+def default_token_budget(engine_kwargs: dict[str, Any]) -> int:
+    """vLLM's default max_num_batched_tokens for `vllm serve` on this device (vLLM 0.32: CPU 2048 per
+    pipeline x tensor rank, most GPUs 2048, H100/H200 8192, >= 160 GB GPUs 16384)."""
+    from vllm.config import SchedulerConfig
+    from vllm.engine.arg_utils import EngineArgs
+
+    world = int(engine_kwargs.get("tensor_parallel_size", 1)) * int(engine_kwargs.get("pipeline_parallel_size", 1))
+    budgets, _ = EngineArgs.get_batch_defaults(world)
+    return int(budgets.get(SERVING_CONTEXT(), SchedulerConfig.DEFAULT_MAX_NUM_BATCHED_TOKENS))
 
 
 def _one_line(error: BaseException, limit: int = 300) -> str:
@@ -104,6 +172,9 @@ class StepRecord:
     step_calls: int
     engine_elapsed_ms: float | None
     client_lagged: bool = False
+    prefill_iterations: int = 1  # engine iterations with prompt tokens before the request's first token (0: unknown)
+    prefill_chunk: int = 0  # chunked prefill allowed: this prefill row's chunk (the last one emits the token)
+    kv_tokens: int | None = None  # a prefill chunk's KV length after it (None: text_tokens + step_index)
 
 
 @dataclass
@@ -119,6 +190,7 @@ class _IterationLog:
 
     def __init__(self) -> None:
         self.elapsed_ms: list[float] = []
+        self.ctx_tokens: list[int] = []  # prompt tokens the iteration scheduled (prefill work), parallel to elapsed_ms
 
     def logger_factory(self) -> Any:
         from vllm.v1.metrics.loggers import StatLoggerBase
@@ -139,6 +211,7 @@ class _IterationLog:
                     and (details.num_ctx_tokens or details.num_generation_tokens)
                 ):
                     sink.elapsed_ms.append(float(details.elapsed_ms))
+                    sink.ctx_tokens.append(int(details.num_ctx_tokens or 0))
 
             def log_engine_initialized(self) -> None:
                 pass
@@ -156,6 +229,7 @@ class VllmEngine:
         self._watch_stop = threading.Event()
         self.died: str | None = None  # why the engine core process is gone, once the watchdog saw it go
         self.start_seconds: float | None = None
+        self.exceptions: list[dict[str, Any]] = []  # set by start(): where the engine departs from serving defaults
 
     def __enter__(self) -> VllmEngine:
         self.start()
@@ -178,9 +252,12 @@ class VllmEngine:
             from vllm.engine.arg_utils import EngineArgs
             from vllm.v1.engine.llm_engine import LLMEngine
 
-            args = EngineArgs(**self.settings.engine_args())
+            budget = default_token_budget(self.settings.engine_kwargs)
+            self.exceptions = self.settings.exceptions(budget)
+            args = EngineArgs(**self.settings.engine_args(budget))
             self._engine = LLMEngine.from_engine_args(
                 args,
+                usage_context=SERVING_CONTEXT(),  # vllm serve's defaults (token budget, max_num_seqs)
                 stat_loggers=[self._iters.logger_factory()],
                 enable_multiprocessing=self.settings.mode == "multiprocess",
             )
@@ -297,6 +374,9 @@ class VllmEngine:
         engine = self._engine
         iters = self._iters.elapsed_ms
         iters.clear()
+        self._iters.ctx_tokens.clear()
+        # before the first token: each step() call (start, end, iteration-log length), to split a chunked prefill
+        prefill_calls: list[tuple[float, float, int]] = []
         pc = time.perf_counter
         # raw: (window start, window end, busy seconds, step calls, tokens so far, iteration-log length)
         raw: list[tuple[float, float, float, int, int, int]] = []
@@ -321,6 +401,8 @@ class VllmEngine:
                     window_start = t0
                 busy += t1 - t0
                 calls += 1
+                if n_prev == 0:
+                    prefill_calls.append((t0, t1, len(iters)))
                 if outs:
                     out = outs[0]
                     n = len(out.outputs[0].token_ids)
@@ -335,10 +417,15 @@ class VllmEngine:
             raise EngineError(f"engine failed during request: {why}") from e
         finally:
             gc.enable()
-        return self._records(raw, final, len(token_ids), max_new_tokens)
+        return self._records(raw, final, len(token_ids), max_new_tokens, prefill_calls)
 
     def _records(
-        self, raw: list[tuple[float, float, float, int, int, int]], final: Any, prompt_len: int, max_new_tokens: int
+        self,
+        raw: list[tuple[float, float, float, int, int, int]],
+        final: Any,
+        prompt_len: int,
+        max_new_tokens: int,
+        prefill_calls: list[tuple[float, float, int]],
     ) -> RequestRecord:
         if final is None:
             raise MeasurementError("request did not finish")
@@ -351,12 +438,25 @@ class VllmEngine:
             raise MeasurementError(f"{cached} prompt tokens came from the prefix cache; expected 0")
         if generated != max_new_tokens:
             raise MeasurementError(f"engine generated {generated} tokens, {max_new_tokens} asked")
+        ctx = self._iters.ctx_tokens
+        first_iter = raw[0][5] if raw else 0
+        prefill_iterations = sum(1 for c in ctx[:first_iter] if c > 0)
+        if prefill_iterations > 1 and not self.settings.allow_chunked_prefill:
+            raise MeasurementError(
+                f"the prefill of {prompt_len} tokens took {prefill_iterations} engine iterations (chunked prefill: "
+                "the token budget max_num_batched_tokens is shorter than the prompt); raise the budget, or set "
+                "allow_chunked_prefill = true in the spec to record each chunk"
+            )
         steps = []
         prev_tokens, prev_iter = 0, 0
         for start, end, busy, calls, tokens, n_iter in raw:
             if tokens != prev_tokens + 1:
                 raise MeasurementError(f"one step returned {tokens - prev_tokens} tokens; cannot attribute")
             it = self._iters.elapsed_ms[prev_iter:n_iter]
+            if prev_tokens == 0 and prefill_iterations > 1:
+                steps += self._prefill_chunks(prefill_calls, prompt_len, prefill_iterations)
+                prev_tokens, prev_iter = tokens, n_iter
+                continue
             steps.append(
                 StepRecord(
                     step_index=prev_tokens,
@@ -368,8 +468,45 @@ class VllmEngine:
                 )
             )
             prev_tokens, prev_iter = tokens, n_iter
+        for st in steps:
+            st.prefill_iterations = prefill_iterations
         _mark_client_lag(steps)
         return RequestRecord(steps=steps, prompt_tokens=received, cached_tokens=cached, generated_tokens=generated)
+
+    def _prefill_chunks(
+        self, calls: list[tuple[float, float, int]], prompt_len: int, iterations: int
+    ) -> list[StepRecord]:
+        """A chunked prefill as one row per chunk: the step() calls up to the one that brought the chunk's
+        iteration details (empty calls before it count in its time). Calls that brought two iterations at once
+        (the caller fell behind) give one row for both."""
+        elapsed, ctx = self._iters.elapsed_ms, self._iters.ctx_tokens
+        out: list[StepRecord] = []
+        start, busy, n_calls, seen, kv = -1.0, 0.0, 0, 0, 0
+        for t0, t1, n_iter in calls:
+            start = t0 if start < 0 else start
+            busy += t1 - t0
+            n_calls += 1
+            new = [i for i in range(seen, n_iter) if ctx[i] > 0]
+            if not new:
+                continue
+            kv += sum(ctx[i] for i in new)
+            out.append(
+                StepRecord(
+                    step_index=0,
+                    t_start_s=start,
+                    t_end_s=t1,
+                    latency_ms=busy * 1e3,
+                    step_calls=n_calls,
+                    engine_elapsed_ms=sum(elapsed[seen:n_iter]),
+                    prefill_iterations=iterations,
+                    prefill_chunk=len(out),
+                    kv_tokens=kv,
+                )
+            )
+            start, busy, n_calls, seen = -1.0, 0.0, 0, n_iter
+        if out:
+            out[-1].kv_tokens = prompt_len
+        return out
 
 
 def _plain(value: Any) -> Any:

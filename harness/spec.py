@@ -52,11 +52,17 @@ class SweepSpec(BaseModel):
         "sampling off its fused kernel)",
     )
     prompts: str | None = Field(None, description="prompt file; None = the built-in corpus")
+    max_num_seqs: int | None = Field(
+        None, ge=1, description="vLLM's max_num_seqs; None = vLLM's serving default (it moves batch-1 latency)"
+    )
     engine: dict[str, Any] = Field(default_factory=dict, description="extra vLLM EngineArgs")
     engine_mode: Literal["multiprocess", "inprocess"] = "multiprocess"
     telemetry_interval_ms: float = Field(25.0, gt=0)
     telemetry: bool = Field(True, description="off only to measure telemetry's own overhead")
     gc_guard: bool = Field(True, description="garbage collection off inside timed requests")
+    allow_chunked_prefill: bool = Field(
+        False, description="a prefill over several engine iterations is recorded chunk by chunk instead of failing"
+    )
     trust_remote_code: bool = False
 
     @field_validator("axes")
@@ -106,6 +112,11 @@ class SweepSpec(BaseModel):
                     f"[engine] hf_overrides.{key} = {hf[key]!r} contradicts axis '{name}' (mapped to hf:{key}, "
                     f"values {self.axes[name]}); set {key} in one place"
                 )
+        if self.max_num_seqs is not None:
+            also = [f"axis '{a}'" for a, t in self.mapping.items() if t == "engine:max_num_seqs"]
+            also += ["[engine] max_num_seqs"] if "max_num_seqs" in self.engine else []
+            if also:
+                raise ValueError(f"max_num_seqs = {self.max_num_seqs} contradicts {also[0]}; set it in one place")
         if "trust_remote_code" in self.engine or "engine:trust_remote_code" in self.mapping.values():
             raise ValueError("trust_remote_code can only be turned on with the --trust-remote-code flag")
         for n in self.axes["text_tokens"]:

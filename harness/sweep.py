@@ -95,7 +95,6 @@ class Plan:
     points: list[Point]
     groups: list[list[Point]]
     models: dict[int, TierModel]
-    max_model_len: int
 
     def estimated_seconds(self) -> float:
         """A rough duration: engine starts plus model FLOPs at a nominal throughput (for --dry-run)."""
@@ -147,10 +146,8 @@ def plan_sweep(spec: SweepSpec) -> Plan:
                 f"text_tokens {longest} + max_new_tokens {spec.max_new_tokens} exceeds the context "
                 f"of tier {m.tier} ({m.name}: {m.max_context} tokens)"
             )
-    need = longest + spec.max_new_tokens
-    max_len = min(min(m.max_context for m in models.values()), -(-need // 256) * 256)
     points = expand(spec)
-    return Plan(spec, points, group_by_engine(points), models, max_len)
+    return Plan(spec, points, group_by_engine(points), models)
 
 
 def prompt_sources(plan: Plan) -> dict[str, PromptSource]:
@@ -264,8 +261,10 @@ def _engine_settings(plan: Plan, point: Point, options: SweepOptions) -> EngineS
     spec = plan.spec
     m = plan.models[int(point.axes["tier"])]
     kwargs: dict[str, Any] = dict(spec.engine)
+    if spec.max_num_seqs is not None:
+        kwargs["max_num_seqs"] = spec.max_num_seqs
     hf: dict[str, Any] = {}
-    block_size = 16
+    block_size = None
     for axis in engine_axes(spec):
         target = spec.mapping[axis]
         value = point.axes[axis]
@@ -280,7 +279,7 @@ def _engine_settings(plan: Plan, point: Point, options: SweepOptions) -> EngineS
         model_path=m.path,
         device=spec.device,
         block_size=block_size,
-        max_model_len=plan.max_model_len,
+        longest_prompt=max(spec.axes["text_tokens"]),
         mode=spec.engine_mode,
         sampling_seed=spec.sampling_seed,
         engine_kwargs=kwargs,
@@ -289,6 +288,7 @@ def _engine_settings(plan: Plan, point: Point, options: SweepOptions) -> EngineS
         # with engine.log catching it, vLLM logs at its own level; otherwise only errors, unless --verbose
         verbose=options.verbose or options.engine_output is not None,
         gc_guard=spec.gc_guard,
+        allow_chunked_prefill=spec.allow_chunked_prefill,
     )
 
 
@@ -405,18 +405,21 @@ def _run_points(
                     effective = engine.effective_config()
                     starts = store.read_manifest().get("engine_starts", [])
                     store.update_manifest(
+                        engine_defaults="vLLM's for `vllm serve` (UsageContext.OPENAI_API_SERVER) on this model "
+                        "and device, except engine_exceptions and the spec's own [engine] entries and axes",
+                        engine_exceptions=engine.exceptions,
                         engine_starts=[
                             *starts,
                             {
                                 "engine_config_id": first.engine_config_id,
                                 "model": m.name,
-                                "block_size": settings.block_size,
+                                "block_size": effective["block_size"],
                                 "seconds": round(seconds, 2),
                                 "log_warnings": warnings,
                                 "log_errors": errors,
                                 "effective": effective,
                             },
-                        ]
+                        ],
                     )
                     mismatch = _effective_mismatch(spec, first, engine)
                     if mismatch:
@@ -425,7 +428,7 @@ def _run_points(
                         "engine",
                         {
                             "model": m.name,
-                            "block_size": settings.block_size,
+                            "block_size": effective["block_size"],
                             "seconds": seconds,
                             "points": len(remaining),
                             "log_warnings": warnings,
@@ -629,12 +632,14 @@ class _EnginePass:
                     "model": model,
                     "phase": "prefill" if s.step_index == 0 else "decode",
                     "text_tokens": rec.prompt_tokens,
-                    "position": point.text_tokens + s.step_index,
+                    "position": s.kv_tokens if s.kv_tokens is not None else point.text_tokens + s.step_index,
                     "step_index": s.step_index,
                     "latency_ms": s.latency_ms,
                     "engine_elapsed_ms": s.engine_elapsed_ms,
                     "step_calls": s.step_calls,
                     "client_lagged": s.client_lagged,
+                    "prefill_iterations": s.prefill_iterations,
+                    "prefill_chunk": s.prefill_chunk,
                     "t_start_s": s.t_start_s,
                     "t_end_s": s.t_end_s,
                     "max_new_tokens": spec.max_new_tokens,
@@ -651,7 +656,7 @@ class _EnginePass:
         previous point was written (each sample is stored once; the snapshots join against the whole pass)."""
         rows = self.rows.pop(point.point_id)
         self.left.pop(point.point_id)
-        rows.sort(key=lambda r: (r["rep"], r["step_index"]))
+        rows.sort(key=lambda r: (r["rep"], r["step_index"], r["prefill_chunk"]))
         samples = join_snapshots(pd.DataFrame(rows), telemetry_frame(self.telemetry, self.source.name))
         seen: set[str] = set()
         prompt_rows = []

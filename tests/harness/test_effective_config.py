@@ -46,3 +46,18 @@ def test_an_axis_value_the_engine_changed_fails_its_points(tmp_path: Path) -> No
     m = json.loads((run / "manifest.json").read_text())
     assert m["engine_starts"][0]["effective"]["async_scheduling"] is False
     assert not list((run / "samples").iterdir())
+
+
+def test_engine_runs_with_served_defaults(served_run: tuple[subprocess.CompletedProcess[str], Path]) -> None:
+    _, run = served_run
+    m = json.loads((run / "manifest.json").read_text())
+    eff = m["engine_starts"][0]["effective"]
+    # vllm serve's defaults on CPU (vLLM 0.32): no harness value for these
+    assert eff["max_num_seqs"] == 128 and eff["max_num_batched_tokens"] == 2048
+    assert eff["max_model_len"] == 4096  # the model's own context (cpu-tiny)
+    ex = {e["arg"]: e for e in m["engine_exceptions"]}
+    assert {"enable_prefix_caching", "kv_cache_memory_bytes"} <= set(ex) and "max_num_seqs" not in ex
+    assert "max_num_batched_tokens" not in ex  # 2048 already holds the longest prompt (96)
+    assert all(e["reason"] for e in ex.values())
+    assert eff["kv_cache_memory_bytes"] == ex["kv_cache_memory_bytes"]["value"]
+    assert "vllm serve" in m["engine_defaults"]

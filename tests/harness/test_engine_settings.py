@@ -8,14 +8,15 @@ import pytest
 
 from harness.cli import resolve_spec
 from harness.engine import EngineSettings
-from harness.spec import build_spec
+from harness.spec import SpecError, build_spec
 from harness.sweep import SweepOptions, _engine_settings, plan_sweep
 
 PRESET = Path(__file__).resolve().parents[2] / "harness" / "presets" / "cpu-tiny"
 
 
 def _settings(**kw: object) -> EngineSettings:
-    return EngineSettings(model_name="m", model_path=str(PRESET), device="cpu", block_size=32, max_model_len=256, **kw)
+    base: dict[str, object] = {"device": "cpu", "block_size": 32, "longest_prompt": 256}
+    return EngineSettings(model_name="m", model_path=str(PRESET), **{**base, **kw})  # type: ignore[arg-type]
 
 
 def test_no_sampling_seed_unless_asked() -> None:
@@ -41,3 +42,59 @@ def test_sampling_seed_flag_reaches_the_spec_and_the_engine(tmp_path: Path) -> N
     assert _engine_settings(default, default.points[0], SweepOptions()).sampling_params(4).get("seed") is None
     # the prompt choice stays seeded by `seed`
     assert resolve_spec(None, None, {"seed": 5}).seed == 5
+
+
+def _by_arg(settings: EngineSettings, budget: int) -> dict[str, dict[str, object]]:
+    return {e["arg"]: e for e in settings.exceptions(budget)}
+
+
+def test_served_defaults_with_listed_exceptions() -> None:
+    s = _settings(block_size=None)
+    args = s.engine_args(2048)
+    for arg in ("max_num_seqs", "max_model_len", "max_num_batched_tokens", "block_size", "seed", "async_scheduling"):
+        assert arg not in args, arg  # vLLM's own default
+    ex = _by_arg(s, 2048)
+    assert set(ex) == {
+        "enable_prefix_caching", "kv_cache_memory_bytes", "skip_tokenizer_init", "load_format",
+        "enable_logging_iteration_details",
+    }
+    assert all(e["reason"] and args[a] == e["value"] for a, e in ex.items())
+    assert args["enable_prefix_caching"] is False and args["load_format"] == "dummy"
+
+
+def test_token_budget_only_when_the_default_is_too_short() -> None:
+    assert "max_num_batched_tokens" not in _by_arg(_settings(longest_prompt=2048), 2048)
+    ex = _by_arg(_settings(longest_prompt=4096), 2048)["max_num_batched_tokens"]
+    assert ex["value"] == 4096 and "2048" in str(ex["reason"])
+    assert _settings(longest_prompt=4096).engine_args(2048)["max_num_batched_tokens"] == 4096
+
+
+def test_cuda_turns_async_scheduling_off_and_the_users_settings_win() -> None:
+    cuda = _settings(device="cuda")
+    assert _by_arg(cuda, 8192)["async_scheduling"]["value"] is False
+    assert "kv_cache_memory_bytes" not in _by_arg(cuda, 8192)
+    mine = _settings(engine_kwargs={"enable_prefix_caching": True, "max_num_batched_tokens": 64}, longest_prompt=4096)
+    assert "enable_prefix_caching" not in _by_arg(mine, 2048) and "max_num_batched_tokens" not in _by_arg(mine, 2048)
+    assert mine.engine_args(2048)["max_num_batched_tokens"] == 64
+
+
+def test_max_num_seqs_is_a_spec_value_or_an_axis() -> None:
+    plan = plan_sweep(build_spec({"axes": {"tier": [0], "blocks": [32]}}))
+    assert "max_num_seqs" not in _engine_settings(plan, plan.points[0], SweepOptions()).engine_args(2048)
+    plan = plan_sweep(build_spec({"axes": {"tier": [0], "blocks": [32]}, "max_num_seqs": 8}))
+    assert _engine_settings(plan, plan.points[0], SweepOptions()).engine_args(2048)["max_num_seqs"] == 8
+    plan = plan_sweep(
+        build_spec({"axes": {"tier": [0], "blocks": [32], "seqs": [1, 8]}, "mapping": {"seqs": "engine:max_num_seqs"}})
+    )
+    assert {_engine_settings(plan, p, SweepOptions()).engine_args(2048)["max_num_seqs"] for p in plan.points} == {1, 8}
+    with pytest.raises(SpecError, match="max_num_seqs = 4 contradicts axis 'seqs'"):
+        build_spec({"axes": {"seqs": [1, 8]}, "mapping": {"seqs": "engine:max_num_seqs"}, "max_num_seqs": 4})
+    with pytest.raises(SpecError, match=r"contradicts \[engine\] max_num_seqs"):
+        build_spec({"engine": {"max_num_seqs": 2}, "max_num_seqs": 4})
+
+
+def test_vllm_serve_token_budget_on_cpu() -> None:
+    pytest.importorskip("vllm")
+    from harness.engine import default_token_budget
+
+    assert default_token_budget({}) == 2048  # vLLM 0.32 CPU, `vllm serve`

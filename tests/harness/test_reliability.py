@@ -498,7 +498,7 @@ def test_odd_spec_files_are_a_clean_error(tmp_path: Path, name: str, content: st
 
 
 def test_trust_remote_code_only_with_the_flag(tmp_path: Path) -> None:
-    settings = EngineSettings(model_name="m", model_path=str(PRESET), device="cpu", block_size=32, max_model_len=256)
+    settings = EngineSettings(model_name="m", model_path=str(PRESET), device="cpu", block_size=32, longest_prompt=256)
     assert settings.engine_args()["trust_remote_code"] is False
     settings.engine_kwargs = {"trust_remote_code": True}  # an engine kwarg cannot turn it on
     assert settings.engine_args()["trust_remote_code"] is False

@@ -41,6 +41,7 @@ def test_samples_follow_the_contract(small_run: Path) -> None:
         assert req.phase.iloc[0] == "prefill" and set(req.phase.iloc[1:]) == {"decode"}
         assert (req.t_end_s.diff().dropna() > 0).all()
     assert (s.latency_ms > 0).all()
+    assert (s.prefill_iterations == 1).all() and (s.prefill_chunk == 0).all()  # each prefill one iteration
     # each request's place in its engine start's interleaved order (one engine start per config here)
     assert (s.groupby(["point_id", "rep"]).seq.nunique() == 1).all()
     for _, g in s[s.phase == "prefill"].groupby("engine_config_id"):
