@@ -20,6 +20,7 @@ WORTH_IT_PCT = 5.0
 NOT_WORTH_PCT = 2.0
 CONFIDENCE = 0.95
 MIN_FOLDS_FOR_T = 3
+MAX_DATA_FACTOR = 100.0  # beyond this many times the data, "how much more would decide it" is not useful
 
 
 @dataclass(frozen=True)
@@ -129,6 +130,13 @@ def decide(improvement: Interval, by_construction: bool, prompts_per_point: floa
             "not decide it unless the estimate moves",
         )
     factor = (h / need_h) ** 2
+    if factor > MAX_DATA_FACTOR:
+        return Decision(
+            "undecided",
+            None,
+            f"interval {lo:.1f}%..{hi:.1f}%: the estimate sits so close to a threshold that over "
+            f"{MAX_DATA_FACTOR:.0f}× the prompts per point would be needed",
+        )
     needed = prompts_per_point * factor
     return Decision(
         "undecided",
