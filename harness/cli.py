@@ -21,6 +21,7 @@ from rich.progress import (
 from rich.table import Table
 
 from harness.engine_log import EngineOutput
+from harness.replay_cli import replay_command, workload_command
 from harness.spec import (
     CPU_LADDER,
     GPU_LADDER,
@@ -410,6 +411,11 @@ def telemetry_command(
 
 def _fmt(v: Any) -> str:
     return f"{v:.1f}" if isinstance(v, float) else str(v)
+
+
+# several requests in flight (harness/replay_cli.py)
+app.command("replay")(replay_command)
+app.command("workload")(workload_command)
 
 
 if __name__ == "__main__":

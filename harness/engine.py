@@ -191,6 +191,8 @@ class _IterationLog:
     def __init__(self) -> None:
         self.elapsed_ms: list[float] = []
         self.ctx_tokens: list[int] = []  # prompt tokens the iteration scheduled (prefill work), parallel to elapsed_ms
+        self.details: list[Any] = []  # the SchedulerIterationDetails themselves, once a driver asks for them
+        self.keep_details = False
 
     def logger_factory(self) -> Any:
         from vllm.v1.metrics.loggers import StatLoggerBase
@@ -212,6 +214,8 @@ class _IterationLog:
                 ):
                     sink.elapsed_ms.append(float(details.elapsed_ms))
                     sink.ctx_tokens.append(int(details.num_ctx_tokens or 0))
+                    if sink.keep_details:
+                        sink.details.append(details)
 
             def log_engine_initialized(self) -> None:
                 pass
@@ -316,6 +320,20 @@ class VllmEngine:
             if obj is not None and hasattr(obj, key):
                 return True, _plain(getattr(obj, key))
         return False, None
+
+    @property
+    def llm_engine(self) -> Any:
+        """The running vLLM LLMEngine, for a driver that adds requests and steps it itself (harness/batch.py)."""
+        if self._engine is None:
+            raise EngineError("engine is not started")
+        return self._engine
+
+    def collect_iteration_details(self) -> list[Any]:
+        """An emptied list that receives vLLM's SchedulerIterationDetails of every engine iteration with work
+        from now on, in order (for harness/batch.py, which matches them to its own steps)."""
+        self._iters.details.clear()
+        self._iters.keep_details = True
+        return self._iters.details
 
     def _vllm_config(self) -> Any:
         if self._engine is None:

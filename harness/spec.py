@@ -19,12 +19,15 @@ CPU_LADDER = ["cpu-tiny", "cpu-small", "cpu-base"]
 GPU_LADDER = ["gpu-1b-llama3.2-shape", "gpu-3b-llama3.2-shape", "gpu-8b-llama3.1-shape"]
 
 # Where each built-in axis goes. Targets: "model" (the tier ladder), "prompt" (prompt length),
-# "engine:<EngineArgs field>", "hf:<config key>" (hf_overrides), "sampling:<SamplingParams field>".
+# "engine:<EngineArgs field>", "hf:<config key>" (hf_overrides), "sampling:<SamplingParams field>", "batch" (the
+# batch shape: harness/batch_points.py).
 DEFAULT_MAPPING = {
     "tier": "model",
     "text_tokens": "prompt",
     "top_k": "sampling:top_k",
     "blocks": "engine:block_size",
+    "batch": "batch",
+    "batch_join_tokens": "batch",
 }
 
 
@@ -95,7 +98,7 @@ class SweepSpec(BaseModel):
                 raise ValueError(
                     f"axis '{name}' has no mapping; add mapping.{name} = 'engine:...', 'hf:...' or 'sampling:...'"
                 )
-            if target not in ("model", "prompt") and target.split(":")[0] not in ("engine", "hf", "sampling"):
+            if target not in ("model", "prompt", "batch") and target.split(":")[0] not in ("engine", "hf", "sampling"):
                 raise ValueError(
                     f"mapping for '{name}' is '{target}'; expected model, prompt, engine:X, hf:X or sampling:X"
                 )

@@ -20,8 +20,10 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-SCHEMA_VERSION = 1
-TABLES = ("samples", "prompts", "telemetry")
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 2 only adds tables (iterations, requests): a version-1 sweep resumes as is
+TABLES = ("samples", "prompts", "telemetry", "iterations", "requests")
+WRITE_ORDER = ("prompts", "telemetry", "requests", "samples", "iterations")
 
 
 class StoreError(RuntimeError):
@@ -96,10 +98,10 @@ class RunStore:
         if not store.manifest_path.is_file():
             raise StoreError(f"{run_dir} is not a run folder (no manifest.json)")
         manifest = store.read_manifest()
-        if manifest.get("schema_version") != SCHEMA_VERSION:
+        if manifest.get("schema_version") not in READABLE_VERSIONS:
             raise StoreError(
                 f"{run_dir} has schema_version {manifest.get('schema_version')!r}; this harness "
-                f"reads version {SCHEMA_VERSION}"
+                f"reads versions {', '.join(map(str, READABLE_VERSIONS))}"
             )
         check_writable(run_dir)
         for t in TABLES:
@@ -129,7 +131,7 @@ class RunStore:
             p.unlink()
         # prompts/telemetry of a point whose samples never landed are not data either
         done = self.done_points()
-        for t in ("prompts", "telemetry"):
+        for t in ("prompts", "telemetry", "requests"):
             for p in sorted((self.run_dir / t).glob("*.parquet")):
                 if p.stem not in done:
                     p.unlink()
@@ -137,11 +139,14 @@ class RunStore:
         return removed
 
     def done_points(self) -> set[str]:
-        return {p.stem for p in (self.run_dir / "samples").glob("*.parquet")}
+        """Points (and replay segments) with a samples or iterations file: the file written last."""
+        return {p.stem for t in ("samples", "iterations") for p in (self.run_dir / t).glob("*.parquet")}
 
-    def write_point(self, point_id: str, tables: dict[str, pa.Table]) -> None:
-        """Write one finished point's tables; samples last, so its presence means the point is complete."""
-        for name in ("prompts", "telemetry", "samples"):
+    def write_point(self, point_id: str, tables: dict[str, pa.Table], order: tuple[str, ...] = WRITE_ORDER) -> None:
+        """Write one finished point's tables in `order`; samples (or iterations, for a batch point) last, so its
+        presence means the point is complete. A replay segment rewrites its files at each checkpoint, requests
+        last (a request is finished once it is in requests)."""
+        for name in order:
             if name in tables:
                 try:
                     with atomic_path(self.run_dir / name / f"{point_id}.parquet") as tmp:

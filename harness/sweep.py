@@ -23,6 +23,7 @@ import pandas as pd
 import pyarrow as pa
 
 from harness import __version__
+from harness.batch_points import check_batch_spec, is_batch_spec, run_batch_group
 from harness.engine import (
     EngineError,
     EngineSettings,
@@ -104,7 +105,10 @@ class Plan:
         for p in self.points:
             m = self.models[int(p.axes["tier"])]
             n, new = p.text_tokens, self.spec.max_new_tokens
-            total += reqs * (2 * m.params * (n + new) / est["flops"] + new * est["step_overhead_s"])
+            work, runs = n + new, reqs
+            if "batch" in p.axes:  # batch points: `reps` episodes of B sequences (+ a joiner)
+                work, runs = int(p.axes["batch"]) * (n + new) + int(p.axes.get("batch_join_tokens", 0)), self.spec.reps
+            total += runs * (2 * m.params * work / est["flops"] + new * est["step_overhead_s"])
         return total
 
 
@@ -146,6 +150,7 @@ def plan_sweep(spec: SweepSpec) -> Plan:
                 f"text_tokens {longest} + max_new_tokens {spec.max_new_tokens} exceeds the context "
                 f"of tier {m.tier} ({m.name}: {m.max_context} tokens)"
             )
+    check_batch_spec(spec, min(m.max_context for m in models.values()))
     points = expand(spec)
     return Plan(spec, points, group_by_engine(points), models)
 
@@ -447,6 +452,18 @@ def _run_points(
                     if options.fail_fast:
                         return "failed"
                     break
+                if is_batch_spec(spec):  # several requests in flight (harness/batch_points.py)
+                    outcome = run_batch_group(
+                        engine, spec, remaining, prompts, source, store, model=m.name,
+                        device=source.info.get("device_name") or cpu_model(), done=done, total=len(plan.points),
+                        stop=lambda: stop.signal is not None, fail=lambda p, e: _fail(store, p, e, report),
+                        fail_fast=options.fail_fast, report=report,
+                    )
+                    failed += outcome.failed
+                    store.update_manifest(points_failed=failed)
+                    if outcome.status in ("interrupted", "fail_fast"):
+                        return "interrupted" if outcome.status == "interrupted" else "failed"
+                    continue  # done, or an engine restart for the points left
                 # every request of this engine start in one seeded, interleaved order; a point is written once
                 # all its requests are done (so a kill or Ctrl-C loses only unfinished points)
                 batch = _EnginePass(plan, remaining, prompts, source, store.run_dir.name)

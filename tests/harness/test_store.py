@@ -53,6 +53,17 @@ def test_open_refuses_non_runs_and_other_schemas(tmp_path: Path) -> None:
         RunStore.open(tmp_path)
 
 
+def test_batch_points_are_done_by_their_iterations_file_and_version_1_runs_resume(tmp_path: Path) -> None:
+    store = RunStore.create(tmp_path, {"status": "running"}, run_id="r")
+    assert store.read_manifest()["schema_version"] == 2
+    store.write_point("a", {"requests": pa.table({"request_id": ["x"]}), "iterations": pa.table({"iteration": [0]})})
+    (store.run_dir / "requests" / "b.parquet").write_bytes(b"a kill came before b's iterations landed")
+    assert store.done_points() == {"a"}
+    assert {p.name for p in store.discard_partial()} == {"b.parquet"}
+    store.update_manifest(schema_version=1)  # a version-1 sweep: same tables and columns, resumed as is
+    assert RunStore.open(store.run_dir).done_points() == {"a"}
+
+
 def test_failures_survive_a_cut_line(tmp_path: Path) -> None:
     store = RunStore.create(tmp_path, {}, run_id="r")
     store.record_failure({"point_id": "a", "error": "boom"})
