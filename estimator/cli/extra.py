@@ -35,13 +35,25 @@ def report(
         Path | None, typer.Option(help="A nightly summary JSON: adds tonight's regression table.")
     ] = None,
     title: Annotated[str | None, typer.Option(help="Page title (default: 'Latency report: RUN...').")] = None,
+    batch: Annotated[
+        list[Path] | None,
+        typer.Option(help="Batch run (repeatable) whose `estimate batch` / `estimate validate` outputs add the "
+                     "batch-level section."),
+    ] = None,
 ) -> None:
     """Write a self-contained HTML report (figures inlined) and its Markdown twin for one or more runs."""
     from estimator.report.build import ReportSpec, write_report
 
     def go() -> None:
         spec = build_spec(
-            ReportSpec, runs=runs, out=out, model=model, history=history, nightly_summary=nightly_summary, title=title
+            ReportSpec,
+            runs=runs,
+            out=out,
+            model=model,
+            history=history,
+            nightly_summary=nightly_summary,
+            title=title,
+            batch=list(batch or []),
         )
         files = write_report(spec, progress=lambda msg: typer.echo(f"  {msg}", err=True))
         typer.echo(f"wrote {files.html} (self-contained) and {files.markdown} (+{len(files.images)} PNG files)")

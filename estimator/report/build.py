@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 from pydantic import field_validator
 
 from estimator.data.runs import RunSet, RunsSpec, load_runs, read_telemetry
@@ -25,6 +26,7 @@ from estimator.model.importance import feature_importance
 from estimator.report.document import Report, ReportFiles
 from estimator.report.plots import group_column
 from estimator.report.sections.accuracy import accuracy_section
+from estimator.report.sections.batch import batch_section
 from estimator.report.sections.glance import glance_section
 from estimator.report.sections.importance import importance_section
 from estimator.report.sections.latency import latency_section
@@ -34,6 +36,7 @@ from estimator.report.sections.spread import spread_section
 from estimator.report.sections.telemetry import MAX_TELEMETRY_RUNS, telemetry_section
 from estimator.report.sections.variants import variants_section
 from estimator.study.analyze import Analysis, analyze_runs, noise_floor
+from estimator.study.batch import BatchStudyResult, ValidationResult
 from estimator.study.fits import latency_fits
 from estimator.study.results import ComparisonResult, load_comparison
 from estimator.study.scoring import ModelOnRuns, held_out_predictions, score_model_on_runs
@@ -49,6 +52,7 @@ class ReportSpec(RunsSpec):
     model: Path | None = None
     history: Path | None = None
     nightly_summary: Path | None = None
+    batch: list[Path] = []  # batch runs whose batch/ and validation/ outputs add the batch-level section
     title: str | None = None
 
     @field_validator("model")
@@ -92,6 +96,28 @@ def _comparison(compare_dir: Path | None) -> tuple[ComparisonResult | str | None
         return str(exc), path
 
 
+def _batch_inputs(runs: list[Path]) -> tuple[BatchStudyResult | None, list[tuple[ValidationResult, pd.DataFrame]]]:
+    """The typed batch-level results saved by `estimate batch` and `estimate validate` in these run folders."""
+    study = None
+    validations = []
+    for run in runs:
+        path = run / "batch" / "batch.json"
+        if study is None and path.is_file():
+            study = _read_model(BatchStudyResult, path)
+        vpath = run / "validation" / "validation.json"
+        if vpath.is_file() and (run / "validation" / "iterations.parquet").is_file():
+            rows = pd.read_parquet(run / "validation" / "iterations.parquet")
+            validations.append((_read_model(ValidationResult, vpath), rows))
+    return study, validations
+
+
+def _read_model(cls: Any, path: Path) -> Any:
+    try:
+        return cls.model_validate(json.loads(path.read_text()))
+    except (OSError, ValueError) as exc:
+        raise EstimatorError(f"{path}: unreadable ({exc})") from exc
+
+
 def build_report(spec: ReportSpec, progress: Callable[[str], None] | None = None) -> Report:
     """Load the runs (and the model, compare/ outputs, nightly history), compute what the sections show, and
     build every section."""
@@ -133,6 +159,9 @@ def build_report(spec: ReportSpec, progress: Callable[[str], None] | None = None
     imp = feature_importance(spec.model) if spec.model is not None else None
     importance = importance_section(spec.model, imp)
     sections = [manifest, latency, spread, accuracy, variants, telemetry, importance]
+    if spec.batch:
+        say("batch level")
+        sections.append(batch_section(*_batch_inputs(spec.batch)))
     summary: dict[str, Any] | None = None
     if spec.nightly_summary is not None and spec.nightly_summary.is_file():
         summary = json.loads(spec.nightly_summary.read_text())

@@ -23,6 +23,7 @@ SECTIONS: dict[str, str] = {
     "variants": "Experiment 2: error per feature variant",
     "telemetry": "Telemetry timeline",
     "importance": "Feature importance",
+    "batch": "Batch level: engine iterations under continuous batching",
     "nightly": "Nightly trend",
 }  # page order, except that the nightly section (only with a history or summary) comes right after the glance
 

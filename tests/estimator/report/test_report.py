@@ -29,7 +29,7 @@ from estimator.study.compare import CompareSpec, compare
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 DATA_URI = re.compile(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
-BASE_SECTIONS = [k for k in SECTIONS if k != "nightly"]
+BASE_SECTIONS = [k for k in SECTIONS if k not in ("nightly", "batch")]  # those two need their own inputs
 
 
 def _check_page(out: Path, sections: list[str], n_images: int) -> tuple[str, str]:
@@ -144,6 +144,24 @@ def test_gpu_telemetry_and_missing_pieces(tmp_path: Path, run_writer: Callable[.
     page, md = _check_page(out, BASE_SECTIONS, 3)
     assert "Throttled (a clock-event reason other than GPU idle) for 2.0 s" in page
     assert "SM clock (MHz)" in md and "power (W)" in md and "temperature (°C)" in md
+
+
+def test_batch_section_renders_the_study_and_validation(tmp_path: Path, run_writer: Callable[..., Path]) -> None:
+    from estimator.model.iteration import train_iteration_estimator
+    from estimator.study.batch import compare_feature_sets, validate_iterations, write_json
+    from tests.estimator.conftest import write_batch_run
+
+    run = run_writer(tmp_path / "results", tiers=(1,), top_ks=(0,), lengths=(32, 128, 512))
+    batch = write_batch_run(tmp_path / "batch")
+    write_json(compare_feature_sets([batch], k=3, seeds=1), batch / "batch" / "batch.json")
+    train_iteration_estimator([batch], tmp_path / "m")
+    result, rows = validate_iterations(tmp_path / "m", [batch])
+    write_json(result, batch / "validation" / "validation.json")
+    rows.to_parquet(batch / "validation" / "iterations.parquet")
+    out = tmp_path / "report"
+    write_report(ReportSpec(runs=[run], out=out, batch=[batch]))
+    page, md = _check_page(out, [*BASE_SECTIONS, "batch"], 3)  # latency, spread and the batch validation
+    assert "reduction vs totals %" in md and "TTFT MAPE %" in md and "batch-validation" in md
 
 
 def test_report_spec_errors(tmp_path: Path, synthetic_run: Path) -> None:
