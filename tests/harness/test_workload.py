@@ -227,3 +227,12 @@ def test_write_workload_round_trips(tmp_path: Path) -> None:
     w = [WorkloadRequest(0, 0.0, 8, 2), WorkloadRequest(1, 0.25, 16, 3, "some text")]
     write_workload(tmp_path / "w.jsonl", w)
     assert parse_workload((tmp_path / "w.jsonl").read_text()) == w
+
+
+def test_resume_of_a_sweep_run_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from harness.store import RunStore
+
+    monkeypatch.setattr("harness.replay.VllmEngine", _refuse)
+    store = RunStore.create(tmp_path, {"status": "interrupted"}, run_id="sweep")
+    code, output = _replay(tmp_path, "--resume", str(store.run_dir))
+    assert code == 2 and "is not a replay run" in output, output
