@@ -236,3 +236,25 @@ def test_resume_of_a_sweep_run_is_refused(tmp_path: Path, monkeypatch: pytest.Mo
     store = RunStore.create(tmp_path, {"status": "interrupted"}, run_id="sweep")
     code, output = _replay(tmp_path, "--resume", str(store.run_dir))
     assert code == 2 and "is not a replay run" in output, output
+
+
+def test_kill_before_a_checkpoint_then_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a kill -9 leaves: the files of the last checkpoint (here: two of four requests) and a cut write."""
+    import pyarrow.parquet as pq
+
+    monkeypatch.setattr("harness.replay.VllmEngine", _FakeEngine)
+    w = tmp_path / "w.jsonl"
+    w.write_text("".join(json.dumps(r) + "\n" for r in WORKLOAD))
+    assert _replay(tmp_path, "--workload", str(w), "--name", "run")[0] == 0
+    run = tmp_path / "results" / "run"
+    f = run / "requests" / "seg-000.parquet"
+    pq.write_table(pq.read_table(f).slice(0, 2), f)
+    (run / "requests" / "seg-000.parquet.tmp").write_bytes(b"PAR1 cut by a kill")
+    m = json.loads((run / "manifest.json").read_text())
+    (run / "manifest.json").write_text(json.dumps({**m, "status": "running"}))
+    code, output = _replay(tmp_path, "--resume", str(run))
+    assert code == 0 and "discarded unfinished write requests/seg-000.parquet.tmp" in output, output
+    req = pd.read_parquet(run / "requests")
+    assert sorted(req.request_id) == [f"req-{i:05d}" for i in range(4)]
+    assert sorted(req[req.segment_id == "seg-001"].request_id) == ["req-00002", "req-00003"]
+    assert not list(run.rglob("*.tmp"))
