@@ -155,7 +155,7 @@ def run_replay(spec: SweepSpec | None, workload: list[WorkloadRequest] | None, o
         todo, base = workload, 0.0
         check_writable(options.out_root)
         store = None
-    with open_source(None) as source:
+    with open_source(0 if spec.device == "cuda" else None) as source:  # GPU: its NVML counters
         if store is None:
             commit, dirty = _git_info()
             store = RunStore.create(
