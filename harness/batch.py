@@ -220,11 +220,11 @@ class Drive:
         finally:
             if settings.gc_guard:
                 gc.enable()
-        unfinished = [rid for rid, s in self.states.items() if not s.finished]
+            unfinished = [rid for rid, s in self.states.items() if not s.finished]
+            if unfinished:  # stopped or failed early: the engine must not keep them for the next drive
+                with contextlib.suppress(Exception):  # an engine that is going away cannot abort; it is closed next
+                    llm.abort_request(unfinished)
         self.stopped = bool(unfinished) or i_timed < len(timed) or bool(triggered)
-        if unfinished:  # stopped early: the engine must not keep them
-            with contextlib.suppress(Exception):  # an engine that is going away cannot abort; it is closed next
-                llm.abort_request(unfinished)
         return self
 
     def _wait_until(self, target: float) -> None:

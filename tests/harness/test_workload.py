@@ -258,3 +258,18 @@ def test_kill_before_a_checkpoint_then_resume(tmp_path: Path, monkeypatch: pytes
     assert sorted(req.request_id) == [f"req-{i:05d}" for i in range(4)]
     assert sorted(req[req.segment_id == "seg-001"].request_id) == ["req-00002", "req-00003"]
     assert not list(run.rglob("*.tmp"))
+
+
+def test_engine_counts_that_disagree_are_flagged_not_corrected() -> None:
+    from harness.batch import Iteration, iterations_frame
+    from harness.telemetry import telemetry_frame
+
+    def it(i: int, latency: float, counts: tuple[int, int, int, int] | None) -> dict[str, Any]:
+        return Iteration(i, i, i + 1, latency, 1, 4.0, counts, [("a", 64, 0)], [("b", 65)]).row()
+
+    rows = [it(0, 4.0, (1, 64, 1, 1)), it(1, 4.0, (1, 64, 2, 2)), it(2, 4.0, None), it(3, 0.1, (1, 64, 1, 1))]
+    assert [r["composition_mismatch"] for r in rows] == [False, True, False, False]
+    assert rows[1]["num_decode_seqs"] == 1 and rows[1]["engine_num_gen_seqs"] == 2  # both kept side by side
+    frame = iterations_frame(rows, telemetry_frame([], "host"))
+    assert list(frame.client_lagged) == [False, False, True, True]  # as in samples: the short step and the one before
+    assert {"tel_cpu_util_pct", "throttled"} <= set(frame.columns) and frame.engine_num_gen_seqs.isna().sum() == 1
