@@ -55,7 +55,7 @@ def analyze(
 def train(
     runs: RunsArg,
     out: Annotated[Path, typer.Option(help="Model folder to write (e.g. models/NAME).")],
-    variant: Annotated[str, typer.Option(help="tokens | buckets | poly | embedding | residual.")] = "tokens",
+    variant: Annotated[str, typer.Option(help="tokens | buckets | poly | embedding | residual | blocks.")] = "tokens",
     seed: Annotated[int, typer.Option(help="Seed for the split, subsampling and LightGBM.")] = 0,
     max_decode_rows: Annotated[int, typer.Option(help="Subsample decode rows to at most this many.")] = 20_000,
     held_out: Annotated[bool, typer.Option(help="Also fit on a by-prompt split to record held-out metrics.")] = True,

@@ -44,7 +44,7 @@ from estimator.model.meta import (
     number,
     sha256_of,
 )
-from estimator.model.tables import FLOOR_MS, TABLES_FILE, TABLES_VERSION, CompiledTables, compile_tables
+from estimator.model.tables import FLOOR_MS, TABLE_VARIANTS, TABLES_FILE, TABLES_VERSION, CompiledTables, compile_tables
 
 if TYPE_CHECKING:
     import lightgbm as lgb
@@ -177,7 +177,7 @@ class LatencyEstimator:
         self.meta = meta
         self.models = dict(models)
         self.projection = projection
-        if tables is None and meta.variant != "embedding":
+        if tables is None and meta.variant in TABLE_VARIANTS:
             tables = compile_tables(self.models, meta.training.configs, meta.axes, meta.variant)
         self.tables = tables
         self.ranges = meta.axis_ranges or axis_ranges(meta.training.configs, meta.config_columns)
@@ -360,7 +360,7 @@ class LatencyEstimator:
                 for u in unseen_lengths
             ]
             raise EstimatorError("; ".join(parts) + " (pass allow_unseen=True / --allow-unseen for a best guess)")
-        if cfg.table is None and self.projection is None:
+        if cfg.table is None and self.tables is not None:
             self._warn_once(f"config {cfg.config} is not in the compiled tables: answered by the LightGBM booster")
         return unseen
 
@@ -478,7 +478,7 @@ class LatencyEstimator:
             last = int(n[k] + steps[k]) if steps[k] else None
             self._admit(distinct[which[k]], self._lengths(int(n[k]), last)[0], allow_unseen)
         for d in distinct:
-            if d.table is None and self.projection is None:
+            if d.table is None and self.tables is not None:
                 self._admit(d, [], True)  # warns once that the booster answers
         unseen_values = sorted({u for d in distinct for u in d.unseen})
         if out_len.any():

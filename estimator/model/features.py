@@ -16,8 +16,8 @@ from estimator.data.runs import Phase
 from estimator.errors import EstimatorError
 
 __all__ = ["Phase"]
-Variant = Literal["tokens", "buckets", "poly", "embedding", "residual"]
-VARIANTS: tuple[str, ...] = ("tokens", "buckets", "poly", "embedding", "residual")
+Variant = Literal["tokens", "buckets", "poly", "embedding", "residual", "blocks"]
+VARIANTS: tuple[str, ...] = ("tokens", "buckets", "poly", "embedding", "residual", "blocks")
 
 # The research notes' short-prompt buckets, as inclusive upper bounds: 0–30, 31–50, 51–70, 71–100, 100+.
 SHORT_BUCKET_UPPER: tuple[int, ...] = (30, 50, 70, 100)
@@ -103,6 +103,8 @@ class FeatureSpec:
                 names += ["position_sqrt", "position_sq"]
         elif self.variant == "embedding":
             names += embedding_names(self.embedding_dim)
+        elif self.variant == "blocks":  # the KV cache's block structure (vLLM allocates `blocks` tokens at a time)
+            names += ["block_index", "block_offset"] if self.phase == "decode" else ["prompt_blocks"]
         return names
 
     def raw_inputs(self) -> list[str]:
@@ -112,15 +114,14 @@ class FeatureSpec:
             names.append("position")
         return names
 
-    def matrix(
-        self, columns: Mapping[str, np.ndarray], n: int, embeddings: np.ndarray | None = None
-    ) -> np.ndarray:
+    def matrix(self, columns: Mapping[str, np.ndarray], n: int, embeddings: np.ndarray | None = None) -> np.ndarray:
         """Feature matrix (n × len(names())) as float64; `embeddings` (n × embedding_dim) for that variant."""
         base = self.raw_inputs()
         extra = {
             "buckets": 2,
             "poly": 4 if self.phase == "decode" else 2,
             "embedding": self.embedding_dim,
+            "blocks": 2 if self.phase == "decode" else 1,
         }.get(self.variant, 0)
         out = np.empty((n, len(base) + extra), dtype=np.float64)
         for j, name in enumerate(base):
@@ -146,12 +147,20 @@ class FeatureSpec:
                 pos = out[:, len(self.axes) + 1]
                 out[:, j + 2] = np.sqrt(pos)
                 out[:, j + 3] = pos**2
+        elif self.variant == "blocks":
+            if "blocks" not in self.axes or "blocks" in self.categories:
+                raise EstimatorError("the blocks variant needs a numeric `blocks` axis (the KV-cache block size)")
+            size = np.maximum(out[:, self.axes.index("blocks")], 1.0)
+            if self.phase == "decode":
+                pos = out[:, len(self.axes) + 1]
+                out[:, j] = np.floor(pos / size)
+                out[:, j + 1] = pos - out[:, j] * size
+            else:
+                out[:, j] = np.ceil(n_tok / size)
         elif self.variant == "embedding":
             if embeddings is None or embeddings.shape != (n, self.embedding_dim):
                 got = None if embeddings is None else embeddings.shape
-                raise EstimatorError(
-                    f"embedding variant needs ({n}, {self.embedding_dim}) embeddings, got {got}"
-                )
+                raise EstimatorError(f"embedding variant needs ({n}, {self.embedding_dim}) embeddings, got {got}")
             out[:, j:] = embeddings
         return out
 
@@ -161,9 +170,7 @@ class FeatureSpec:
         try:
             return np.fromiter((index[str(v)] for v in values), dtype=np.float64, count=len(values))
         except KeyError as exc:
-            raise EstimatorError(
-                f"unknown value {exc.args[0]!r} for axis {name!r} (trained on {cats})"
-            ) from exc
+            raise EstimatorError(f"unknown value {exc.args[0]!r} for axis {name!r} (trained on {cats})") from exc
 
 
 def config_key(row: Mapping[str, Any], config_columns: Sequence[str]) -> tuple[str, ...]:

@@ -41,6 +41,9 @@ from estimator.errors import EstimatorError
 from estimator.model.features import Phase, config_key
 
 TABLES_VERSION = 1
+# The variants whose features are monotone in the lengths (the `embedding` variant depends on the text, the
+# `blocks` variant's position % blocks is periodic): only these compile into tables.
+TABLE_VARIANTS = frozenset({"tokens", "buckets", "poly", "residual"})
 TABLES_FILE = "tables.npz"
 MAX_TOKENS = 262_144  # text_tokens domain of the tables: 1..MAX_TOKENS (positions up to 2 × MAX_TOKENS)
 FLOOR_MS = 1e-3  # the residual variant's closed-form floor (estimator.model.estimator._MIN_PRED_MS)
@@ -291,8 +294,8 @@ def compile_tables(
     models: Mapping[Phase, Any], configs: Sequence[Mapping[str, Any]], axes: Sequence[str], variant: str
 ) -> CompiledTables:
     """Compile the phase models (PhaseModel: spec, booster, closed_form) for every trained config."""
-    if variant == "embedding":
-        raise EstimatorError("the embedding variant depends on the prompt text: no exact table")
+    if variant not in TABLE_VARIANTS:
+        raise EstimatorError(f"the {variant} variant's features are not monotone in the length: no exact table")
     residual = variant == "residual"
     pre, dec = models["prefill"], models["decode"]
     seen: dict[tuple[str, ...], Mapping[str, Any]] = {}

@@ -50,6 +50,7 @@ from estimator.model.meta import (
     axis_ranges,
     finite_or_none,
 )
+from estimator.model.tables import TABLE_VARIANTS
 
 # LightGBM fits log(latency_ms) with L2 loss, so errors are relative (what MAPE measures) at every scale.
 LGBM_PARAMS: dict[str, Any] = {
@@ -121,9 +122,7 @@ class EmbeddingContext:
     projection: Projection
 
     @classmethod
-    def fit(
-        cls, frames: Sequence[pd.DataFrame], cache: EmbeddingCache, dim: int = PCA_DIM
-    ) -> EmbeddingContext:
+    def fit(cls, frames: Sequence[pd.DataFrame], cache: EmbeddingCache, dim: int = PCA_DIM) -> EmbeddingContext:
         """Fit the PCA on the distinct prompts of the training frames (one vector per prompt)."""
         both = pd.concat([f[["prompt_id", "text"]] for f in frames]).drop_duplicates("prompt_id")
         vecs = cache.get(both["prompt_id"].astype(str).tolist(), both["text"].astype(str).tolist())
@@ -189,9 +188,7 @@ def fit_all(
     ctx = None
     if variant == "embedding":
         ctx = EmbeddingContext.fit(list(frames.values()), cache or EmbeddingCache())
-    models = {
-        p: fit_phase_model(frames[p], p, variant, axes, categories, seed, closed[p], ctx) for p in frames
-    }
+    models = {p: fit_phase_model(frames[p], p, variant, axes, categories, seed, closed[p], ctx) for p in frames}
     return models, closed, ctx
 
 
@@ -208,9 +205,7 @@ def training_summary(
     """What the model saw: runs, rows, prompt and position ranges, configs, latency scale."""
     pre, dec = frames["prefill"], frames["decode"]
     allrows = pd.concat([pre, dec])
-    configs = (
-        allrows[runset.config_columns].drop_duplicates().sort_values(runset.config_columns).to_dict("records")
-    )
+    configs = allrows[runset.config_columns].drop_duplicates().sort_values(runset.config_columns).to_dict("records")
     configs = [{k: (v.item() if isinstance(v, np.generic) else v) for k, v in c.items()} for c in configs]
     latency: dict[str, dict[str, float]] = {
         p: {
@@ -276,9 +271,7 @@ def train_estimator(
         for p in frames:
             test = frames[p].iloc[split[p].test].reset_index(drop=True)
             pred = predict_frame(models[p], test, ctx)
-            metrics[p] = {
-                k: finite_or_none(v) for k, v in error_metrics(test["latency_ms"].to_numpy(), pred).items()
-            }
+            metrics[p] = {k: finite_or_none(v) for k, v in error_metrics(test["latency_ms"].to_numpy(), pred).items()}
         held = HeldOut(split="by_prompt", description=split["prefill"].description, metrics=metrics)
     fit_frames = dict(frames)
     fit_frames["decode"] = subsample(frames["decode"], max_decode_rows, seed)
@@ -322,7 +315,7 @@ def train_estimator(
         request_prediction=(
             "compiled tables (tables.npz): prefill and per-step decode values per trained config between the "
             "trees' split thresholds, decode prefix sums over position; exact (the booster's own outputs)"
-            if variant != "embedding"
+            if variant in TABLE_VARIANTS
             else "booster per request: prefill row + one decode row per step (exact sum)"
         ),
     )

@@ -44,6 +44,9 @@ LENGTH_COLUMNS = (
     "text_tokens_sq",
     "position_sqrt",
     "position_sq",
+    "block_index",
+    "block_offset",
+    "prompt_blocks",
 )
 BUCKET_COLUMNS = ("bucket_short", "bucket_log")
 RIDGE_ALPHA = 1e-3

@@ -83,3 +83,16 @@ def test_feature_axes_and_config_key() -> None:
     assert feature_axes(["tier", "model", "top_k"]) == ["tier", "top_k"]
     assert feature_axes(["model", "top_k"]) == ["model", "top_k"]
     assert config_key({"tier": np.int64(1), "top_k": 2.0}, ["tier", "top_k"]) == ("1", "2")
+
+
+def test_blocks_variant_exposes_the_kv_cache_block_structure() -> None:
+    dec = FeatureSpec("decode", "blocks", ("tier", "blocks"))
+    assert dec.names()[-2:] == ["block_index", "block_offset"]
+    cols = {"tier": np.array([1, 1, 1]), "blocks": np.array([32, 32, 128]), "text_tokens": np.array([30, 30, 30]),
+            "position": np.array([31, 64, 130])}
+    x = dec.matrix(cols, 3)
+    assert x[:, -2].tolist() == [0, 2, 1] and x[:, -1].tolist() == [31, 0, 2]
+    pre = FeatureSpec("prefill", "blocks", ("tier", "blocks"))
+    assert pre.matrix({k: v for k, v in cols.items() if k != "position"}, 3)[:, -1].tolist() == [1, 1, 1]
+    with pytest.raises(EstimatorError, match="numeric `blocks` axis"):
+        FeatureSpec("decode", "blocks", ("tier",)).matrix(cols, 3)

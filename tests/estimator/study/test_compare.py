@@ -33,7 +33,7 @@ def test_outputs_and_models(comparison: tuple[Comparison, Path]) -> None:
     comp, out = comparison
     assert {p.name for p in comp.written} == {"compare.json", "compare.csv", "predictions.parquet"}
     scores = pd.read_csv(out / "compare.csv")
-    expected = {"tokens", "buckets", "poly", "embedding", "residual", "closed_form", "random_forest"}
+    expected = {"tokens", "buckets", "poly", "embedding", "residual", "blocks", "closed_form", "random_forest"}
     for (split, phase), sub in scores.groupby(["split", "phase"]):
         assert set(sub["model"]) == expected, (split, phase)
     by_prompt = scores[scores["split"] == "by_prompt"]
