@@ -164,6 +164,12 @@ class ConsoleReporter:
         elif event == "failure":
             where = f" (engine output: {data['engine_log']})" if data.get("engine_log") else ""
             self.log(f"[failed] point {data['point'].point_id} {data['point'].axes}: {data['error']}{where}")
+        elif event == "request":  # points finish late in an interleaved pass: show its requests too
+            n, of = data["seq"] + 1, data["of"]
+            if self.progress is not None:
+                self.progress.update(self.task, last=f"request {n}/{of} of this engine start")
+            elif n < of and n * 4 // of != (n - 1) * 4 // of:  # plain log: at each quarter of the pass
+                self.log(f"request {n}/{of} of this engine start")
         elif event == "log":
             self.log(data["message"])
         elif event == "end" and self.progress is not None:

@@ -503,6 +503,7 @@ def _run_points(
                                 report("log", {"message": "restarting the engine for the rest of its points"})
                                 break  # restart the engine for the rest of the group
                             continue
+                        report("request", {"seq": req.seq, "of": len(batch.order)})
                         if not batch.add(req, record, sampler.drain()):
                             continue
                         tables, figures = batch.tables(point)

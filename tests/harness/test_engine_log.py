@@ -40,6 +40,12 @@ def test_engine_output_goes_to_the_log_not_the_terminal(served_run: ServedRun) -
         assert noise not in terminal, noise
     # the harness's own lines are still there, with one summary of the engine's warnings naming the log
     assert "status: complete" in proc.stdout and "engine start cpu-tiny" in proc.stderr
+    # an interleaved pass finishes its points at the end: its requests show progress (quiet mode: each quarter)
+    assert [line.split("] ")[1] for line in proc.stderr.splitlines() if "request " in line and "/18 " in line] == [
+        "request 5/18 of this engine start",
+        "request 9/18 of this engine start",
+        "request 14/18 of this engine start",
+    ]
     summary = [line for line in proc.stderr.splitlines() if line.startswith("engine output")]
     assert len(summary) == 1 and str(run / "engine.log") in summary[0]
     m = json.loads((run / "manifest.json").read_text())
