@@ -15,7 +15,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
-CPU_LADDER = ["cpu-tiny", "cpu-small", "cpu-base", "cpu-moe"]  # tier 3: mixture of experts (routing depends on the tokens)
+# tier 3: mixture of experts (routing depends on the tokens)
+CPU_LADDER = ["cpu-tiny", "cpu-small", "cpu-base", "cpu-moe"]
 GPU_LADDER = ["gpu-1b-llama3.2-shape", "gpu-3b-llama3.2-shape", "gpu-8b-llama3.1-shape"]
 
 # Where each built-in axis goes. Targets: "model" (the tier ladder), "prompt" (prompt length),
