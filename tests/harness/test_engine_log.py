@@ -52,3 +52,19 @@ def test_engine_output_goes_to_the_log_not_the_terminal(served_run: ServedRun) -
     assert m["engine_starts"][0]["log_warnings"] > 0  # vLLM 0.32 CPU warns e.g. that triton-cpu is missing
     assert f"{m['engine_starts'][0]['log_warnings']} warning line(s)" in summary[0]
     assert proc.stderr.rstrip().splitlines()[-1] == summary[0]  # nothing after it (no leak report)
+
+
+@pytest.mark.slow
+def test_verbose_shows_the_engine_output_live_and_keeps_the_log(tmp_path: Path) -> None:
+    from tests.conftest import run_profile
+
+    proc = run_profile(
+        "sweep", "--tier", "0", "--blocks", "32", "--text-tokens", "32", "--top-k", "0", "--reps", "1",
+        "--same-prompt-repeats", "0", "--max-new-tokens", "2", "--warmup", "0", "--quiet", "--verbose",
+        "--out", str(tmp_path), "--name", "run",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = (tmp_path / "run" / "engine.log").read_text()
+    for text in ("Triton is installed, but doesn't include CPU backend", "WARNING"):
+        assert text in proc.stderr and text in log, text
+    assert "status: complete" in proc.stdout
