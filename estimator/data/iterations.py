@@ -85,8 +85,9 @@ def _clean(it: pd.DataFrame) -> pd.DataFrame:
         & (out["latency_ms"] > 0)
         & ((out["prefill_tokens"] > 0) | (out["num_decode_seqs"] > 0))
     )
-    if "composition_mismatch" in out.columns:  # the engine's own counts disagreed with the harness's: not trusted
-        keep &= ~out["composition_mismatch"].fillna(False).astype(bool)
+    for flag in ("composition_mismatch", "client_lagged"):  # the engine's counts disagreed / the caller lagged
+        if flag in out.columns:
+            keep &= ~out[flag].fillna(False).astype(bool)
     return out[keep].reset_index(drop=True)
 
 
@@ -114,7 +115,13 @@ def prefill_square_sums(iterations: pd.DataFrame, requests: pd.DataFrame) -> np.
         ]
     )
     found = sq.reindex(idx).to_numpy()
-    return np.where(np.isfinite(found) & (n_pre > 0), found, even)
+    chunked = (
+        iterations["prefill_chunk_inferred"].fillna(False).astype(bool).to_numpy()
+        if ("prefill_chunk_inferred" in iterations.columns)
+        else np.zeros(len(iterations), dtype=bool)
+    )
+    # a request's first_iteration is its first chunk when the prefill was split: the even split is then better
+    return np.where(np.isfinite(found) & (n_pre > 0) & ~chunked, found, even)
 
 
 def with_derived(itset: IterationSet) -> pd.DataFrame:

@@ -63,7 +63,9 @@ def json_number(v: Any) -> Any:
 
 
 # Per-request or per-step columns that a spec may sweep but that are features, not config axes.
-NOT_CONFIG_COLUMNS = frozenset({"text_tokens", "position", "step_index", "max_new_tokens", "batch_size"})
+NOT_CONFIG_COLUMNS = frozenset(
+    {"text_tokens", "position", "step_index", "max_new_tokens", "batch_size", "batch", "batch_join_tokens"}
+)
 
 
 @dataclass(frozen=True)
