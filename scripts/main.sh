@@ -3,6 +3,8 @@
 # analyze it, train the estimator, compare feature variants, and write the report.
 # A second run reuses the finished sweep (results/default) and redoes only the quick estimator steps.
 #   RUN_NAME=... OUT=... bash scripts/main.sh   to keep several runs apart.
+#   WITH_BATCH=1 bash scripts/main.sh           also runs the batch-level job (scripts/batch.sh, about 8 more
+#                                               minutes) and puts it in the report.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh cpu,dev
@@ -14,8 +16,11 @@ bin=.venv/bin
 "$bin/estimate" analyze "$run"
 "$bin/estimate" train "$run" --variant tokens --out "models/$run_name-tokens"
 "$bin/estimate" compare "$run"
-if "$bin/estimate" report --help >/dev/null 2>&1; then
-  "$bin/estimate" report "$run" --model "models/$run_name-tokens" --out "reports/$run_name"
+batch_args=()
+if [ "${WITH_BATCH:-0}" = 1 ]; then
+  OUT="$out" bash scripts/batch.sh
+  batch_args=(--batch "$out/batch-default" --batch "$out/replay-light" --batch "$out/replay-heavy")
 fi
+"$bin/estimate" report "$run" --model "models/$run_name-tokens" --out "reports/$run_name" "${batch_args[@]}"
 "$bin/estimate" predict --model "models/$run_name-tokens" --tier 1 --top-k 0 --blocks 32 --text-tokens 512 --new-tokens 128
 echo "main job done: results in $run, model in models/$run_name-tokens"
