@@ -41,3 +41,23 @@ def test_order_interleaves_lengths_sampling_and_repeats() -> None:
         assert (o.groupby("point_id").seq.min() < 12).all() and (o.groupby("point_id").seq.max() >= 6 * 12).all()
         # neighbours differ: lengths change between consecutive requests most of the time
         assert (o.text_tokens.diff().fillna(1) != 0).mean() > 0.7
+
+
+def test_warm_up_covers_every_sampling_config_at_both_length_ends() -> None:
+    from harness.sweep import _warm_up, plan_sweep, prompt_sources
+
+    spec = build_spec({"axes": {**AXES, "top_k": [0, 5, 50]}, "warmup_requests": 1, "max_new_tokens": 4})
+    plan = plan_sweep(spec)
+    (group,) = plan.groups
+    calls: list[tuple[int, dict[str, object]]] = []
+
+    class FakeEngine:
+        def run_request(self, rid: str, token_ids: list[int], max_new: int, sampling: dict[str, object]) -> None:
+            calls.append((len(token_ids), sampling))
+
+    _warm_up(FakeEngine(), next(iter(prompt_sources(plan).values())), plan, group)  # type: ignore[arg-type]
+    assert {(n, s["top_k"]) for n, s in calls} == {(n, k) for n in (16, 1024) for k in (0, 5, 50)}
+    calls.clear()
+    none = plan_sweep(build_spec({"axes": AXES, "warmup_requests": 0}))
+    _warm_up(FakeEngine(), next(iter(prompt_sources(none).values())), none, none.groups[0])  # type: ignore[arg-type]
+    assert calls == []  # --warmup 0: none
