@@ -62,8 +62,12 @@ THROTTLE_REASON_NAMES: dict[int, str] = {
     0x40: "hw_thermal_slowdown",
     0x80: "hw_power_brake_slowdown",
     0x100: "display_clock_setting",
+    0x200: "board_limit",  # older ClocksThrottleReason bits
+    0x400: "reliability",
 }
-THROTTLE_IGNORED_BITS = 0x1  # an idle GPU is not a throttled one
+# Bits that are not a slowdown: an idle GPU, and clocks held by a setting (applications clocks, which
+# --lock-clocks sets for the whole run; sync boost; display clock). `throttled` counts only the others.
+THROTTLE_IGNORED_BITS = 0x1 | 0x2 | 0x10 | 0x100
 
 # Shortest request window whose energy is taken from the energy counter (the counter moves in steps).
 MIN_COUNTER_WINDOW_S = 0.1
@@ -577,10 +581,10 @@ def join_snapshots(samples: pd.DataFrame, telemetry: pd.DataFrame, max_gap_s: fl
     """Add to each step row the telemetry sample nearest its midpoint, and each request's energy.
 
     `samples` needs `t_start_s`, `t_end_s`, `point_id`, `rep`; `telemetry` is the raw table (`t_s` on the same
-    clock). Adds `tel_<counter>` (null where no sample lies within `max_gap_s` s), `throttled` (a clock-event
-    reason other than idle is set) and `request_energy_j` (J, per (point_id, rep): energy counter difference
-    for a window >= 100 ms, else mean power x duration with `request_energy_is_estimate` true; NaN without
-    either).
+    clock). Adds `tel_<counter>` (null where no sample lies within `max_gap_s` s), `throttled` (a slowdown
+    reason is set, not only THROTTLE_IGNORED_BITS) and `request_energy_j` (J, per (point_id, rep): energy
+    counter difference for a window >= 100 ms, else mean power x duration with `request_energy_is_estimate`
+    true; NaN without either).
     Row order and index are kept.
     """
     import numpy as np

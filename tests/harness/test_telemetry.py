@@ -411,9 +411,24 @@ def test_join_takes_the_sample_nearest_the_step_midpoint() -> None:
 
 
 @pytest.mark.parametrize(
-    ("bits", "throttled"), [(0x0, False), (0x1, False), (0x4, True), (0x5, True), (0x40, True)]
+    ("bits", "throttled"),
+    [
+        (0x0, False),
+        (0x1, False),  # idle
+        (0x2, False),  # applications clocks (set for the whole run by --lock-clocks)
+        (0x10, False),  # sync boost
+        (0x100, False),  # display clock setting
+        (0x1 | 0x2 | 0x10 | 0x100, False),
+        (0x4, True),  # software power cap
+        (0x8, True),  # hardware slowdown
+        (0x20, True),  # software thermal
+        (0x40, True),  # hardware thermal
+        (0x80, True),  # power brake
+        (0x2 | 0x4, True),
+        (0x200, True),  # board limit (older throttle-reason bit)
+    ],
 )
-def test_throttled_ignores_only_the_idle_bit(bits: int, throttled: bool) -> None:
+def test_throttled_counts_only_slowdown_reasons(bits: int, throttled: bool) -> None:
     out = join_snapshots(_steps([("p", 0, 10.1, 10.2)]), _nvml_telemetry(throttle=bits))
     assert out["throttled"].tolist() == [throttled]
     assert out["throttled"].dtype == bool
@@ -475,3 +490,19 @@ def test_decode_throttle_reasons() -> None:
     assert telemetry.decode_throttle_reasons(0x45) == ["gpu_idle", "sw_power_cap", "hw_thermal_slowdown"]
     assert telemetry.decode_throttle_reasons(0x1000) == ["0x1000"]
     assert telemetry.decode_throttle_reasons(None) == []
+
+
+def test_throttle_bits_match_the_installed_nvml() -> None:
+    """The bit values are NVML's own (nvmlClocksEventReason* / nvmlClocksThrottleReason* in pynvml)."""
+    names = {
+        "GpuIdle": "gpu_idle", "ApplicationsClocksSetting": "applications_clocks_setting",
+        "SwPowerCap": "sw_power_cap", "HwSlowdown": "hw_slowdown", "SyncBoost": "sync_boost",
+        "SwThermalSlowdown": "sw_thermal_slowdown", "HwThermalSlowdown": "hw_thermal_slowdown",
+        "HwPowerBrakeSlowdown": "hw_power_brake_slowdown", "DisplayClockSetting": "display_clock_setting",
+    }
+    by_name = {v: k for k, v in telemetry.THROTTLE_REASON_NAMES.items()}
+    for nvml_name, ours in names.items():
+        assert getattr(real_nvml, f"nvmlClocksThrottleReason{nvml_name}") == by_name[ours]
+    ignored = ("GpuIdle", "ApplicationsClocksSetting", "SyncBoost", "DisplayClockSetting")
+    bits = [getattr(real_nvml, f"nvmlClocksThrottleReason{n}") for n in ignored]
+    assert sum(bits) == telemetry.THROTTLE_IGNORED_BITS
