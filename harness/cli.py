@@ -75,11 +75,14 @@ def _gpu_present() -> bool:
 
 
 def resolve_spec(spec_file: Path | None, gpu: int | None, overrides: dict[str, Any]) -> SweepSpec:
-    """Spec file (if any) + flag overrides -> a validated spec."""
+    """Spec file (if any) + flag overrides -> a validated spec. The device: --device, else the spec file's, else
+    the automatic choice (harness/device.py); why is left in overrides["device_why"]."""
+    from harness.device import choose_device
+
     data: dict[str, Any] = load_spec_file(spec_file) if spec_file else {}
-    if gpu is not None:
-        data["device"] = "cuda"
-    data.setdefault("device", "cuda" if _gpu_present() else "cpu")
+    asked_by = "--device" if overrides.get("device") else f"spec file {spec_file}: device ="
+    asked = overrides.get("device") or data.get("device")
+    data["device"], overrides["device_why"] = choose_device(asked, gpu, asked_by)
     axes = dict(data.get("axes") or {})
     for axis in ("text_tokens", "tier", "top_k", "blocks"):
         if overrides.get(axis) is not None:
@@ -206,6 +209,9 @@ def print_summary(result: Any, failures: list[dict[str, Any]]) -> None:
 @app.command()
 def sweep(
     gpu: int | None = typer.Option(None, "--gpu", help="GPU index (in this process's CUDA view) to measure on"),
+    device: str | None = typer.Option(
+        None, help="cpu or cuda (default: cuda where NVML sees a GPU and the CUDA vLLM build is installed)"
+    ),
     spec_file: Path | None = typer.Option(None, "--spec", help="sweep spec, TOML or YAML"),
     text_tokens: str | None = typer.Option(None, help="prompt lengths, e.g. 64,256,1024"),
     tier: str | None = typer.Option(
@@ -250,10 +256,12 @@ def sweep(
                 return
             resume = out_dir / name
             err.print(f"resuming unfinished run {resume} (status {status})", highlight=False)
+        device_why = "the resumed run's spec"
         if resume is not None:
             spec = build_spec(RunStore.open(resume).read_manifest()["spec"])
         else:
-            overrides = {
+            overrides: dict[str, Any] = {
+                "device": device,
                 "text_tokens": _int_list("text-tokens", text_tokens),
                 "tier": _int_list("tier", tier),
                 "top_k": _int_list("top-k", top_k),
@@ -271,12 +279,14 @@ def sweep(
                 "telemetry_interval_ms": telemetry_interval_ms,
             }
             spec = resolve_spec(spec_file, gpu, overrides)
+            device_why = overrides["device_why"]
         plan = plan_sweep(spec)
         if dry_run:
             if spec.prompts is not None:
                 prompt_sources(plan)  # a bad or too short prompts file fails the plan too (run_sweep checks it)
-            _print_plan(plan)
+            _print_plan(plan, device_why)
             return
+        err.print(f"device: {spec.device} ({device_why})", highlight=False, soft_wrap=True)
         engine_output: EngineOutput | None = None
         if EngineOutput.possible():  # not under a test runner's in-process invocation
             engine_output = EngineOutput(verbose)
@@ -338,9 +348,9 @@ def sweep(
         raise typer.Exit(EXIT_POINTS_FAILED)
 
 
-def _print_plan(plan: Any) -> None:
+def _print_plan(plan: Any, device_why: str = "") -> None:
     spec = plan.spec
-    out.print(f"device: {spec.device}; engine mode: {spec.engine_mode}")
+    out.print(f"device: {spec.device} ({device_why}); engine mode: {spec.engine_mode}", highlight=False, soft_wrap=True)
     axes = Table(title="axes")
     axes.add_column("axis")
     axes.add_column("values")

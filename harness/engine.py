@@ -559,7 +559,10 @@ def _mark_client_lag(steps: list[StepRecord]) -> None:
 
 
 def engine_environment() -> dict[str, Any]:
-    """vLLM version and build, torch version, and the platform vLLM detected."""
+    """vLLM version and build, torch version, the platform vLLM detected, and the CUDA versions (`cuda`: torch's
+    build, `cuda_driver`: what the NVIDIA driver supports; None on a CPU box)."""
+    from harness.device import cuda_versions
+
     info: dict[str, Any] = {}
     try:
         import torch
@@ -567,6 +570,7 @@ def engine_environment() -> dict[str, Any]:
         info["torch"] = torch.__version__
     except ImportError:
         info["torch"] = None
+    info.update(cuda_versions())
     try:
         import vllm
 

@@ -7,7 +7,7 @@
 #                                               minutes) and puts it in the report.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh cpu,dev
+bash scripts/setup.sh  # the vLLM build for this machine: CUDA where an NVIDIA GPU is seen, else CPU
 run_name="${RUN_NAME:-default}"
 out="${OUT:-results}"
 run="$out/$run_name"
