@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from harness.engine import LAG_RATIO, EngineError, MeasurementError, VllmEngine
+from harness.engine import EngineError, MeasurementError, VllmEngine, client_lag_marks
 from harness.telemetry import join_snapshots
 
 IDLE_POLL_S = 0.05  # longest sleep while waiting for the next arrival (a stop request is seen this fast)
@@ -355,13 +355,11 @@ def iterations_frame(rows: list[dict[str, Any]], telemetry: pd.DataFrame) -> pd.
     frame = pd.DataFrame(rows)
     if frame.empty:
         return frame
-    lat = frame["latency_ms"].to_numpy(dtype="float64")
-    eng = frame["engine_elapsed_ms"].astype("float64").to_numpy()
-    short = np.nan_to_num(eng, nan=0.0) > 0
-    short &= lat < LAG_RATIO * np.nan_to_num(eng, nan=0.0)
-    lagged = short.copy()
-    lagged[:-1] |= short[1:]  # the step before a short one absorbed the wait (engine.py _mark_client_lag)
-    frame["client_lagged"] = lagged
+    eng = frame["engine_elapsed_ms"].astype("float64")
+    mode = str(frame["engine_mode"].iloc[0]) if "engine_mode" in frame else "multiprocess"
+    frame["client_lagged"] = client_lag_marks(
+        frame["latency_ms"].astype("float64").tolist(), [None if pd.isna(e) else e for e in eng], mode
+    )
     for c in ("engine_num_ctx_seqs", "engine_num_ctx_tokens", "engine_num_gen_seqs", "engine_num_gen_tokens"):
         frame[c] = frame[c].astype("Int64")
     frame["engine_elapsed_ms"] = frame["engine_elapsed_ms"].astype("float64")

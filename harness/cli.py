@@ -197,6 +197,8 @@ def print_summary(result: Any, failures: list[dict[str, Any]]) -> None:
             f"decode {fig.get('decode_harness_over_engine_ratio', math.nan):.3f} "
             f"(+{fig.get('decode_harness_minus_engine_ms', math.nan):.3f} ms)"
         )
+    elif "harness_over_engine" in fig:
+        out.print(f"harness step time / engine core iteration time: {fig['harness_over_engine']}")
     for f in failures:
         detail = escape(f"{f['point_id']} {f.get('axes')}: {f['error_type']}: {f['error']}")
         out.print(f"[red]failed[/] {detail}", highlight=False)

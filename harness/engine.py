@@ -488,7 +488,7 @@ class VllmEngine:
             prev_tokens, prev_iter = tokens, n_iter
         for st in steps:
             st.prefill_iterations = prefill_iterations
-        _mark_client_lag(steps)
+        _mark_client_lag(steps, self.settings.mode)
         return RequestRecord(steps=steps, prompt_tokens=received, cached_tokens=cached, generated_tokens=generated)
 
     def _prefill_chunks(
@@ -543,19 +543,34 @@ def _plain(value: Any) -> Any:
 LAG_RATIO = 0.5
 
 
-def _mark_client_lag(steps: list[StepRecord]) -> None:
-    """Flag steps where the harness fell behind the engine core.
+def client_lag_marks(latency_ms: list[float], engine_ms: list[float | None], mode: str) -> list[bool]:
+    """Which of consecutive steps (or iterations) were split by the harness falling behind the engine core.
 
-    The engine core runs ahead in its own process: if the caller was held up (descheduled on a busy machine),
-    the next token is already waiting and its `step()` returns in microseconds, while the step before it absorbed
-    the wait. Such a pair is flagged (caller time < LAG_RATIO x the engine's own iteration time on the short one);
-    the rows stay in the results, and the estimator leaves them out.
+    Multiprocess mode: the engine core runs ahead in its own process; if the caller was held up (descheduled on a
+    busy machine), the next token is already waiting and its `step()` returns in microseconds, while the step
+    before it absorbed the wait. Such a pair is marked: caller time < LAG_RATIO x the engine core's own
+    iteration time on the short one (engine_elapsed_ms covers the model's run there, docs/results-schema.md).
+    In-process mode nothing is marked: the iteration runs inside the caller's `step()`, so the caller cannot
+    fall behind it (a held-up caller makes that step slower, which is measured, not mis-attributed), and
+    engine_elapsed_ms covers only the sampling tail there, so the ratio would mean nothing.
     """
-    for i, s in enumerate(steps):
-        if s.engine_elapsed_ms and s.latency_ms < LAG_RATIO * s.engine_elapsed_ms:
-            s.client_lagged = True
+    marks = [False] * len(latency_ms)
+    if mode == "inprocess":
+        return marks
+    for i, (lat, eng) in enumerate(zip(latency_ms, engine_ms, strict=True)):
+        if eng and lat < LAG_RATIO * eng:
+            marks[i] = True
             if i > 0:
-                steps[i - 1].client_lagged = True
+                marks[i - 1] = True
+    return marks
+
+
+def _mark_client_lag(steps: list[StepRecord], mode: str) -> None:
+    """Flag steps where the harness fell behind the engine core (client_lag_marks); the rows stay in the
+    results, and the estimator leaves them out."""
+    marks = client_lag_marks([s.latency_ms for s in steps], [s.engine_elapsed_ms for s in steps], mode)
+    for s, lagged in zip(steps, marks, strict=True):
+        s.client_lagged = lagged
 
 
 def engine_environment() -> dict[str, Any]:

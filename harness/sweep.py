@@ -307,9 +307,13 @@ def _finish(store: RunStore, plan: Plan, status: str, report: Reporter) -> Sweep
 
 
 def overhead_figures(samples: pd.DataFrame) -> dict[str, Any]:
-    """Caller step time over the engine core's own iteration time, per phase (median ratio)."""
+    """Caller step time over the engine core's own iteration time, per phase (median ratio). None in-process:
+    there the engine's time covers only the iteration's sampling tail (docs/results-schema.md)."""
     out: dict[str, Any] = {"rows": len(samples)}
     if samples.empty or "engine_elapsed_ms" not in samples:
+        return out
+    if "engine_mode" in samples and (samples.engine_mode == "inprocess").any():
+        out["harness_over_engine"] = "not reported in-process: the engine's own time covers only sampling"
         return out
     for phase in ("prefill", "decode"):
         s = samples[(samples.phase == phase) & samples.engine_elapsed_ms.notna() & (samples.engine_elapsed_ms > 0)]

@@ -87,5 +87,14 @@ def test_client_lag_flags_the_short_step_and_the_one_that_absorbed_the_wait() ->
                           engine_elapsed_ms=engine_ms)
 
     steps = [step(0, 10.0, 9.5), step(1, 8.0, 4.0), step(2, 0.07, 4.0), step(3, 4.1, 4.0)]
-    _mark_client_lag(steps)
+    _mark_client_lag(steps, "multiprocess")
     assert [s.client_lagged for s in steps] == [False, True, True, False]
+
+
+def test_client_lag_is_never_marked_in_process() -> None:
+    """In-process, the iteration runs inside the caller's step() (the caller cannot fall behind it), and the
+    engine's own time covers only the sampling tail: a step far longer than it is normal, and none is marked."""
+    from harness.engine import client_lag_marks
+
+    assert client_lag_marks([7.6, 2.0, 0.05], [0.35, 0.2, 0.2], "inprocess") == [False, False, False]
+    assert client_lag_marks([7.6, 2.0, 0.05], [7.5, 1.9, 1.9], "multiprocess") == [False, True, True]
