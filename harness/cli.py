@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,26 @@ from harness.spec import (
 from harness.store import RunStore, StoreError
 from harness.telemetry import TelemetryError
 
-app = typer.Typer(
+RAY_LOCAL = "local"  # what a bare `--ray` stands for: start a local Ray
+
+
+def ray_flag_default(argv: list[str]) -> list[str]:
+    """`--ray` with no address (last, or followed by another option) means `--ray local`."""
+    out = list(argv)
+    for i, a in enumerate(out):
+        if a == "--ray" and (i + 1 == len(out) or out[i + 1].startswith("-")):
+            out.insert(i + 1, RAY_LOCAL)
+            break
+    return out
+
+
+class _App(typer.Typer):
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        sys.argv[:] = ray_flag_default(sys.argv)
+        return super().__call__(*args, **kwargs)
+
+
+app = _App(
     help="Profile prefill and per-position decode latency on a real vLLM engine.",
     no_args_is_help=True,
     add_completion=False,
@@ -128,6 +148,8 @@ class ConsoleReporter:
                 f"run folder {data['run_dir']}: {data['points_total']} points "
                 f"({data['points_done']} already done), {data['engine_starts']} engine configs"
             )
+            for w in data.get("workers", []):
+                self.log(f"worker {w['worker']}: {w['host']} ({w['ip']}), {w['device']}, vllm {w['vllm']}")
             if self.live:
                 self.progress = Progress(
                     TextColumn("[bold]sweep"),
@@ -149,14 +171,19 @@ class ConsoleReporter:
             noise = ""
             if data.get("log_warnings") or data.get("log_errors"):
                 noise = f"; vLLM logged {data['log_warnings']} warning(s), {data['log_errors']} error(s)"
+            where = f"[{data['worker']}@{data['node']}] " if "worker" in data else ""
             self.log(
-                f"engine start {data['model']} block_size={data['block_size']}: {data['seconds']:.1f} s "
+                f"{where}engine start {data['model']} block_size={data['block_size']}: {data['seconds']:.1f} s "
                 f"({data['points']} points on it){noise}"
             )
         elif event == "point":
             p = data["point"]
             axes = " ".join(f"{k}={v}" for k, v in p.axes.items())
             last = f"last: prefill {data['prefill_ms']:.2f} ms, decode {data['decode_ms']:.2f} ms"
+            if "workers" in data:  # a Ray sweep: where it ran, and points done / engine starts per worker
+                workers = data["workers"].items()
+                per = ", ".join(f"{n} {w['points_done']} pts/{w['engine_starts']} starts" for n, w in workers)
+                last = f"[{data['worker']}@{data['node']}] {last}; workers: {per}"
             if self.progress is not None:
                 self.progress.update(self.task, completed=data["done"], last=last)
             else:
@@ -246,6 +273,17 @@ def sweep(
     ),
     trust_remote_code: bool = typer.Option(False, help="allow a model folder's own code to run"),
     verbose: bool = typer.Option(False, help="show vLLM's own output live (it always goes to RUN/engine.log)"),
+    ray: str | None = typer.Option(
+        None, "--ray", metavar="[ADDRESS]",
+        help="spread engine configs over Ray workers, one device each: --ray alone starts a local Ray, "
+        "--ray auto (or HOST:PORT) joins a running cluster",
+    ),
+    ray_workers: int | None = typer.Option(None, help="Ray workers (default: one per GPU, or per node on CPU)"),
+    ray_cpus_per_worker: int | None = typer.Option(None, help="CPU: cores each worker's engine owns (default: all)"),
+    ray_share_device: bool = typer.Option(
+        False, help="allow two engines on one device (tests; the manifest marks the run shared_device)"
+    ),
+    ray_retries: int = typer.Option(1, help="retries of a group whose Ray worker died, each on another worker"),
 ) -> None:
     """Sweep prompt lengths and serving configs; write results/<run_id>/."""
     from harness.sweep import SweepOptions, plan_sweep, prompt_sources, run_sweep
@@ -308,7 +346,7 @@ def sweep(
                     f"--gpu needs the CUDA vLLM build; this environment has vllm build {build!r} "
                     "(install the [gpu] extra)"
                 )
-        if gpu is None and spec.device == "cuda":
+        if gpu is None and spec.device == "cuda" and ray is None:
             gpu = 0
         options = SweepOptions(
             out_root=out_dir,
@@ -332,7 +370,16 @@ def sweep(
                 log_levels[1] += data.get("log_errors", 0)
             reporter(event, data)
 
-        result = run_sweep(spec, options, report)
+        if ray is not None:
+            from harness.cluster import RayOptions, run_cluster_sweep
+
+            ray_options = RayOptions(
+                address=None if ray == RAY_LOCAL else ray, workers=ray_workers,
+                cpus_per_worker=ray_cpus_per_worker, share_device=ray_share_device, max_retries=ray_retries,
+            )
+            result = run_cluster_sweep(spec, options, ray_options, report)
+        else:
+            result = run_sweep(spec, options, report)
     except (SpecError, StoreError, TelemetryError) as e:
         raise _fail(str(e)) from None
     print_summary(result, failures)

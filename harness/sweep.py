@@ -203,48 +203,16 @@ def run_sweep(spec: SweepSpec, options: SweepOptions, report: Reporter) -> Sweep
         check_writable(options.out_root)
     with open_source(options.gpu) as source:
         _select_gpu(options.gpu)
-        if options.resume_dir is not None:
-            store = RunStore.open(options.resume_dir)
-            for p in store.discard_partial():
-                report("log", {"message": f"discarded unfinished write {p.relative_to(store.run_dir)}"})
-            manifest = store.update_manifest(status="running", resumed_at=utc_now(), resume_command=options.command)
-            if build_spec(manifest.get("spec") or {}) != spec:
-                raise SpecError(
-                    f"--resume: the run in {options.resume_dir} was made with another spec; resume it "
-                    "with the same flags (or none: the saved spec is used)"
-                )
-        else:
-            commit, dirty = _git_info()
-            store = RunStore.create(
-                options.out_root,
-                {
-                    "tool_version": __version__,
-                    "git_commit": commit,
-                    "git_dirty": dirty,
-                    "command": options.command,
-                    "spec": spec.model_dump(mode="json"),
-                    "environment": environment(source.info),
-                    "telemetry": {
-                        "source": source.name,
-                        "reason": source.reason
-                        if source.name == "nvml"
-                        else f"{source.reason}; NVML sees {nvml_device_count()} GPU(s), so host counters stand in",
-                        "interval_ms": spec.telemetry_interval_ms,
-                        "power_field": source.info.get("power_field"),
-                        "clocks_locked_mhz": options.lock_clocks_mhz,
-                    },
-                    "engine_mode": spec.engine_mode,
-                    "started_at": utc_now(),
-                    "ended_at": None,
-                    "status": "running",
-                    "points_total": len(plan.points),
-                    "points_done": 0,
-                    "points_failed": 0,
-                    "engine_starts": [],
-                    "models": {str(t): m.__dict__ for t, m in plan.models.items()},
-                },
-                run_id=options.run_id,
-            )
+        telemetry = {
+            "source": source.name,
+            "reason": source.reason
+            if source.name == "nvml"
+            else f"{source.reason}; NVML sees {nvml_device_count()} GPU(s), so host counters stand in",
+            "interval_ms": spec.telemetry_interval_ms,
+            "power_field": source.info.get("power_field"),
+            "clocks_locked_mhz": options.lock_clocks_mhz,
+        }
+        store = open_store(plan, options, environment(source.info), telemetry, report)
         if options.engine_output is not None:
             options.engine_output.attach(store.run_dir / LOG_NAME)
         with lock_clocks(source, options.lock_clocks_mhz), _stop_on_signals() as stop:
@@ -253,6 +221,56 @@ def run_sweep(spec: SweepSpec, options: SweepOptions, report: Reporter) -> Sweep
             except KeyboardInterrupt:  # a second Ctrl-C: the engine is already closed, the point not written
                 status = "interrupted"
     return _finish(store, plan, status, report)
+
+
+def open_store(
+    plan: Plan,
+    options: SweepOptions,
+    env: dict[str, Any],
+    telemetry: dict[str, Any],
+    report: Reporter,
+    extra: dict[str, Any] | None = None,
+) -> RunStore:
+    """Create the run folder with its first manifest, or reopen it for --resume (dropping unfinished writes and
+    refusing a run made with another spec). `extra` adds manifest keys (a Ray run's `cluster`)."""
+    spec = plan.spec
+    if options.resume_dir is not None:
+        store = RunStore.open(options.resume_dir)
+        for p in store.discard_partial():
+            report("log", {"message": f"discarded unfinished write {p.relative_to(store.run_dir)}"})
+        manifest = store.update_manifest(
+            status="running", resumed_at=utc_now(), resume_command=options.command, **(extra or {})
+        )
+        if build_spec(manifest.get("spec") or {}) != spec:
+            raise SpecError(
+                f"--resume: the run in {options.resume_dir} was made with another spec; resume it "
+                "with the same flags (or none: the saved spec is used)"
+            )
+        return store
+    commit, dirty = _git_info()
+    return RunStore.create(
+        options.out_root,
+        {
+            "tool_version": __version__,
+            "git_commit": commit,
+            "git_dirty": dirty,
+            "command": options.command,
+            "spec": spec.model_dump(mode="json"),
+            "environment": env,
+            "telemetry": telemetry,
+            "engine_mode": spec.engine_mode,
+            "started_at": utc_now(),
+            "ended_at": None,
+            "status": "running",
+            "points_total": len(plan.points),
+            "points_done": 0,
+            "points_failed": 0,
+            "engine_starts": [],
+            "models": {str(t): m.__dict__ for t, m in plan.models.items()},
+            **(extra or {}),
+        },
+        run_id=options.run_id,
+    )
 
 
 def _run_points(

@@ -2,6 +2,6 @@
 # Set up (idempotent) and run the whole test suite, slow real-engine tests included.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh dev  # setup.sh adds the vLLM build for this machine
+bash scripts/setup.sh dev,ray  # setup.sh adds the build for this machine; ray: the Ray tests run in CI too
 .venv/bin/python -m ruff check .
 .venv/bin/python -m pytest "$@"
