@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from harness.cpu_pinning import CpuPinning, plan_pinning
+
 ENGINE_CORE_MODES = {"multiprocess": "1", "inprocess": "0"}
 WATCH_INTERVAL_S = 1.0  # how often the watchdog looks at the engine core process
 
@@ -53,6 +55,7 @@ class EngineSettings:
     verbose: bool = False
     gc_guard: bool = True  # keep garbage collection out of timed steps (off only to measure its effect)
     allow_chunked_prefill: bool = False  # a prefill over several iterations is recorded per chunk, not a failure
+    cpu_pinning: bool = True  # harness, engine core and compute threads on separate cores (harness/cpu_pinning.py)
 
     def exceptions(self, default_token_budget: int) -> list[dict[str, Any]]:
         """The engine arguments that differ from vLLM's serving defaults, each with why: a list of
@@ -234,6 +237,7 @@ class VllmEngine:
         self.died: str | None = None  # why the engine core process is gone, once the watchdog saw it go
         self.start_seconds: float | None = None
         self.exceptions: list[dict[str, Any]] = []  # set by start(): where the engine departs from serving defaults
+        self._pins = CpuPinning(plan_pinning(settings.cpu_pinning, settings.device, settings.mode))
 
     def __enter__(self) -> VllmEngine:
         self.start()
@@ -252,27 +256,29 @@ class VllmEngine:
             os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
             os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::UserWarning")
         t0 = time.perf_counter()
-        try:
-            from vllm.engine.arg_utils import EngineArgs
-            from vllm.v1.engine.llm_engine import LLMEngine
+        with self._pins.spawning():  # vLLM's worker binds its threads to the compute cores
+            try:
+                from vllm.engine.arg_utils import EngineArgs
+                from vllm.v1.engine.llm_engine import LLMEngine
 
-            budget = default_token_budget(self.settings.engine_kwargs)
-            self.exceptions = self.settings.exceptions(budget)
-            args = EngineArgs(**self.settings.engine_args(budget))
-            self._engine = LLMEngine.from_engine_args(
-                args,
-                usage_context=SERVING_CONTEXT(),  # vllm serve's defaults (token budget, max_num_seqs)
-                stat_loggers=[self._iters.logger_factory()],
-                enable_multiprocessing=self.settings.mode == "multiprocess",
-            )
-        except Exception as e:  # vLLM raises many types; the sweep records them as a failed engine start
-            raise EngineError(
-                f"engine start failed for {self.settings.model_name} "
-                f"(block_size={self.settings.block_size}): {type(e).__name__}: "
-                f"{_one_line(e)}"
-            ) from e
+                budget = default_token_budget(self.settings.engine_kwargs)
+                self.exceptions = self.settings.exceptions(budget)
+                args = EngineArgs(**self.settings.engine_args(budget))
+                self._engine = LLMEngine.from_engine_args(
+                    args,
+                    usage_context=SERVING_CONTEXT(),  # vllm serve's defaults (token budget, max_num_seqs)
+                    stat_loggers=[self._iters.logger_factory()],
+                    enable_multiprocessing=self.settings.mode == "multiprocess",
+                )
+            except Exception as e:  # vLLM raises many types; the sweep records them as a failed engine start
+                raise EngineError(
+                    f"engine start failed for {self.settings.model_name} "
+                    f"(block_size={self.settings.block_size}): {type(e).__name__}: "
+                    f"{_one_line(e)}"
+                ) from e
         self.start_seconds = time.perf_counter() - t0
         self._watch()
+        self._pins.pin(self._engine)
         return self.start_seconds
 
     def effective_config(self) -> dict[str, Any]:
@@ -303,6 +309,7 @@ class VllmEngine:
             "enforce_eager": model.enforce_eager,
             "dtype": str(model.dtype).removeprefix("torch."),
             "max_model_len": model.max_model_len,
+            "cpu_pinning": self._pins.record(),
         }
 
     def effective_value(self, target: str) -> tuple[bool, Any]:
@@ -367,6 +374,7 @@ class VllmEngine:
 
     def close(self) -> None:
         self._watch_stop.set()
+        self._pins.release()
         if self._engine is not None:
             # a dying engine must not mask the error that killed it
             with contextlib.suppress(Exception):

@@ -142,6 +142,7 @@ def _engine_settings(plan: Plan, point: Point, options: SweepOptions) -> EngineS
         # with engine.log catching it, vLLM logs at its own level; otherwise only errors, unless --verbose
         verbose=options.verbose or options.engine_output is not None,
         gc_guard=spec.gc_guard,
+        cpu_pinning=spec.cpu_pinning,
         allow_chunked_prefill=spec.allow_chunked_prefill,
     )
 

@@ -64,6 +64,10 @@ class SweepSpec(BaseModel):
     telemetry_interval_ms: float = Field(25.0, gt=0)
     telemetry: bool = Field(True, description="off only to measure telemetry's own overhead")
     gc_guard: bool = Field(True, description="garbage collection off inside timed requests")
+    cpu_pinning: bool = Field(
+        True, description="CPU, multiprocess, >= 4 physical cores: harness, engine core and compute threads on "
+        "separate cores (harness/cpu_pinning.py); off only to measure its effect"
+    )
     allow_chunked_prefill: bool = Field(
         False, description="a prefill over several engine iterations is recorded chunk by chunk instead of failing"
     )
