@@ -36,9 +36,10 @@ def _fail(message: str) -> typer.Exit:
 
 
 def _device() -> str:
-    from harness.telemetry import nvml_device_count
+    """CUDA only where NVML sees a GPU and the CUDA vLLM build is installed (harness/device.py)."""
+    from harness.device import choose_device
 
-    return "cuda" if nvml_device_count() > 0 else "cpu"
+    return choose_device(None, None)[0]
 
 
 def _base_spec(tier: int, model: str | None, device: str) -> dict[str, Any]:
