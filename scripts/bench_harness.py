@@ -2,12 +2,18 @@
 
 python scripts/bench_harness.py figures RUN_DIR [RUN_DIR ...]
     from finished runs (e.g. the default sweep): points per minute, engine start times, harness step time vs
-    the engine core's own iteration time, peak memory, and repeatability (same-prompt prefill CV, decode CV at
-    equal position).
-python scripts/bench_harness.py noise [--out DIR] [--repeats N]
+    the engine core's own iteration time (multiprocess runs only), peak memory, repeatability (same-prompt
+    prefill CV median and p90, decode CV at equal position median and p90) and drift: within each engine start,
+    the Spearman correlation between a request's place in the order (`seq`) and its `text_tokens` (target
+    |rho| < 0.2: lengths spread over the whole start), and between `seq` and its prefill time relative to its
+    point's median (how much the machine drifted).
+python scripts/bench_harness.py noise [--out DIR] [--rounds N] [--smoke]
     runs the same short sweep with each noise guard switched off in turn (garbage-collection guard, warm-up,
-    telemetry sampler, OMP thread binding) and prints the repeatability figures side by side, so the effect
-    of each guard is measured in one run on one machine. The telemetry row is also issue 3's overhead figure.
+    telemetry sampler, CPU pinning where it applies (>= 4 physical cores), vLLM's OMP binding on every core),
+    on and off side by side in each of N rounds (default 3; the variants in a shuffled order per round), and
+    prints each variant's median over the rounds. Keep a guard only if its "off" row is noisier than the
+    default's. The telemetry row is also issue 3's overhead figure. Run it on a quiet machine; --smoke is a
+    seconds-long check that it runs (its figures mean nothing).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import random
 import resource
 import subprocess
 import sys
@@ -27,31 +34,46 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from harness.cpu_pinning import plan_pinning  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 NOISE_SPEC = """
 reps = 2
-same_prompt_repeats = 8
-max_new_tokens = 32
+same_prompt_repeats = {same}
+max_new_tokens = {new}
 warmup_requests = {warmup}
 telemetry = {telemetry}
 gc_guard = {gc_guard}
+cpu_pinning = {cpu_pinning}
 [axes]
 tier = [0]
 blocks = [32]
 top_k = [0]
-text_tokens = [64, 512]
+text_tokens = {lengths}
 """
-VARIANTS: list[tuple[str, dict[str, Any], dict[str, str]]] = [
-    ("all guards on (default)", {"warmup": 3, "telemetry": "true", "gc_guard": "true"}, {}),
-    ("gc guard off", {"warmup": 3, "telemetry": "true", "gc_guard": "false"}, {}),
-    ("no warm-up", {"warmup": 0, "telemetry": "true", "gc_guard": "true"}, {}),
-    ("telemetry off", {"warmup": 3, "telemetry": "false", "gc_guard": "true"}, {}),
-    (
-        "OMP threads on both cores",
-        {"warmup": 3, "telemetry": "true", "gc_guard": "true"},
-        {"VLLM_CPU_OMP_THREADS_BIND": "0-1"},
-    ),
-]
+DEFAULT = "all guards on (default)"
+ON = {"warmup": 3, "telemetry": "true", "gc_guard": "true", "cpu_pinning": "true"}
+
+
+def variants() -> list[tuple[str, dict[str, Any], dict[str, str]]]:
+    """(label, spec knobs, environment) of each variant; CPU pinning only where its rule applies here."""
+    cpus = sorted(os.sched_getaffinity(0))
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_OMP_THREADS_BIND"}
+    out: list[tuple[str, dict[str, Any], dict[str, str]]] = [
+        (DEFAULT, ON, {}),
+        ("gc guard off", {**ON, "gc_guard": "false"}, {}),
+        ("no warm-up", {**ON, "warmup": 0}, {}),
+        ("telemetry off", {**ON, "telemetry": "false"}, {}),
+    ]
+    pin = plan_pinning(True, "cpu", "multiprocess", env=env)
+    if pin.applied:
+        out.append(("cpu pinning off", {**ON, "cpu_pinning": "false"}, {}))
+    else:
+        print(f"cpu pinning does not apply here ({pin.reason}): no 'cpu pinning off' variant", file=sys.stderr)
+    # vLLM's OMP binding on every core (its default leaves one for the engine core; this also turns pinning off)
+    out.append(("OMP threads on every core", ON, {"VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, cpus))}))
+    return out
 
 
 def _cv(x: pd.Series) -> float:
@@ -73,6 +95,39 @@ def repeatability(samples: pd.DataFrame) -> dict[str, float]:
     }
 
 
+DRIFT_RHO_TARGET = 0.2
+
+
+def drift(samples: pd.DataFrame) -> dict[str, Any]:
+    """Within each engine start (engine_config_id), over its requests in their order (`seq`): Spearman's rho
+    between `seq` and `text_tokens` (is length confounded with time? target |rho| < 0.2) and between `seq` and
+    the request's prefill time over its point's median (did the machine drift?). Median and worst |rho| over
+    the engine starts with at least 3 requests (and more than one length, for the first)."""
+    if "seq" not in samples or samples.empty:
+        return {"drift": "no seq column (a run from before the interleaved order)"}
+    pre = samples[samples.phase == "prefill"]
+    req = pre.groupby(["engine_config_id", "point_id", "rep"], as_index=False).agg(
+        seq=("seq", "first"), text_tokens=("text_tokens", "first"), prefill_ms=("latency_ms", "sum")
+    )
+    req["prefill_rel"] = req.prefill_ms / req.groupby("point_id").prefill_ms.transform("median")
+    by_len, by_time = [], []
+    for _, g in req.groupby("engine_config_id"):
+        if len(g) < 3:
+            continue
+        if g.text_tokens.nunique() > 1:
+            by_len.append(abs(g.seq.corr(g.text_tokens, method="spearman")))
+        by_time.append(g.seq.corr(g.prefill_rel, method="spearman"))
+    out: dict[str, Any] = {"drift_engine_starts": len(by_time)}
+    if by_len:
+        out["drift_seq_vs_text_tokens_abs_rho_median"] = round(float(np.median(by_len)), 3)
+        out["drift_seq_vs_text_tokens_abs_rho_max"] = round(float(np.max(by_len)), 3)
+        out["drift_seq_vs_text_tokens_ok"] = bool(np.max(by_len) < DRIFT_RHO_TARGET)
+    if by_time:
+        out["drift_seq_vs_rel_prefill_rho_median"] = round(float(np.nanmedian(by_time)), 3)
+        out["drift_seq_vs_rel_prefill_abs_rho_max"] = round(float(np.nanmax(np.abs(by_time))), 3)
+    return out
+
+
 def run_figures(run: Path) -> dict[str, Any]:
     m = json.loads((run / "manifest.json").read_text())
     s = pd.read_parquet(run / "samples")
@@ -82,6 +137,8 @@ def run_figures(run: Path) -> dict[str, Any]:
     starts = [e["seconds"] for e in m.get("engine_starts", [])]
     measure_s = s.groupby("point_id").t_end_s.max() - s.groupby("point_id").t_start_s.min()
     ok = s.engine_elapsed_ms.notna() & (s.engine_elapsed_ms > 0)
+    if m.get("engine_mode") == "inprocess":  # the engine's own time is only the sampling tail there
+        ok &= False
     ratio = (s.latency_ms[ok] / s.engine_elapsed_ms[ok]).groupby(s.phase[ok]).median()
     fig: dict[str, Any] = {
         "run": run.name,
@@ -97,21 +154,30 @@ def run_figures(run: Path) -> dict[str, Any]:
         "peak_rss_mb_harness_plus_engine": round(float(s.tel_rss_mb.max()), 0) if "tel_rss_mb" in s else None,
     }
     fig.update({k: round(v, 2) for k, v in repeatability(s).items()})
+    fig.update(drift(s))
     return fig
 
 
-def noise(out: Path, repeats: int) -> None:
+def noise(out: Path, rounds: int, smoke: bool = False) -> None:
+    size = {"same": 2, "new": 4, "lengths": "[32]"} if smoke else {"same": 8, "new": 32, "lengths": "[64, 512]"}
+    if smoke:
+        print("--smoke: a check that the benchmark runs; its figures mean nothing", file=sys.stderr)
     rows = []
-    for rep in range(repeats):
-        for label, knobs, env in VARIANTS:
+    plan = variants()
+    base_env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_OMP_THREADS_BIND"}
+    for rnd in range(rounds):
+        order = list(plan)
+        random.Random(f"noise:{rnd}").shuffle(order)  # no variant always runs first (or last) in a round
+        for label, knobs, env in order:
             with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
-                f.write(NOISE_SPEC.format(**knobs))
+                warmup = min(knobs["warmup"], 1) if smoke else knobs["warmup"]
+                f.write(NOISE_SPEC.format(**{**knobs, **size, "warmup": warmup}))
             t0 = time.perf_counter()
             before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
             proc = subprocess.run(
                 [sys.executable, "-m", "harness.cli", "sweep", "--spec", f.name, "--out", str(out), "--quiet"],
                 cwd=ROOT,
-                env={**os.environ, **env},
+                env={**base_env, **env},
                 capture_output=True,
                 text=True,
             )
@@ -120,19 +186,34 @@ def noise(out: Path, repeats: int) -> None:
                 continue
             run = max(out.iterdir(), key=lambda p: p.stat().st_mtime)
             s = pd.read_parquet(run / "samples")
+            pinning = json.loads((run / "manifest.json").read_text())["engine_starts"][0]["effective"].get(
+                "cpu_pinning", {}
+            )
             row = {
                 "variant": label,
-                "round": rep,
+                "round": rnd,
                 "wall_s": round(time.perf_counter() - t0, 1),
                 **{k: round(v, 3) for k, v in repeatability(s).items()},
+                "pinned": bool(pinning.get("applied")),
             }
             row["max_child_rss_mb"] = round(max(before, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024)
             rows.append(row)
             print(json.dumps(row), flush=True)
+    if not rows:
+        sys.exit("noise: every sweep failed")
     df = pd.DataFrame(rows).drop(columns=["round"]).groupby("variant", sort=False).median()
-    print()
+    print(f"\nmedian over {rounds} round(s) per variant:")
     print(df.T.to_string())
-    base = df.loc["all guards on (default)"]
+    if DEFAULT not in df.index:
+        return
+    base = df.loc[DEFAULT]
+    print("\nguard verdicts (a guard helps when switching it off raises the same-prompt CVs):")
+    for label in df.index.drop(DEFAULT):
+        off = df.loc[label]
+        d_pre = off["prefill_same_prompt_cv_median_pct"] - base["prefill_same_prompt_cv_median_pct"]
+        d_dec = off["decode_equal_position_cv_p90_pct"] - base["decode_equal_position_cv_p90_pct"]
+        verdict = "helps" if d_pre > 0 and d_dec > 0 else "no clear help" if d_pre <= 0 and d_dec <= 0 else "mixed"
+        print(f"  {label}: prefill CV median {d_pre:+.2f} pts, decode CV p90 {d_dec:+.2f} pts vs default -> {verdict}")
     if "telemetry off" in df.index:
         for phase in ("prefill", "decode"):
             r = base[f"{phase}_median_ms"] / df.loc["telemetry off", f"{phase}_median_ms"]
@@ -146,14 +227,15 @@ def main() -> None:
     f.add_argument("runs", nargs="+", type=Path)
     n = sub.add_parser("noise")
     n.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "bench-noise")
-    n.add_argument("--repeats", type=int, default=1)
+    n.add_argument("--rounds", "--repeats", type=int, default=3, help="rounds of every variant (median over them)")
+    n.add_argument("--smoke", action="store_true", help="tiny sweeps: checks that it runs, figures mean nothing")
     args = ap.parse_args()
     if args.cmd == "figures":
         rows = [run_figures(r) for r in args.runs]
         print(pd.DataFrame(rows).set_index("run").T.to_string())
     else:
         args.out.mkdir(parents=True, exist_ok=True)
-        noise(args.out, args.repeats)
+        noise(args.out, args.rounds, args.smoke)
 
 
 if __name__ == "__main__":
