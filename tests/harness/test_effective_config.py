@@ -61,3 +61,19 @@ def test_engine_runs_with_served_defaults(served_run: tuple[subprocess.Completed
     assert all(e["reason"] for e in ex.values())
     assert eff["kv_cache_memory_bytes"] == ex["kv_cache_memory_bytes"]["value"]
     assert "vllm serve" in m["engine_defaults"]
+
+
+def test_cpu_pinning_and_cuda_versions_are_recorded(
+    served_run: tuple[subprocess.CompletedProcess[str], Path],
+) -> None:
+    from harness.cpu_pinning import plan_pinning
+
+    _, run = served_run
+    m = json.loads((run / "manifest.json").read_text())
+    pin = m["engine_starts"][0]["effective"]["cpu_pinning"]
+    here = plan_pinning(True, "cpu", "multiprocess")  # the rule on this machine (2 cores: not applied)
+    assert pin["applied"] == here.applied and pin["reason"] == here.reason and ">= 4" in pin["rule"]
+    assert pin["vllm_default_threads"] == here.vllm_default_threads
+    env = m["environment"]
+    assert env["vllm_build"] == "cpu" and env["cuda"] is None  # the CPU torch has no CUDA
+    assert "cuda_driver" in env
