@@ -479,7 +479,7 @@ def _schedule(cluster: _Cluster, store: RunStore, stop: _StopFlag) -> str:
                 stopping = True
     drain()
     store.update_manifest(cluster_progress=_progress(cluster))
-    if stopping:
+    if stopping and len(done) < len(plan.points):
         return "interrupted"
     return "complete" if failed == 0 and len(done) == len(plan.points) else "failed"
 
