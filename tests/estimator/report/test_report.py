@@ -77,9 +77,11 @@ def studied_run(small_run: Path, tmp_path_factory: pytest.TempPathFactory) -> tu
 def test_report_of_a_real_run(studied_run: tuple[Path, Path], tmp_path: Path) -> None:
     run, model = studied_run
     files = write_report(ReportSpec(runs=[run], model=model, out=tmp_path / "report"))
-    # latency, CV spread, held-out and in-sample predicted-vs-measured, variants, telemetry, importance
-    page, md = _check_page(tmp_path / "report", BASE_SECTIONS, 7)
-    assert len(files.images) == 7
+    # latency, CV spread, held-out and in-sample predicted-vs-measured, variants (one split, and the repeated folds'
+    # intervals), telemetry, importance
+    page, md = _check_page(tmp_path / "report", BASE_SECTIONS, 8)
+    assert len(files.images) == 8
+    assert (tmp_path / "report" / "fig-variants-intervals.png").is_file()
     assert "IN-SAMPLE" in page and "HELD OUT BY PROMPT" in page
     assert "Missing from this report" not in page
     for label in ("MAE ms", "MAPE %", "text_tokens", "CPU utilization (%)", "prefill gain %"):
