@@ -12,7 +12,6 @@ the spread pooled over all configs (drift is mostly machine-wide) and at least `
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -20,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from estimator.data.runs import read_jsonl_dicts
 
 CONTROL_K = 3.0
 MIN_NIGHTS = 4
@@ -46,17 +47,7 @@ class ControlLimit:
 
 def read_history_lines(path: Path) -> list[dict[str, Any]]:
     """history.jsonl as dicts; damaged lines are skipped."""
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(rec, dict):
-            out.append(rec)
-    return out
+    return read_jsonl_dicts(path)
 
 
 def accepted_medians(history: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str], list[float]]:

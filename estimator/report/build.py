@@ -20,7 +20,7 @@ from typing import Any
 import pandas as pd
 from pydantic import field_validator
 
-from estimator.data.runs import RunSet, RunsSpec, load_runs, read_telemetry
+from estimator.data.runs import RunSet, RunsSpec, load_runs, read_jsonl_dicts, read_telemetry
 from estimator.errors import EstimatorError
 from estimator.model.importance import feature_importance
 from estimator.report.document import Report, ReportFiles
@@ -66,24 +66,6 @@ class ReportSpec(RunsSpec):
 def _compare_dir(runset: RunSet) -> Path | None:
     path = runset.runs[0].path / "compare"
     return path if (path / "compare.json").is_file() or (path / "predictions.parquet").is_file() else None
-
-
-def read_history(path: Path) -> list[dict[str, Any]]:
-    """Nightly history lines (JSONL); damaged lines are skipped."""
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(rec, dict):
-            out.append(rec)
-    return out
 
 
 def _comparison(compare_dir: Path | None) -> tuple[ComparisonResult | str | None, Path | None]:
@@ -167,7 +149,7 @@ def build_report(spec: ReportSpec, progress: Callable[[str], None] | None = None
         summary = json.loads(spec.nightly_summary.read_text())
     if spec.history is not None or summary is not None:
         say("nightly trend")
-        history = read_history(spec.history) if spec.history is not None else []
+        history = read_jsonl_dicts(spec.history) if spec.history is not None else []
         sections.insert(0, nightly_section(history, summary))  # the reason a nightly page exists: first
     glance = glance_section(runset, exp1, acc, var, summary, missing)
     title = spec.title or f"Latency report: {', '.join(run_ids)}"

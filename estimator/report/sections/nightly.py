@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 from estimator.data.runs import PHASES
@@ -26,24 +24,6 @@ from estimator.report.plots import (
 )
 
 # ---------------------------------------------------------------- nightly trend
-
-
-def read_history(path: Path) -> list[dict[str, Any]]:
-    """Nightly history lines (JSONL); damaged lines are skipped."""
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(rec, dict):
-            out.append(rec)
-    return out
 
 
 def nightly_section(history: list[dict[str, Any]], summary: Mapping[str, Any] | None) -> Section:
