@@ -110,3 +110,15 @@ def palette(i: int) -> str:
 
 def config_text(config: Mapping[str, Any], skip: Iterable[str] = ()) -> str:
     return ", ".join(f"{k}={v}" for k, v in config.items() if k not in set(skip))
+
+
+def parity_axes(ax: Any, lo: float, hi: float) -> None:
+    """Predicted-vs-measured axes: log scales over [lo, hi] (ms), the identity line and a ±10% band."""
+    line = np.geomspace(lo, hi, 50)
+    ax.plot(line, line, color="black", linewidth=1, label="predicted = measured")
+    ax.fill_between(line, line * 0.9, line * 1.1, color="gray", alpha=0.15, label="±10%")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    log_ticks(ax)
+    ax.set_xlim(lo, hi)
+    ax.set_ylim(lo, hi)

@@ -27,9 +27,9 @@ from estimator.report.plots import (
     group_column,
     group_labels,
     legend,
-    log_ticks,
     new_figure,
     palette,
+    parity_axes,
     png_bytes,
     style_axes,
 )
@@ -73,14 +73,7 @@ def _scatter_pred(ev: _Evaluated, group: str | None, labels: Mapping[Any, str]) 
                 (f["latency_ms"] < lo) | (f["latency_ms"] > hi) | (f["predicted_ms"] < lo) | (f["predicted_ms"] > hi)
             ).sum()
         )
-        line = np.geomspace(lo, hi, 50)
-        ax.plot(line, line, color="black", linewidth=1, label="predicted = measured")
-        ax.fill_between(line, line * 0.9, line * 1.1, color="gray", alpha=0.15, label="±10%")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        log_ticks(ax)
-        ax.set_xlim(lo, hi)
-        ax.set_ylim(lo, hi)
+        parity_axes(ax, lo, hi)
         m = error_metrics(f["latency_ms"].to_numpy(), f["predicted_ms"].to_numpy())
         off = f", {outside} off the axes" if outside else ""
         ax.set_title(

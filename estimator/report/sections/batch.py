@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 
 from estimator.report.document import FIGURE_PREFIX, SECTIONS, Bullets, Figure, Note, Paragraph, Section, Table
-from estimator.report.plots import fmt, legend, log_ticks, new_figure, palette, png_bytes, style_axes
+from estimator.report.plots import fmt, legend, new_figure, palette, parity_axes, png_bytes, style_axes
 from estimator.study.batch import BatchStudyResult, ValidationResult
 
 BATCH_BINS = ((1, 1), (2, 3), (4, 7), (8, 10**9))
@@ -70,14 +70,7 @@ def batch_section(
                 )
         both = np.concatenate([frame["latency_ms"].to_numpy(), frame["predicted_ms"].to_numpy()])
         lo_v, hi_v = float(np.percentile(both, 0.5)) * 0.85, float(np.percentile(both, 99.5)) * 1.15
-        line = np.geomspace(lo_v, hi_v, 50)
-        ax.plot(line, line, color="black", linewidth=1, label="predicted = measured")
-        ax.fill_between(line, line * 0.9, line * 1.1, color="gray", alpha=0.15, label="±10%")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        log_ticks(ax)
-        ax.set_xlim(lo_v, hi_v)
-        ax.set_ylim(lo_v, hi_v)
+        parity_axes(ax, lo_v, hi_v)
         ax.set_title(
             f"{', '.join(v.runs)}: MAPE {v.iteration_mape_pct:.1f}% (floor {fmt(v.noise_floor_mape_pct, 1)}%)",
             fontsize=10,
