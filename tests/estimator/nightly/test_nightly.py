@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 from estimator.cli.extra import nightly
 from estimator.data.runs import load_runs
 from estimator.errors import EstimatorError
+from estimator.nightly.control import apply_history, control_limits
 from estimator.nightly.job import run_nightly
 from estimator.nightly.spec import EXIT_OK, EXIT_REGRESSION, EXIT_SWEEP_FAILED, NightlySpec
 from estimator.nightly.stats import (
@@ -26,6 +27,7 @@ from estimator.nightly.stats import (
     bootstrap_ratio,
     compare_latency,
     compare_mape,
+    config_medians,
     is_improvement,
     is_regression,
 )
@@ -305,9 +307,17 @@ def test_real_runs_regression_check(small_run: Path, tmp_path: Path) -> None:
     for c in slow:
         assert c.flagged, c
         assert c.ratio > 1.3 and c.models == {"baseline": ["cpu-tiny"], "tonight": ["cpu-base"]}
-    same, warnings = compare_latency(load_runs([small_run]), tiny, axes)
+    base = load_runs([small_run])
+    same, warnings = compare_latency(base, tiny, axes)
     assert {c.label for c in same} == {"tier=0 top_k=0 blocks=32"}
+    # Two real runs minutes apart on a busy 2-core box drift by more than one run's bootstrap CI: the nightly keeps
+    # a flag only beyond the control limit of the accepted nights (here the baseline alone, the fallback spread).
+    history = [{"run_id": "baseline", "accepted": True, "medians": config_medians(base, axes)}]
+    apply_history(same, config_medians(tiny, axes), control_limits(history))
     assert not [c for c in same if c.flagged], [c.as_dict() for c in same]
+    history_slow = [{"run_id": "tiny", "accepted": True, "medians": config_medians(tiny, axes)}]
+    apply_history(slow, config_medians(base_model, axes), control_limits(history_slow))
+    assert all(c.flagged for c in slow)  # the real slowdown still stands under the full rule
     assert all(c.text_tokens == [64, 256] for c in same)
     assert any("blocks=64" in w for w in warnings)  # small_run's other config has no counterpart
 
