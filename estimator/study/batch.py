@@ -29,30 +29,15 @@ from estimator.errors import EstimatorError
 from estimator.model.iteration import IterationEstimator
 from estimator.study.intervals import corrected_t_interval, decide
 
+_TOTALS = ["prefill_tokens", "num_decode_seqs"]
+_CONTEXT = [*_TOTALS, "decode_ctx_sum", "prefill_ctx_sum"]
+_SKEW = [*_CONTEXT, "decode_ctx_max", "decode_ctx_min", "ctx_skew", "decode_skew_sum"]
+# Nested: each set is the one before plus its own columns.
 FEATURE_SETS: dict[str, list[str]] = {
-    "totals": ["prefill_tokens", "num_decode_seqs"],
-    "context": ["prefill_tokens", "num_decode_seqs", "decode_ctx_sum", "prefill_ctx_sum"],
-    "skew": [
-        "prefill_tokens",
-        "num_decode_seqs",
-        "decode_ctx_sum",
-        "prefill_ctx_sum",
-        "decode_ctx_max",
-        "decode_ctx_min",
-        "ctx_skew",
-        "decode_skew_sum",
-    ],
-    "detail": [
-        "prefill_tokens",
-        "num_decode_seqs",
-        "decode_ctx_sum",
-        "prefill_ctx_sum",
-        "decode_ctx_max",
-        "decode_ctx_min",
-        "ctx_skew",
-        "num_prefill_seqs",
-        "prefill_sq_sum",
-    ],
+    "totals": _TOTALS,
+    "context": _CONTEXT,
+    "skew": _SKEW,
+    "detail": [*_SKEW, "num_prefill_seqs", "prefill_sq_sum"],
 }
 LEARNERS = ("lightgbm", "linear")
 BASE_SET = "totals"
