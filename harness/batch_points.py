@@ -23,9 +23,10 @@ import pyarrow as pa
 from harness.batch import Drive, InFlight, iterations_frame, requests_frame
 from harness.engine import EngineError, MeasurementError, VllmEngine
 from harness.prompts import Prompt, PromptSource
+from harness.sampler import TelemetrySampler
 from harness.spec import Point, SpecError, SweepSpec
 from harness.store import RunStore
-from harness.telemetry import TelemetrySampler, TelemetrySource, telemetry_frame
+from harness.telemetry import TelemetrySource, telemetry_frame
 
 BATCH_AXES = ("batch", "batch_join_tokens")
 
@@ -133,7 +134,7 @@ class BatchPass:
                 failed += 1
                 if fail_fast:
                     return BatchOutcome("fail_fast", failed)
-        sampler = TelemetrySampler(self.source, self.spec.telemetry_interval_ms)
+        sampler = TelemetrySampler(self.source, self.spec.telemetry_interval_ms, self.spec.telemetry_mode)
         with sampler if self.spec.telemetry else contextlib.nullcontext():
             for point, rep in self.order:
                 if stop():
@@ -222,7 +223,7 @@ def run_batch_group(
         return {"run_id": store.run_dir.name, "segment_id": point.point_id, "kind": "batch",
                 "engine_config_id": point.engine_config_id, **point.axes, "model": model,
                 "max_new_tokens": spec.max_new_tokens, "max_num_seqs": max_seqs if found else None,
-                "engine_mode": spec.engine_mode, "device": device}
+                "engine_mode": spec.engine_mode, "dtype": engine.dtype, "device": device}
 
     def sampling(point: Point) -> dict[str, Any]:
         return {spec.mapping[a].split(":", 1)[1]: v for a, v in point.axes.items()

@@ -122,7 +122,21 @@ def resolve_spec(spec_file: Path | None, gpu: int | None, overrides: dict[str, A
         data["trust_remote_code"] = True
     if overrides.get("telemetry_interval_ms") is not None:
         data["telemetry_interval_ms"] = overrides["telemetry_interval_ms"]
+    if overrides.get("dtype"):
+        data["engine"] = {**(data.get("engine") or {}), "dtype": overrides["dtype"]}
     return build_spec(data)
+
+
+def dtype_warnings(spec: SweepSpec) -> list[str]:
+    """A warning per asked-for dtype (--dtype, [engine] dtype, an engine:dtype axis) that this CPU emulates."""
+    if spec.device != "cpu":
+        return []
+    from harness.cpu_dtype import emulation_warning, machine_dtype_choice
+
+    asked = [spec.engine["dtype"]] if "dtype" in spec.engine else []
+    asked += [v for a, t in spec.mapping.items() if t == "engine:dtype" for v in spec.axes.get(a, [])]
+    found = [emulation_warning(str(d), machine_dtype_choice()) for d in dict.fromkeys(map(str, asked))]
+    return [w for w in found if w]
 
 
 class ConsoleReporter:
@@ -272,6 +286,9 @@ def sweep(
         False, help="run the engine core in this process (NOT how vLLM serves; labelled in the results)"
     ),
     trust_remote_code: bool = typer.Option(False, help="allow a model folder's own code to run"),
+    dtype: str | None = typer.Option(
+        None, help="the engine's dtype (default on CPU: bfloat16 only where the CPU runs it natively, else float32)"
+    ),
     verbose: bool = typer.Option(False, help="show vLLM's own output live (it always goes to RUN/engine.log)"),
     ray: str | None = typer.Option(
         None, "--ray", metavar="[ADDRESS]",
@@ -317,10 +334,13 @@ def sweep(
                 "inprocess": inprocess,
                 "trust_remote_code": trust_remote_code,
                 "telemetry_interval_ms": telemetry_interval_ms,
+                "dtype": dtype,
             }
             spec = resolve_spec(spec_file, gpu, overrides)
             device_why = overrides["device_why"]
         plan = plan_sweep(spec)
+        for warning in dtype_warnings(spec):
+            err.print(f"warning: {warning}", highlight=False, soft_wrap=True)
         if dry_run:
             if spec.prompts is not None:
                 prompt_sources(plan)  # a bad or too short prompts file fails the plan too (run_sweep checks it)
@@ -432,8 +452,9 @@ def _print_plan(plan: Any, device_why: str = "") -> None:
 @app.command("env")
 def env_command() -> None:
     """Print the detected device, engine build and versions, and what telemetry is available."""
+    from harness.cpu_dtype import AVX2_DECODE_NOTE, machine_dtype_choice
+    from harness.device import cpu_model
     from harness.engine import engine_environment
-    from harness.sweep import cpu_model
     from harness.telemetry import open_source
 
     table = Table(title="environment", show_header=False)
@@ -442,6 +463,9 @@ def env_command() -> None:
     for k, v in engine_environment().items():
         table.add_row(k, str(v))
     table.add_row("cpu", f"{cpu_model()} ({__import__('os').cpu_count()} cores)")
+    choice = machine_dtype_choice()
+    table.add_row("cpu dtype", f"{choice.dtype}: {choice.reason}")
+    table.add_row("cpu decode path", AVX2_DECODE_NOTE if not choice.native_bf16 else "native bfloat16 kernels")
     gpu = _gpu_present()
     table.add_row("nvidia gpu (nvml)", "yes" if gpu else "no")
     try:

@@ -373,7 +373,10 @@ def run_cluster_sweep(spec: SweepSpec, options: SweepOptions, ropts: RayOptions,
                     extra["cluster_attempts"] = [*old.get("cluster_attempts", []), entry]
                 else:
                     extra["cluster_attempts"] = [entry]
-                env = {**environment({"device_name": first["device"]}), "shared_device": ropts.share_device}
+                env = {
+                    **environment({"device_name": first["device"]}, plan.spec.device),
+                    "shared_device": ropts.share_device,
+                }
                 store = open_store(plan, options, env, telemetry, report, extra)
                 status = _schedule(cluster, store, stop)
             except KeyboardInterrupt:  # a second Ctrl-C: stop now

@@ -8,8 +8,10 @@ tag. Only the standard library and harness.telemetry load at import.
 
 from __future__ import annotations
 
+import platform
 from contextlib import suppress
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 from harness import telemetry
@@ -100,3 +102,14 @@ def nvml_cuda_driver_version() -> str | None:
     finally:
         with suppress(TelemetryError):
             telemetry._nvml(nvml.nvmlShutdown)
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), or what the platform module knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

@@ -14,10 +14,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from harness.cpu_dtype import HALF_DTYPES, DtypeChoice, machine_dtype_choice, model_dtype
 from harness.cpu_pinning import CpuPinning, plan_pinning
+from harness.reaper import Reaper, descendants, stop_processes
 
 ENGINE_CORE_MODES = {"multiprocess": "1", "inprocess": "0"}
 WATCH_INTERVAL_S = 1.0  # how often the watchdog looks at the engine core process
+SHUTDOWN_WAIT_S = 5.0  # how long a closed engine's processes may take to end before they are signalled
 
 
 class EngineError(RuntimeError):
@@ -56,6 +59,26 @@ class EngineSettings:
     gc_guard: bool = True  # keep garbage collection out of timed steps (off only to measure its effect)
     allow_chunked_prefill: bool = False  # a prefill over several iterations is recorded per chunk, not a failure
     cpu_pinning: bool = True  # harness, engine core and compute threads on separate cores (harness/cpu_pinning.py)
+    cpu_dtype: DtypeChoice | None = None  # what a CPU computes half precision in; None: this machine's choice
+
+    def model_dtype(self) -> str:
+        """The dtype the model's config asks for (an hf_overrides entry wins)."""
+        from harness.spec import model_config
+
+        cfg = {**model_config(self.model_path), **self.hf_overrides}
+        return model_dtype(cfg)
+
+    def _model_dtype_or_none(self) -> str | None:
+        from harness.spec import SpecError
+
+        try:
+            return self.model_dtype()
+        except SpecError:  # no readable config.json: vLLM's start names the problem
+            return None
+
+    def dtype_choice(self) -> DtypeChoice:
+        """What this CPU computes a half-precision model in (harness/cpu_dtype.py)."""
+        return self.cpu_dtype or machine_dtype_choice()
 
     def exceptions(self, default_token_budget: int) -> list[dict[str, Any]]:
         """The engine arguments that differ from vLLM's serving defaults, each with why: a list of
@@ -87,6 +110,10 @@ class EngineSettings:
                 "when less is free; one request at a time needs a few MiB (the KV-cache size does not enter a "
                 "batch-1 step's work)",
             )
+        if self.device == "cpu" and self._model_dtype_or_none() in HALF_DTYPES:
+            choice = self.dtype_choice()
+            if choice.dtype != self.model_dtype():
+                add("dtype", choice.dtype, choice.reason)
         if self.device == "cuda":
             add(
                 "async_scheduling",
@@ -155,6 +182,18 @@ def _one_line(error: BaseException, limit: int = 300) -> str:
     names the config class; the reason is on the next ones)."""
     text = " ".join(str(error).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _children() -> set[int]:
+    """Pids of this process's descendants, minus multiprocessing's resource tracker (shared by later engines)."""
+    import psutil
+
+    out = set()
+    for p in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if "resource_tracker" not in " ".join(p.cmdline()):
+                out.add(p.pid)
+    return out
 
 
 def _has_weights(model_path: str) -> bool:
@@ -238,6 +277,7 @@ class VllmEngine:
         self.start_seconds: float | None = None
         self.exceptions: list[dict[str, Any]] = []  # set by start(): where the engine departs from serving defaults
         self._pins = CpuPinning(plan_pinning(settings.cpu_pinning, settings.device, settings.mode))
+        self._procs: list[int] = []  # the engine's own processes (engine core, workers): stopped by close()
 
     def __enter__(self) -> VllmEngine:
         self.start()
@@ -255,6 +295,8 @@ class VllmEngine:
         if not self.settings.verbose:
             os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
             os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::UserWarning")
+        before = _children()
+        reaper = Reaper.get()  # started before the engine, so it never counts as one of its processes
         t0 = time.perf_counter()
         with self._pins.spawning():  # vLLM's worker binds its threads to the compute cores
             try:
@@ -271,12 +313,15 @@ class VllmEngine:
                     enable_multiprocessing=self.settings.mode == "multiprocess",
                 )
             except Exception as e:  # vLLM raises many types; the sweep records them as a failed engine start
+                stop_processes(descendants(_children() - before - {reaper.pid}), wait_s=2.0)
                 raise EngineError(
                     f"engine start failed for {self.settings.model_name} "
                     f"(block_size={self.settings.block_size}): {type(e).__name__}: "
                     f"{_one_line(e)}"
                 ) from e
         self.start_seconds = time.perf_counter() - t0
+        self._procs = sorted(_children() - before - {reaper.pid})
+        reaper.scan()
         self._watch()
         self._pins.pin(self._engine)
         return self.start_seconds
@@ -329,6 +374,22 @@ class VllmEngine:
         return False, None
 
     @property
+    def dtype(self) -> str:
+        """The dtype the running engine computes in ("float32", "bfloat16", ...)."""
+        return str(self._vllm_config().model_config.dtype).removeprefix("torch.")
+
+    def dtype_mismatch(self) -> str | None:
+        """A message when the running engine's dtype is not the one asked for (the user's engine kwarg, or the
+        harness's CPU choice); None when it is, or when nothing was asked (vLLM's "auto")."""
+        asked = self.settings.engine_kwargs.get("dtype")
+        if asked is None:
+            asked = next((e["value"] for e in self.exceptions if e["arg"] == "dtype"), None)
+        asked = {"half": "float16", "bf16": "bfloat16", "float": "float32"}.get(str(asked), str(asked))
+        if asked in ("None", "auto") or asked == self.dtype:
+            return None
+        return f"the running engine computes in {self.dtype}, but dtype {asked} was asked for"
+
+    @property
     def llm_engine(self) -> Any:
         """The running vLLM LLMEngine, for a driver that adds requests and steps it itself (harness/batch.py)."""
         if self._engine is None:
@@ -373,14 +434,20 @@ class VllmEngine:
         threading.Thread(target=watch, name="harness-engine-watchdog", daemon=True).start()
 
     def close(self) -> None:
+        """Shut the engine down, and return only when its processes are gone (bounded: SHUTDOWN_WAIT_S, then
+        SIGTERM, then SIGKILL)."""
         self._watch_stop.set()
         self._pins.release()
+        procs = descendants(self._procs)
         if self._engine is not None:
             # a dying engine must not mask the error that killed it
             with contextlib.suppress(Exception):
                 self._engine.engine_core.shutdown()
             self._engine = None
             gc.collect()
+        if procs:
+            stop_processes(procs, wait_s=SHUTDOWN_WAIT_S)
+            self._procs = []
 
     def run_request(
         self, request_id: str, token_ids: list[int], max_new_tokens: int, sampling: dict[str, Any] | None = None

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import platform
 import random
 import sys
 from collections.abc import Callable
@@ -21,6 +20,7 @@ import pandas as pd
 import pyarrow as pa
 
 from harness.batch_points import is_batch_spec, run_batch_group
+from harness.device import cpu_model
 from harness.engine import (
     EngineError,
     EngineSettings,
@@ -30,9 +30,10 @@ from harness.engine import (
 )
 from harness.engine_log import LOG_NAME, EngineOutput
 from harness.prompts import Prompt, PromptSource
+from harness.sampler import TelemetrySampler
 from harness.spec import Point, SweepSpec, engine_axes
 from harness.store import RunStore
-from harness.telemetry import TelemetrySampler, TelemetrySource, join_snapshots, telemetry_frame
+from harness.telemetry import TelemetrySource, join_snapshots, telemetry_frame
 
 ESTIMATE = {
     "cpu": {"flops": 40e9, "step_overhead_s": 0.002, "engine_start_s": 30.0},
@@ -87,16 +88,6 @@ class Plan:
                 work, runs = int(p.axes["batch"]) * (n + new) + int(p.axes.get("batch_join_tokens", 0)), self.spec.reps
             total += runs * (2 * m.params * work / est["flops"] + new * est["step_overhead_s"])
         return total
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 class _StopFlag:
@@ -265,7 +256,7 @@ def measure_group(
                 continue  # done, or an engine restart for the points left
             # every request of this engine start in one seeded, interleaved order; a point is written once
             # all its requests are done (so a kill or Ctrl-C loses only unfinished points)
-            batch = _EnginePass(plan, remaining, prompts, source, store.run_dir.name)
+            batch = _EnginePass(plan, remaining, prompts, source, store.run_dir.name, engine.dtype)
             report(
                 "log",
                 {
@@ -273,7 +264,7 @@ def measure_group(
                     "interleaved order (points are written as their last request finishes)"
                 },
             )
-            sampler = TelemetrySampler(source, spec.telemetry_interval_ms)
+            sampler = TelemetrySampler(source, spec.telemetry_interval_ms, spec.telemetry_mode)
             with sampler if spec.telemetry else contextlib.nullcontext():
                 for req in batch.order:
                     point = req.point
@@ -319,6 +310,9 @@ def measure_group(
 def _effective_mismatch(spec: SweepSpec, point: Point, engine: VllmEngine) -> str | None:
     """A message naming both values when the running engine's config differs from an engine-level axis value
     (vLLM or its platform adjusted it: e.g. the CPU platform turns async scheduling off)."""
+    dtype = engine.dtype_mismatch()
+    if dtype:
+        return dtype
     for axis in engine_axes(spec):
         target = spec.mapping[axis]
         if target == "model":
@@ -402,10 +396,11 @@ class _EnginePass:
     """One engine start's requests: their order, their prompts, and each point's rows until it is complete."""
 
     def __init__(
-        self, plan: Plan, points: list[Point], prompts: PromptSource, source: TelemetrySource, run_id: str
+        self, plan: Plan, points: list[Point], prompts: PromptSource, source: TelemetrySource, run_id: str,
+        dtype: str,
     ) -> None:
         spec = self.spec = plan.spec
-        self.plan, self.source, self.run_id = plan, source, run_id
+        self.plan, self.source, self.run_id, self.dtype = plan, source, run_id, dtype
         self.order = request_order(spec, points, points[0].engine_config_id)
         self.prompts: dict[str, list[tuple[Prompt, str]]] = {}
         for p in points:  # cut per point as before the interleaving: a resumed run cuts the same prompts
@@ -462,6 +457,7 @@ class _EnginePass:
                     "max_new_tokens": spec.max_new_tokens,
                     "batch_size": 1,
                     "engine_mode": spec.engine_mode,
+                    "dtype": self.dtype,
                     "device": self.device_name,
                 }
             )

@@ -26,6 +26,7 @@ from harness.batch import Drive, InFlight, iterations_frame, requests_frame
 from harness.engine import EngineError, MeasurementError, VllmEngine
 from harness.engine_log import LOG_NAME, EngineOutput
 from harness.prompts import Prompt, PromptSource
+from harness.sampler import TelemetrySampler
 from harness.spec import SpecError, SweepSpec, build_spec
 from harness.store import RunStore, StoreError, check_writable, utc_now
 from harness.sweep import (
@@ -42,7 +43,7 @@ from harness.sweep import (
     plan_sweep,
     prompt_sources,
 )
-from harness.telemetry import TelemetrySampler, nvml_device_count, open_source, telemetry_frame
+from harness.telemetry import nvml_device_count, open_source, telemetry_frame
 from harness.workload import WorkloadRequest, check_context, parse_workload, write_workload
 
 WORKLOAD_NAME = "workload.jsonl"
@@ -168,7 +169,7 @@ def run_replay(spec: SweepSpec | None, workload: list[WorkloadRequest] | None, o
                     "command": options.command,
                     "spec": spec.model_dump(mode="json"),
                     "replay": {"workload": WORKLOAD_NAME, "source": options.source, "flush_every": options.flush_every},
-                    "environment": environment(source.info),
+                    "environment": environment(source.info, spec.device),
                     "telemetry": {
                         "source": source.name,
                         "reason": f"{source.reason}; NVML sees {nvml_device_count()} GPU(s)",
@@ -254,7 +255,7 @@ class _Segment:
                 "run_id": store.run_dir.name, "segment_id": self.segment_id, "kind": KIND, "rep": 0,
                 **{a: v for a, v in point.axes.items() if a != "text_tokens"}, "model": model,
                 "max_num_seqs": effective.get("max_num_seqs"), "engine_mode": spec.engine_mode,
-                "device": self.source.info.get("device_name") or cpu_model(),
+                "dtype": engine.dtype, "device": self.source.info.get("device_name") or cpu_model(),
             }
             sampling = _sampling(spec, point)
             requests = [
@@ -263,7 +264,7 @@ class _Segment:
                 for r in self.todo
             ]
             self.drive = Drive(engine, requests, stop, self._checkpoint, self.options.flush_every)
-            self.sampler = TelemetrySampler(self.source, spec.telemetry_interval_ms)
+            self.sampler = TelemetrySampler(self.source, spec.telemetry_interval_ms, spec.telemetry_mode)
             try:
                 with self.sampler if spec.telemetry else contextlib.nullcontext():
                     self.drive.run()

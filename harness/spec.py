@@ -63,6 +63,10 @@ class SweepSpec(BaseModel):
     engine_mode: Literal["multiprocess", "inprocess"] = "multiprocess"
     telemetry_interval_ms: float = Field(25.0, gt=0)
     telemetry: bool = Field(True, description="off only to measure telemetry's own overhead")
+    telemetry_mode: Literal["process", "thread"] = Field(
+        "process", description="sample in a process of its own (off the measuring loop's CPU and GIL) or, to "
+        "measure the difference, in a thread of the harness (harness/sampler.py)"
+    )
     gc_guard: bool = Field(True, description="garbage collection off inside timed requests")
     cpu_pinning: bool = Field(
         True, description="CPU, multiprocess, >= 4 physical cores: harness, engine core and compute threads on "

@@ -19,6 +19,7 @@ import pandas as pd
 
 from harness import __version__
 from harness.batch_points import check_batch_spec
+from harness.cpu_dtype import machine_dtype_choice
 from harness.engine import VllmEngine, engine_environment
 from harness.engine_log import LOG_NAME
 from harness.measure import (  # re-exported: replay.py and the tests import them from here
@@ -145,8 +146,9 @@ def _git_info() -> tuple[str | None, bool | None]:
         return None, None
 
 
-def environment(source_info: dict[str, Any]) -> dict[str, Any]:
-    """What the run ran on: interpreter, libraries, device."""
+def environment(source_info: dict[str, Any], device: str = "cpu") -> dict[str, Any]:
+    """What the run ran on: interpreter, libraries, device; on a CPU, the dtype it computes half precision in and
+    why (`cpu_dtype`, harness/cpu_dtype.py)."""
     env = {
         "python": platform.python_version(),
         "platform": platform.platform(),
@@ -158,6 +160,8 @@ def environment(source_info: dict[str, Any]) -> dict[str, Any]:
         "omp_threads_bind": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto"),
     }
     env["nvml_available"] = env["nvml_gpus"] > 0
+    if device == "cpu":
+        env["cpu_dtype"] = machine_dtype_choice().as_dict()
     env.update(
         {
             k: v
@@ -212,7 +216,7 @@ def run_sweep(spec: SweepSpec, options: SweepOptions, report: Reporter) -> Sweep
             "power_field": source.info.get("power_field"),
             "clocks_locked_mhz": options.lock_clocks_mhz,
         }
-        store = open_store(plan, options, environment(source.info), telemetry, report)
+        store = open_store(plan, options, environment(source.info, spec.device), telemetry, report)
         if options.engine_output is not None:
             options.engine_output.attach(store.run_dir / LOG_NAME)
         with lock_clocks(source, options.lock_clocks_mhz), _stop_on_signals() as stop:

@@ -127,6 +127,11 @@ class TelemetrySource:
         """Counters found unsupported so far (None in every sample)."""
         return [n for (names, _), skip in zip(self._readers, self._skip, strict=True) if skip for n in names]
 
+    def sampler_spec(self) -> dict[str, Any]:
+        """How a sampler process opens the same source (harness/sampler.py); a source that cannot be reopened
+        elsewhere raises TelemetryError, and is sampled in a thread instead."""
+        raise TelemetryError(f"telemetry source {self.name!r} cannot be sampled in a process of its own")
+
     def read(self) -> dict[str, Any]:
         """One sample: `source`, every counter (None when not read), and `error` when a read failed."""
         sample: dict[str, Any] = {"source": self.name}
@@ -164,16 +169,16 @@ class HostSource(TelemetrySource):
 
     name = "host"
 
-    def __init__(self, reason: str, children_refresh_s: float = 1.0):
+    def __init__(self, reason: str, children_refresh_s: float = 1.0, pid: int | None = None):
         import psutil
 
         self._psutil = psutil
-        self._proc = psutil.Process()
+        self._proc = psutil.Process(pid)  # whose memory (with its children's) rss_mb sums: this process by default
         self._children: list[Any] = []
         self._children_read_at = -math.inf
         self._children_refresh_s = children_refresh_s
         self._primed_threads: set[int] = set()
-        info = {"cpu_count": os.cpu_count(), "pid": os.getpid()}
+        info = {"cpu_count": os.cpu_count(), "pid": self._proc.pid}
         super().__init__(
             reason,
             info,
@@ -206,7 +211,8 @@ class HostSource(TelemetrySource):
     def _rss(self) -> tuple[float]:
         now = time.perf_counter()
         if now - self._children_read_at >= self._children_refresh_s:
-            self._children = self._proc.children(recursive=True)
+            me = os.getpid()  # a sampler process of the harness does not count itself
+            self._children = [c for c in self._proc.children(recursive=True) if c.pid != me]
             self._children_read_at = now
         total = self._proc.memory_info().rss
         for child in self._children:
@@ -218,6 +224,10 @@ class HostSource(TelemetrySource):
 
     def _load(self) -> tuple[float]:
         return (os.getloadavg()[0],)
+
+    def sampler_spec(self) -> dict[str, Any]:
+        """How a sampler process opens the same source (harness/telemetry_process.py)."""
+        return {"kind": "host", "pid": self._proc.pid}
 
 
 # --- NVML ---------------------------------------------------------------------------------------------------
@@ -311,6 +321,10 @@ class NvmlSource(TelemetrySource):
         info["throttle_field"] = "nvmlDeviceGetCurrentClocksThrottleReasons"
         return pynvml.nvmlDeviceGetCurrentClocksThrottleReasons
 
+    def sampler_spec(self) -> dict[str, Any]:
+        """How a sampler process opens the same device (harness/telemetry_process.py)."""
+        return {"kind": "nvml", "gpu": self.info["gpu_index"]}
+
     def _utilization(self) -> tuple[int, int]:
         rates = _nvml(pynvml.nvmlDeviceGetUtilizationRates, self.handle)
         return (rates.gpu, rates.memory)
@@ -390,6 +404,18 @@ def open_source(gpu_index: int | None) -> Iterator[TelemetrySource]:
     if gpu_index is None:
         yield HostSource(reason="no --gpu given")
         return
+    with _open_nvml(gpu_index) as source:
+        yield source
+
+
+@contextmanager
+def open_host_source(pid: int) -> Iterator[TelemetrySource]:
+    """Host counters for the process `pid` (its memory and its children's): what a sampler process reads."""
+    yield HostSource(reason="no --gpu given", pid=pid)
+
+
+@contextmanager
+def _open_nvml(gpu_index: int) -> Iterator[NvmlSource]:
     if pynvml is None:
         raise TelemetryError(f"--gpu {gpu_index} asks for GPU telemetry, but nvidia-ml-py is not installed")
     try:
@@ -408,7 +434,7 @@ def open_source(gpu_index: int | None) -> Iterator[TelemetrySource]:
 # --- sampling -----------------------------------------------------------------------------------------------
 
 
-def _timed_read(source: TelemetrySource) -> dict[str, Any]:
+def timed_read(source: TelemetrySource) -> dict[str, Any]:
     """One sample stamped with `t_s`, the perf_counter time at the middle of the read (s)."""
     t0 = time.perf_counter()
     try:
@@ -417,83 +443,6 @@ def _timed_read(source: TelemetrySource) -> dict[str, Any]:
         sample = {"source": source.name, "error": f"{type(exc).__name__}: {exc}"}
     sample["t_s"] = (t0 + time.perf_counter()) / 2
     return sample
-
-
-class TelemetrySampler:
-    """Samples a source every `interval_ms` in a background thread, while the `with` block runs.
-
-    A sample is taken on start and one more on stop, so the samples bracket the block. Ticks missed (a slow
-    read) are skipped, not caught up. The thread sleeps in Event.wait, so stopping is prompt.
-    """
-
-    def __init__(self, source: TelemetrySource, interval_ms: float = 25.0):
-        if not interval_ms > 0:
-            raise ValueError(f"interval_ms must be > 0, got {interval_ms}")
-        self.source = source
-        self.interval_ms = float(interval_ms)
-        self._samples: list[dict[str, Any]] = []
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._cpu_s = 0.0
-
-    def __enter__(self) -> TelemetrySampler:
-        self.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-
-    def start(self) -> None:
-        """Start the sampling thread."""
-        if self._thread is not None and self._thread.is_alive():
-            raise RuntimeError("the telemetry sampler is already running")
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="telemetry-sampler", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout_s: float = 5.0) -> None:
-        """Stop the thread and wait at most `timeout_s` for it (a read stuck in the driver is left behind)."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout_s)
-            if self._thread.is_alive():
-                log.warning("telemetry sampler did not stop within %.1f s", timeout_s)
-
-    @property
-    def running(self) -> bool:
-        """Whether the sampling thread is alive."""
-        return self._thread is not None and self._thread.is_alive()
-
-    @property
-    def cpu_seconds(self) -> float:
-        """CPU time the sampling thread has used (s, time.thread_time inside the thread)."""
-        return self._cpu_s
-
-    def drain(self) -> list[dict[str, Any]]:
-        """The samples taken since the last drain, oldest first."""
-        with self._lock:
-            samples, self._samples = self._samples, []
-        return samples
-
-    def _run(self) -> None:
-        cpu0 = time.thread_time()
-        interval_s = self.interval_ms / 1000.0
-        next_t = time.perf_counter()
-        while True:
-            stopping = self._stop.is_set()
-            sample = _timed_read(self.source)
-            with self._lock:
-                self._samples.append(sample)
-            self._cpu_s = time.thread_time() - cpu0
-            if stopping:
-                return
-            next_t += interval_s
-            delay = next_t - time.perf_counter()
-            if delay < 0:
-                next_t = time.perf_counter()
-                delay = 0.0
-            self._stop.wait(delay)
 
 
 def watch(source: TelemetrySource, seconds: float, interval_ms: float = 250.0) -> Iterator[dict[str, Any]]:
@@ -505,7 +454,7 @@ def watch(source: TelemetrySource, seconds: float, interval_ms: float = 250.0) -
     start = next_t = time.perf_counter()
     end = start + seconds
     while True:
-        yield _timed_read(source)
+        yield timed_read(source)
         next_t += interval_s
         now = time.perf_counter()
         if next_t > end:

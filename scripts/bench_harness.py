@@ -7,13 +7,15 @@ python scripts/bench_harness.py figures RUN_DIR [RUN_DIR ...]
     the Spearman correlation between a request's place in the order (`seq`) and its `text_tokens` (target
     |rho| < 0.2: lengths spread over the whole start), and between `seq` and its prefill time relative to its
     point's median (how much the machine drifted).
-python scripts/bench_harness.py noise [--out DIR] [--rounds N] [--smoke]
+python scripts/bench_harness.py noise [--out DIR] [--rounds N] [--smoke] [--only LABEL ...]
     runs the same short sweep with each noise guard switched off in turn (garbage-collection guard, warm-up,
     telemetry sampler, CPU pinning where it applies (>= 4 physical cores), vLLM's OMP binding on every core),
     on and off side by side in each of N rounds (default 3; the variants in a shuffled order per round), and
     prints each variant's median over the rounds. Keep a guard only if its "off" row is noisier than the
-    default's. The telemetry row is also issue 3's overhead figure. Run it on a quiet machine; --smoke is a
-    seconds-long check that it runs (its figures mean nothing).
+    default's. The telemetry rows are telemetry's overhead figure: its sampler process (the default) against no
+    telemetry and against a sampler thread inside the harness. `--only telemetry` runs just the default and the
+    variants whose label contains "telemetry". Run it on a quiet machine; --smoke is a seconds-long check that it
+    runs (its figures mean nothing).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ same_prompt_repeats = {same}
 max_new_tokens = {new}
 warmup_requests = {warmup}
 telemetry = {telemetry}
+telemetry_mode = "{telemetry_mode}"
 gc_guard = {gc_guard}
 cpu_pinning = {cpu_pinning}
 [axes]
@@ -53,7 +56,7 @@ top_k = [0]
 text_tokens = {lengths}
 """
 DEFAULT = "all guards on (default)"
-ON = {"warmup": 3, "telemetry": "true", "gc_guard": "true", "cpu_pinning": "true"}
+ON = {"warmup": 3, "telemetry": "true", "telemetry_mode": "process", "gc_guard": "true", "cpu_pinning": "true"}
 
 
 def variants() -> list[tuple[str, dict[str, Any], dict[str, str]]]:
@@ -65,6 +68,7 @@ def variants() -> list[tuple[str, dict[str, Any], dict[str, str]]]:
         ("gc guard off", {**ON, "gc_guard": "false"}, {}),
         ("no warm-up", {**ON, "warmup": 0}, {}),
         ("telemetry off", {**ON, "telemetry": "false"}, {}),
+        ("telemetry in a thread", {**ON, "telemetry_mode": "thread"}, {}),
     ]
     pin = plan_pinning(True, "cpu", "multiprocess", env=env)
     if pin.applied:
@@ -158,12 +162,12 @@ def run_figures(run: Path) -> dict[str, Any]:
     return fig
 
 
-def noise(out: Path, rounds: int, smoke: bool = False) -> None:
+def noise(out: Path, rounds: int, smoke: bool = False, only: list[str] | None = None) -> None:
     size = {"same": 2, "new": 4, "lengths": "[32]"} if smoke else {"same": 8, "new": 32, "lengths": "[64, 512]"}
     if smoke:
         print("--smoke: a check that the benchmark runs; its figures mean nothing", file=sys.stderr)
     rows = []
-    plan = variants()
+    plan = [v for v in variants() if not only or v[0] == DEFAULT or any(o in v[0] for o in only)]
     base_env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_OMP_THREADS_BIND"}
     for rnd in range(rounds):
         order = list(plan)
@@ -215,9 +219,15 @@ def noise(out: Path, rounds: int, smoke: bool = False) -> None:
         verdict = "helps" if d_pre > 0 and d_dec > 0 else "no clear help" if d_pre <= 0 and d_dec <= 0 else "mixed"
         print(f"  {label}: prefill CV median {d_pre:+.2f} pts, decode CV p90 {d_dec:+.2f} pts vs default -> {verdict}")
     if "telemetry off" in df.index:
-        for phase in ("prefill", "decode"):
-            r = base[f"{phase}_median_ms"] / df.loc["telemetry off", f"{phase}_median_ms"]
-            print(f"telemetry overhead: median {phase} step with telemetry / without = {r:.4f}")
+        off = df.loc["telemetry off"]
+        for label in [x for x in (DEFAULT, "telemetry in a thread") if x in df.index]:
+            on = df.loc[label]
+            how = "sampler process" if label == DEFAULT else "sampler thread"
+            for phase in ("prefill", "decode"):
+                r = on[f"{phase}_median_ms"] / off[f"{phase}_median_ms"]
+                print(f"telemetry overhead ({how}): median {phase} step with telemetry / without = {r:.4f}")
+            cv = on["decode_equal_position_cv_p90_pct"] / off["decode_equal_position_cv_p90_pct"]
+            print(f"telemetry overhead ({how}): decode CV p90 with telemetry / without = {cv:.3f}")
 
 
 def main() -> None:
@@ -229,13 +239,14 @@ def main() -> None:
     n.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "bench-noise")
     n.add_argument("--rounds", "--repeats", type=int, default=3, help="rounds of every variant (median over them)")
     n.add_argument("--smoke", action="store_true", help="tiny sweeps: checks that it runs, figures mean nothing")
+    n.add_argument("--only", nargs="+", help="run the default and the variants whose label contains one of these")
     args = ap.parse_args()
     if args.cmd == "figures":
         rows = [run_figures(r) for r in args.runs]
         print(pd.DataFrame(rows).set_index("run").T.to_string())
     else:
         args.out.mkdir(parents=True, exist_ok=True)
-        noise(args.out, args.rounds, args.smoke)
+        noise(args.out, args.rounds, args.smoke, args.only)
 
 
 if __name__ == "__main__":

@@ -17,9 +17,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs without PYTHONPATH too
 
+from harness.sampler import TelemetrySampler  # noqa: E402
 from harness.telemetry import (  # noqa: E402
     TelemetryError,
-    TelemetrySampler,
     TelemetrySource,
     decode_throttle_reasons,
     lock_clocks,

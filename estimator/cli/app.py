@@ -207,6 +207,10 @@ def predict(
     tier: Annotated[int | None, typer.Option(help="Model tier.")] = None,
     top_k: Annotated[int | None, typer.Option(help="Sampling top_k (0 = off).")] = None,
     blocks: Annotated[int | None, typer.Option(help="KV-cache block size in tokens.")] = None,
+    dtype: Annotated[
+        str | None,
+        typer.Option(help="The dtype the engine computes in (float32, bfloat16); default: the one trained."),
+    ] = None,
     axis: Annotated[list[str] | None, typer.Option(help="Other axis value, NAME=VALUE (repeatable).")] = None,
     text: Annotated[str | None, typer.Option(help="Prompt text (needed by the embedding variant).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
@@ -223,7 +227,7 @@ def predict(
 
     def go() -> None:
         config: dict[str, Any] = {
-            k: v for k, v in (("tier", tier), ("top_k", top_k), ("blocks", blocks)) if v is not None
+            k: v for k, v in (("tier", tier), ("top_k", top_k), ("blocks", blocks), ("dtype", dtype)) if v is not None
         }
         for item in axis or []:
             name, sep, value = item.partition("=")

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from estimator.data.runs import RunInfo, axes_from_manifest, read_manifest, read_parquet_folder
+from estimator.data.runs import RunInfo, add_dtype, axes_from_manifest, read_manifest, read_parquet_folder
 from estimator.errors import EstimatorError
 
 COMPOSITION_COLUMNS: tuple[str, ...] = (
@@ -58,6 +58,7 @@ def load_iteration_runs(paths: Sequence[Path | str]) -> IterationSet:
         for frame in (it, rq):
             if len(frame):
                 frame["run_id"] = run_id
+                add_dtype(frame, manifest)
         infos.append(RunInfo(run_id=run_id, path=run_dir, manifest=manifest))
         its.append(it)
         reqs.append(rq)
@@ -67,6 +68,8 @@ def load_iteration_runs(paths: Sequence[Path | str]) -> IterationSet:
         pd.concat([r for r in reqs if len(r)], ignore_index=True) if any(len(r) for r in reqs) else pd.DataFrame()
     )
     config = [a for a in ("tier", "model", *axes) if a in iterations.columns]
+    if "dtype" in iterations.columns and iterations["dtype"].notna().all():
+        config.append("dtype")  # part of the config, as for samples (estimator.data.runs.config_columns_of)
     return IterationSet(infos, iterations, requests, list(dict.fromkeys(config)))
 
 

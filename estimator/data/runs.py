@@ -189,10 +189,36 @@ def load_run(run_dir: Path) -> tuple[RunInfo, pd.DataFrame, pd.DataFrame, list[s
         raise EstimatorError(f"{run_dir}: samples lack column(s) {', '.join(missing)}")
     if "run_id" not in samples.columns:
         samples["run_id"] = run_id
+    add_dtype(samples, manifest)
     prompts = read_parquet_folder(run_dir / "prompts")
     if prompts.empty or not {"prompt_id", "text"} <= set(prompts.columns):
         raise EstimatorError(f"{run_dir}: no prompts (prompts/*.parquet missing or lacks prompt_id/text)")
     return RunInfo(run_id=run_id, path=run_dir, manifest=manifest), samples, prompts, axes
+
+
+def add_dtype(frame: pd.DataFrame, manifest: dict[str, Any]) -> None:
+    """Give rows of a run written before samples carried `dtype` the dtype their engine start read back
+    (`engine_starts[].effective.dtype`, by `engine_config_id`); rows with none stay without it."""
+    if "dtype" in frame.columns or "engine_config_id" not in frame.columns:
+        return
+    by_config = {
+        s.get("engine_config_id"): (s.get("effective") or {}).get("dtype")
+        for s in manifest.get("engine_starts") or []
+        if isinstance(s, dict)
+    }
+    if any(by_config.values()):
+        frame["dtype"] = frame["engine_config_id"].map(by_config)
+
+
+def config_columns_of(axes: Sequence[str], frame: pd.DataFrame) -> list[str]:
+    """The columns that name one config: the axes, plus `model` and `dtype` where every row has them (the dtype an
+    engine computes in is part of its config: a float32 model must not answer for bfloat16)."""
+    out = list(axes)
+    if "model" in frame.columns and "model" not in out:
+        out.insert(1 if "tier" in out else 0, "model")
+    if "dtype" in frame.columns and "dtype" not in out and frame["dtype"].notna().all():
+        out.append("dtype")
+    return out
 
 
 def load_runs(paths: Sequence[Path | str]) -> RunSet:
@@ -218,9 +244,7 @@ def load_runs(paths: Sequence[Path | str]) -> RunSet:
     if missing_axes:
         raise EstimatorError(f"axis column(s) {', '.join(missing_axes)} missing in some run's samples")
     samples = _clean(samples)
-    config_columns = list(axes)
-    if "model" in samples.columns and "model" not in config_columns:
-        config_columns.insert(1 if "tier" in config_columns else 0, "model")
+    config_columns = config_columns_of(axes, samples)
     return RunSet(runs=infos, samples=samples, prompts=prompts, axes=axes, config_columns=config_columns)
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from harness.cli import resolve_spec
+from harness.cpu_dtype import machine_dtype_choice
 from harness.engine import EngineSettings
 from harness.spec import SpecError, build_spec
 from harness.sweep import SweepOptions, _engine_settings, plan_sweep
@@ -54,9 +55,11 @@ def test_served_defaults_with_listed_exceptions() -> None:
     for arg in ("max_num_seqs", "max_model_len", "max_num_batched_tokens", "block_size", "seed", "async_scheduling"):
         assert arg not in args, arg  # vLLM's own default
     ex = _by_arg(s, 2048)
+    # the CPU's dtype is an exception only where bfloat16 would be emulated (tests/harness/test_cpu_dtype.py)
+    emulated = {"dtype"} if not machine_dtype_choice().native_bf16 else set()
     assert set(ex) == {
         "enable_prefix_caching", "kv_cache_memory_bytes", "skip_tokenizer_init", "load_format",
-        "enable_logging_iteration_details",
+        "enable_logging_iteration_details", *emulated,
     }
     assert all(e["reason"] and args[a] == e["value"] for a, e in ex.items())
     assert args["enable_prefix_caching"] is False and args["load_format"] == "dummy"

@@ -275,6 +275,20 @@ def test_sigterm_to_the_process_group_is_an_interruption_not_failures(tmp_path: 
     _assert_interrupted(sweep, n_at_signal, engine)
 
 
+@pytest.mark.slow
+def test_the_engine_dies_with_the_harness_after_a_kill_9_of_the_harness_alone(tmp_path: Path) -> None:
+    """What the OOM killer does: SIGKILL to the harness's pid only. Its engine core and worker are orphaned; the
+    harness's watchdog (harness/reaper.py) sees its pipe close and stops them, within seconds."""
+    sweep = _Sweep(tmp_path, *SMALL, "--text-tokens", "32,64", "--top-k", "0,1,2,5,10,50")
+    sweep.wait_for_points(1)
+    engine = sweep.engine_processes()
+    assert any("EngineCore" in " ".join(p.cmdline()) for p in engine)
+    os.kill(sweep.proc.pid, signal.SIGKILL)
+    assert sweep.proc.wait(timeout=30) == -signal.SIGKILL
+    assert not _gone(engine, timeout_s=15), "the engine outlived a kill -9 of the harness"
+    assert json.loads((sweep.run / "manifest.json").read_text())["status"] == "running"  # resumable as before
+
+
 # --- fault 3: failing points ----------------------------------------------------------------------------------
 
 

@@ -18,7 +18,8 @@ import pynvml as real_nvml
 import pytest
 
 from harness import telemetry
-from harness.telemetry import TelemetryError, TelemetrySampler, join_snapshots, lock_clocks, open_source
+from harness.sampler import TelemetrySampler
+from harness.telemetry import TelemetryError, join_snapshots, lock_clocks, open_source
 
 NVML_COUNTERS = list(telemetry.NVML_COLUMNS)
 HOST_COUNTERS = list(telemetry.HOST_COLUMNS)
@@ -225,7 +226,7 @@ def test_nvml_error_mid_run_records_a_gap_and_sampling_goes_on(nvml: Any) -> Non
         return 1500
 
     nvml.nvmlDeviceGetClockInfo.side_effect = clock
-    with open_source(0) as source, TelemetrySampler(source, interval_ms=2) as sampler:
+    with open_source(0) as source, TelemetrySampler(source, interval_ms=2, mode="thread") as sampler:
         deadline = time.perf_counter() + 5
         while nvml.nvmlDeviceGetClockInfo.call_count < 24 and time.perf_counter() < deadline:
             time.sleep(0.005)
@@ -289,23 +290,69 @@ def test_lock_clocks_none_is_a_no_op_and_host_refuses(nvml: Any) -> None:
 # --- host telemetry, for real -------------------------------------------------------------------------------
 
 
-def test_host_sampler_runs_beside_the_caller() -> None:
+@pytest.mark.parametrize("mode", ["process", "thread"])
+def test_host_sampler_runs_beside_the_caller(mode: str) -> None:
     with open_source(None) as source:
         t0 = time.perf_counter()
-        with TelemetrySampler(source, interval_ms=25) as sampler:
+        with TelemetrySampler(source, interval_ms=25, mode=mode) as sampler:  # type: ignore[arg-type]
             time.sleep(0.3)
         t1 = time.perf_counter()
     samples = sampler.drain()
     assert 5 <= len(samples) <= 18  # ~13 ticks + the closing sample (fewer on a loaded machine)
     assert sampler.drain() == []
     times = [s["t_s"] for s in samples]
-    assert times == sorted(times) and t0 <= times[0] and times[-1] <= t1  # perf_counter clock
+    assert times == sorted(times) and t0 <= times[0] and times[-1] <= t1  # perf_counter clock, in either process
     assert all(s["source"] == "host" for s in samples)
     assert all(s["rss_mb"] > 5 for s in samples)
     assert samples[0]["cpu_util_pct"] is None  # the thread's first psutil reading means nothing
     assert all(0 <= s["cpu_util_pct"] <= 100 for s in samples[1:])
-    assert 0 < sampler.cpu_seconds < 0.3
+    # the thread's own CPU time; the child's, start-up imports included
+    assert 0 < sampler.cpu_seconds < (0.3 if mode == "thread" else 2.0)
     assert not sampler.running
+
+
+def test_sampler_process_reads_this_process_and_is_joined_to_steps() -> None:
+    """The sampler process counts the harness's memory (not its own), drains mid-run, and its samples join onto
+    steps timed here: each step gets the sample nearest its window on the one perf_counter clock."""
+    import os
+
+    import pandas as pd
+
+    ballast = bytearray(64 << 20)  # 64 MiB in this process: the child must report this process's memory
+    with open_source(None) as source, TelemetrySampler(source, interval_ms=10) as sampler:
+        assert sampler.running and sampler.source.sampler_spec() == {"kind": "host", "pid": os.getpid()}
+        steps = []
+        for i in range(6):
+            t0 = time.perf_counter()
+            time.sleep(0.03)
+            steps.append({"point_id": "p", "rep": 0, "step_index": i, "t_start_s": t0, "t_end_s": time.perf_counter()})
+        first = sampler.drain()  # mid-run, as at a request boundary
+        time.sleep(0.05)
+    rest = sampler.drain()
+    assert first and rest and first[-1]["t_s"] < rest[0]["t_s"]
+    samples = first + rest
+    assert all(s["rss_mb"] > 64 for s in samples)
+    assert len(ballast) == 64 << 20
+    frame = telemetry.telemetry_frame(samples, "host")
+    joined = join_snapshots(pd.DataFrame(steps), frame)
+    assert len(joined) == 6 and (joined["tel_rss_mb"] > 64).all() and joined["tel_load_avg_1m"].notna().all()
+    # each step's nearest sample lies inside its own window (10 ms ticks, 30 ms steps): no step took another's
+    times = frame.t_s.to_numpy()
+    for st in steps:
+        mid = (st["t_start_s"] + st["t_end_s"]) / 2
+        nearest = times[abs(times - mid).argmin()]
+        assert st["t_start_s"] <= nearest <= st["t_end_s"]
+
+
+def test_sampler_process_ends_when_the_harness_does() -> None:
+    """The child reads its commands from the harness's pipe: when the pipe closes (the harness died), it exits."""
+    with open_source(None) as source:
+        sampler = TelemetrySampler(source, interval_ms=25)
+        sampler.start()
+        proc = sampler._proc
+        assert proc is not None and proc.stdin is not None
+        proc.stdin.close()  # what the kernel does when the harness dies
+        assert proc.wait(timeout=10) == 0
 
 
 def test_host_rss_includes_child_processes() -> None:
@@ -343,7 +390,7 @@ def test_sampler_stops_promptly_and_keeps_going_after_a_read_error() -> None:
                 raise OSError("sensor went away")
             return {"source": "host"}
 
-    sampler = TelemetrySampler(Flaky(), interval_ms=1000)
+    sampler = TelemetrySampler(Flaky(), interval_ms=1000, mode="thread")
     with sampler:
         time.sleep(0.05)
         t = time.perf_counter()
