@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 import threading
 import time
+from contextlib import AbstractContextManager
 from typing import Any, Literal
 
 from harness.telemetry import TelemetryError, TelemetrySource, open_host_source, open_source, timed_read
@@ -176,6 +178,15 @@ class TelemetrySampler:
             self._stop.wait(delay)
 
 
+def open_for(spec: dict[str, Any]) -> AbstractContextManager[TelemetrySource]:
+    """The source a sampler process reads, from its parent's `sampler_spec()`: the host's counters for the harness's
+    pid, or the GPU with that UUID (made the only visible device of the sampler process)."""
+    if spec["kind"] == "host":
+        return open_host_source(int(spec["pid"]))
+    os.environ["CUDA_VISIBLE_DEVICES"] = str(spec["uuid"])
+    return open_source(0)
+
+
 def _child(spec: dict[str, Any]) -> None:
     """The sampler process: sample every interval_ms; answer drain/stop on stdin; end when stdin closes."""
     interval_s = float(spec["interval_ms"]) / 1000.0
@@ -202,8 +213,7 @@ def _child(spec: dict[str, Any]) -> None:
         done.set()  # `stop`, or stdin closed because the harness ended
 
     try:
-        opened = open_host_source(int(spec["pid"])) if spec["kind"] == "host" else open_source(int(spec["gpu"]))
-        with opened as source:
+        with open_for(spec) as source:
             take(source)
             sys.stdout.write(json.dumps({"ready": True}) + "\n")
             sys.stdout.flush()

@@ -19,7 +19,7 @@ import pandas as pd
 
 from harness import __version__
 from harness.batch_points import check_batch_spec
-from harness.cpu_dtype import machine_dtype_choice
+from harness.cpu_dtype import AVX2_DECODE_NOTE, machine_dtype_choice
 from harness.engine import VllmEngine, engine_environment
 from harness.engine_log import LOG_NAME
 from harness.measure import (  # re-exported: replay.py and the tests import them from here
@@ -161,7 +161,10 @@ def environment(source_info: dict[str, Any], device: str = "cpu") -> dict[str, A
     }
     env["nvml_available"] = env["nvml_gpus"] > 0
     if device == "cpu":
-        env["cpu_dtype"] = machine_dtype_choice().as_dict()
+        choice = machine_dtype_choice()
+        env["cpu_dtype"] = choice.as_dict()
+        if not choice.native_bf16:  # a known property of this CPU path, not a fault of the run (docs/cpu-dtype.md)
+            env["cpu_decode_path"] = AVX2_DECODE_NOTE
     env.update(
         {
             k: v

@@ -226,7 +226,7 @@ class HostSource(TelemetrySource):
         return (os.getloadavg()[0],)
 
     def sampler_spec(self) -> dict[str, Any]:
-        """How a sampler process opens the same source (harness/telemetry_process.py)."""
+        """How a sampler process opens the same source (harness/sampler.py)."""
         return {"kind": "host", "pid": self._proc.pid}
 
 
@@ -322,8 +322,9 @@ class NvmlSource(TelemetrySource):
         return pynvml.nvmlDeviceGetCurrentClocksThrottleReasons
 
     def sampler_spec(self) -> dict[str, Any]:
-        """How a sampler process opens the same device (harness/telemetry_process.py)."""
-        return {"kind": "nvml", "gpu": self.info["gpu_index"]}
+        """How a sampler process opens the same device (harness/sampler.py): by UUID, which names it whatever
+        CUDA_VISIBLE_DEVICES says by then (a sweep narrows it to the measured GPU after opening the source)."""
+        return {"kind": "nvml", "uuid": self.info["uuid"]}
 
     def _utilization(self) -> tuple[int, int]:
         rates = _nvml(pynvml.nvmlDeviceGetUtilizationRates, self.handle)

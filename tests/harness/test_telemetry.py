@@ -216,6 +216,22 @@ def test_unsupported_counter_is_none_and_not_retried(nvml: Any) -> None:
     assert [s["sm_clock_mhz"] for s in samples] == [1755] * 3
 
 
+def test_a_sampler_process_opens_the_same_gpu_by_uuid(nvml: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sweep opens GPU 3, then narrows CUDA_VISIBLE_DEVICES to it; the sampler process (its opening code run here,
+    where NVML is faked) must still find that GPU: by UUID, not by an index that means another device by then."""
+    from harness.sampler import open_for
+
+    nvml.nvmlDeviceGetUUID.return_value = "GPU-3333"
+    with open_source(3) as source:
+        spec = source.sampler_spec()
+    assert spec == {"kind": "nvml", "uuid": "GPU-3333"}
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")  # what the sweep's _select_gpu leaves behind
+    with open_for(spec) as reopened:
+        assert reopened.name == "nvml" and reopened.info["device_selector"] == "CUDA_VISIBLE_DEVICES[0]=GPU-3333"
+        assert reopened.read()["sm_clock_mhz"] == 1755
+    nvml.nvmlDeviceGetHandleByUUID.assert_called_with("GPU-3333")
+
+
 def test_nvml_error_mid_run_records_a_gap_and_sampling_goes_on(nvml: Any) -> None:
     calls = {"n": 0}
 

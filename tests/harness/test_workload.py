@@ -151,6 +151,7 @@ class _FakeEngine:
 
     budget = 1 << 20
     interrupt_after: int | None = None
+    dtype = "float32"
 
     def __init__(self, settings: EngineSettings) -> None:
         self.settings = settings
@@ -169,6 +170,9 @@ class _FakeEngine:
 
     def collect_iteration_details(self) -> list[Any]:
         return self._details
+
+    def dtype_mismatch(self) -> str | None:
+        return None
 
     def close(self) -> None:
         pass
