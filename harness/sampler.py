@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import select
 import subprocess
 import sys
 import threading
@@ -128,16 +129,14 @@ class TelemetrySampler:
     # --- process mode ---------------------------------------------------------------------------------------
 
     def _read(self, timeout_s: float) -> dict[str, Any]:
+        """The child's next answer (one line), or an error after `timeout_s` without one."""
         proc = self._proc
         assert proc is not None and proc.stdout is not None
-        out = proc.stdout
-        line: list[str] = []
-        reader = threading.Thread(target=lambda: line.append(out.readline()), daemon=True)
-        reader.start()
-        reader.join(timeout_s)
-        if not line or not line[0]:
+        ready, _, _ = select.select([proc.stdout], [], [], timeout_s)
+        line = proc.stdout.readline() if ready else ""
+        if not line:
             return {"error": "no answer (the sampler process ended or hung)"}
-        data: dict[str, Any] = json.loads(line[0])
+        data: dict[str, Any] = json.loads(line)
         return data
 
     def _ask(self, command: str, timeout_s: float = 10.0) -> list[dict[str, Any]]:

@@ -179,8 +179,8 @@ def _run_fold(
             f = fits.setdefault((fold.question, phase, name), _Fits())
             f.train_s += time.perf_counter() - t0
             preds[name] = yhat
-            m = error_metrics(y, yhat)
-            f.metrics.append({k: m[k] for k in METRICS})
+            scores = error_metrics(y, yhat)
+            f.metrics.append({k: scores[k] for k in METRICS})
             f.ratio.append(len(te) / max(len(tr), 1))
             ape = np.abs(yhat - y) / y * 100.0
             f.floor_rows_mape.append(float(ape[floor_mask].mean()) if floor_mask.any() else float("nan"))
@@ -395,17 +395,17 @@ def print_repeated(res: RepeatedResult, console: Console) -> None:
         for c in ("phase", "model", "MAPE % [95% CI]", "R²", "MAE ms", "p90 APE %", "× floor", "vs tokens %",
                   "decision"):
             table.add_column(c, justify="left" if c in ("phase", "model", "decision") else "right")
-        for c in (c for c in res.cells if c.question == question):
-            p = paired.get((question, c.phase, c.model))
+        for cell in (c for c in res.cells if c.question == question):
+            p = paired.get((question, cell.phase, cell.model))
             decision = p.decision + (" (by construction)" if p.by_construction else "") if p else ""
             table.add_row(
-                c.phase,
-                c.model,
-                fmt_iv(c.mape_pct, 2),
-                fmt_iv(c.r2, 3),
-                fmt_iv(c.mae_ms, 3),
-                fmt_iv(c.p90_ape_pct, 1),
-                "–" if c.mape_vs_noise_floor is None else f"{c.mape_vs_noise_floor:.2f}",
+                cell.phase,
+                cell.model,
+                fmt_iv(cell.mape_pct, 2),
+                fmt_iv(cell.r2, 3),
+                fmt_iv(cell.mae_ms, 3),
+                fmt_iv(cell.p90_ape_pct, 1),
+                "–" if cell.mape_vs_noise_floor is None else f"{cell.mape_vs_noise_floor:.2f}",
                 fmt_iv(p.improvement_pct) if p else "",
                 decision,
             )
