@@ -43,19 +43,14 @@ class EngineSettings:
     cpu_pinning: bool = True  # harness, engine core and compute threads on separate cores (harness/cpu_pinning.py)
     cpu_dtype: DtypeChoice | None = None  # what a CPU computes half precision in; None: this machine's choice
 
-    def model_dtype(self) -> str:
-        """The dtype the model's config asks for (an hf_overrides entry wins)."""
-        from harness.spec import model_config
-
-        cfg = {**model_config(self.model_path), **self.hf_overrides}
-        return model_dtype(cfg)
-
-    def _model_dtype_or_none(self) -> str | None:
-        from harness.spec import SpecError
+    def model_dtype(self) -> str | None:
+        """The dtype the model's config asks for (an hf_overrides entry wins); None without a readable config.json
+        (vLLM's start then names the problem)."""
+        from harness.spec import SpecError, model_config
 
         try:
-            return self.model_dtype()
-        except SpecError:  # no readable config.json: vLLM's start names the problem
+            return model_dtype({**model_config(self.model_path), **self.hf_overrides})
+        except SpecError:
             return None
 
     def dtype_choice(self) -> DtypeChoice:
@@ -92,9 +87,10 @@ class EngineSettings:
                 "when less is free; one request at a time needs a few MiB (the KV-cache size does not enter a "
                 "batch-1 step's work)",
             )
-        if self.device == "cpu" and self._model_dtype_or_none() in HALF_DTYPES:
+        asked = self.model_dtype() if self.device == "cpu" else None
+        if asked in HALF_DTYPES:
             choice = self.dtype_choice()
-            if choice.dtype != self.model_dtype():
+            if choice.dtype != asked:
                 add("dtype", choice.dtype, choice.reason)
         if self.device == "cuda":
             add(
