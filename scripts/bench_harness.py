@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from harness.cpu_pinning import plan_pinning  # noqa: E402
+from harness.engine.cpu_pinning import plan_pinning  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 NOISE_SPEC = """

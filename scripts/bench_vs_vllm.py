@@ -186,7 +186,7 @@ def run_vllm_bench(model: Path, effective: dict[str, Any], iters: int, warmup: i
             argv += [f"--{key.replace('_', '-')}", str(effective[key])]
     script = out / "vllm_bench_driver.py"
     script.write_text(VLLM_BENCH)
-    env = {**os.environ, "VLLM_USE_AOT_COMPILE": "0"}  # as the harness runs it (harness/engine.py)
+    env = {**os.environ, "VLLM_USE_AOT_COMPILE": "0"}  # as the harness runs it (harness/engine/vllm_engine.py)
     proc = subprocess.run([sys.executable, str(script), json.dumps(argv), str(out / f"{name}.vllm-iters.json")],
                           cwd=ROOT, capture_output=True, text=True, env=env)
     if proc.returncode != 0:

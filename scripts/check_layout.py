@@ -1,12 +1,15 @@
-"""Check the package layout: no import cycles, no oversized modules, `__main__` only in real entry points.
+"""Check the package layout: no import cycles, no oversized modules, no private name borrowed from another
+module, harness folders importing one way only, and `__main__` only in real entry points.
 
     python scripts/check_layout.py            # prints the module graph's cycles (none expected) and file sizes
     python scripts/check_layout.py --max-lines 650
 
 Reads the source with `ast` (nothing is imported), counting every `import` and `from ... import` of a project
 module, including the ones inside functions (a lazy import still ties two modules together). Importing a
-package's parent (`estimator/__init__.py`) is implicit in Python and is not an edge here. Exit 1 on a cycle or a
-module over the line limit.
+package's parent (`estimator/__init__.py`) is implicit in Python and is not an edge here. A private name is one
+with a leading underscore that is not a dunder (`_fail`, not `__version__`); borrowing one means `from m import
+_name`, or `m._name` where `m` is a project module bound by an import. Exit 1 on a cycle, a module over the line
+limit, a borrowed private name or an import against the harness's folder order (LAYERS).
 """
 
 from __future__ import annotations
@@ -18,6 +21,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("harness", "estimator")
+# What each harness folder may import of the others (its own folder and the package root always): run data at the
+# bottom, then telemetry, then the engine, the drivers, and the CLI on top.
+LAYERS = {
+    "harness.rundata": set(),
+    "harness.telemetry": set(),
+    "harness.engine": {"harness.rundata", "harness.telemetry"},
+    "harness.drivers": {"harness.rundata", "harness.telemetry", "harness.engine"},
+    "harness.cli": {"harness.rundata", "harness.telemetry", "harness.engine", "harness.drivers"},
+}
 
 
 def module_name(path: Path) -> str:
@@ -49,6 +61,59 @@ def imports_of(path: Path, modules: dict[str, Path]) -> set[str]:
             continue
         out.update(n for n in names if n in modules and n != me)
     return out
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def borrowed_privates(path: Path, modules: dict[str, Path]) -> list[str]:
+    """`module: name` for each private name of another project module that `path` imports or reads."""
+    me = module_name(path)
+    package = me if path.name == "__init__.py" else me.rpartition(".")[0]
+    tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+    bound: dict[str, str] = {}  # local name -> project module it stands for
+    found: list[str] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name in modules:
+                    bound[a.asname or a.name] = a.name
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, base] if base else anchor)
+            for a in node.names:
+                if f"{base}.{a.name}" in modules:
+                    bound[a.asname or a.name] = f"{base}.{a.name}"
+                elif base in modules and base != me and _private(a.name):
+                    found.append(f"{base}: {a.name}")
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and _private(node.attr):
+            target = ast.unparse(node.value)
+            mod = bound.get(target) or (target if target in modules else None)
+            if mod is not None and mod != me:
+                found.append(f"{mod}: {node.attr}")
+    return sorted(set(found))
+
+
+def layer_of(module: str) -> str | None:
+    return next((layer for layer in LAYERS if module == layer or module.startswith(layer + ".")), None)
+
+
+def layer_violations(graph: dict[str, set[str]]) -> list[str]:
+    """`a -> b` for each import from one harness folder into a folder it may not import (LAYERS)."""
+    bad = []
+    for module, targets in sorted(graph.items()):
+        mine = layer_of(module)
+        if mine is None:
+            continue
+        for target in sorted(targets):
+            theirs = layer_of(target)
+            if theirs is not None and theirs != mine and theirs not in LAYERS[mine]:
+                bad.append(f"{module} -> {target}")
+    return bad
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -103,7 +168,7 @@ def main_guards(modules: dict[str, Path]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--max-lines", type=int, default=650, help="largest module allowed (lines)")
+    ap.add_argument("--max-lines", type=int, default=600, help="largest module allowed (lines)")
     args = ap.parse_args(argv)
     modules = project_modules()
     graph = {m: imports_of(p, modules) for m, p in modules.items()}
@@ -120,6 +185,16 @@ def main(argv: list[str] | None = None) -> int:
         if n > args.max_lines:
             print(f"too long: {p.relative_to(ROOT)} has {n} lines (limit {args.max_lines})")
             bad += 1
+    borrowed = [(m, item) for m, p in sorted(modules.items()) for item in borrowed_privates(p, modules)]
+    for m, item in borrowed:
+        print(f"private name borrowed: {m} uses {item}")
+    against = layer_violations(graph)
+    for edge in against:
+        print(f"import against the folder order: {edge}")
+    if not borrowed and not against:
+        print("no private name borrowed across modules; harness folders import one way "
+              "(rundata, telemetry < engine < drivers < cli)")
+    bad += len(borrowed) + len(against)
     print("__main__ blocks: " + (", ".join(main_guards(modules)) or "none"))
     return 1 if bad else 0
 

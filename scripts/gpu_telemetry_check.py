@@ -17,8 +17,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs without PYTHONPATH too
 
-from harness.sampler import TelemetrySampler  # noqa: E402
-from harness.telemetry import (  # noqa: E402
+from harness.telemetry.sampler import TelemetrySampler  # noqa: E402
+from harness.telemetry.sources import (  # noqa: E402
     TelemetryError,
     TelemetrySource,
     decode_throttle_reasons,

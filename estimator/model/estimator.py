@@ -32,7 +32,16 @@ from estimator.data.runs import PHASES
 from estimator.errors import EstimatorError, one_line_validation_error
 from estimator.model.closed_form import ClosedForm
 from estimator.model.embedding import EMBEDDING_MODEL, Projection, embed_texts
-from estimator.model.features import PCA_DIM, FeatureSpec, Phase, as_columns, config_key, embedding_names, key_part
+from estimator.model.features import (
+    PCA_DIM,
+    FeatureSpec,
+    Phase,
+    as_columns,
+    check_values,
+    config_key,
+    embedding_names,
+    key_part,
+)
 from estimator.model.iteration import ITERATION_FILE, Composition, IterationEstimator
 from estimator.model.meta import (
     ModelMeta,
@@ -49,9 +58,7 @@ from estimator.model.tables import FLOOR_MS, TABLE_VARIANTS, TABLES_FILE, TABLES
 if TYPE_CHECKING:
     import lightgbm as lgb
 
-PHASE_NAMES: tuple[Phase, ...] = PHASES
 EXTRAPOLATING_VARIANTS = frozenset({"residual"})  # shaped by the closed form beyond the trained lengths
-_MIN_PRED_MS = FLOOR_MS
 _LENGTH_KEYS = frozenset({"text_tokens", "position", "text"})
 
 
@@ -111,7 +118,7 @@ def _read_booster(path: Path | None, features: list[str]) -> lgb.Booster:
 
 def baseline_ms(closed_form: ClosedForm, columns: Mapping[str, np.ndarray], n: int) -> np.ndarray:
     """Closed-form baseline (ms, floored at 1 µs) that the residual variant's trees multiply."""
-    return np.maximum(closed_form.predict(columns, n), _MIN_PRED_MS)
+    return np.maximum(closed_form.predict(columns, n), FLOOR_MS)
 
 
 @dataclass(frozen=True)
@@ -239,7 +246,7 @@ class LatencyEstimator:
         projection = Projection.from_dict(meta.embedding.pca.model_dump()) if meta.embedding else None
         dim = projection.dim if projection else PCA_DIM
         models: dict[Phase, PhaseModel] = {}
-        for phase in PHASE_NAMES:
+        for phase in PHASES:
             pm = meta.phases[phase]
             spec = FeatureSpec(phase, meta.variant, tuple(meta.axes), meta.categories, dim)
             if spec.names() != pm.features:
@@ -316,7 +323,7 @@ class LatencyEstimator:
                 x = number(v)
                 if x is None or not (rng.min is not None and rng.max is not None and rng.min <= x <= rng.max):
                     unseen.append(f"{col}={v}")
-                    messages.append(f"{col}={v} is outside the trained range {_g(rng.min)}..{_g(rng.max)}")
+                    messages.append(f"{col}={v} is outside the trained range {rng.span()}")
             elif key_part(v) not in rng.values:
                 unseen.append(f"{col}={v}")
                 messages.append(f"{col}={v} was never trained (trained values: {', '.join(rng.values)})")
@@ -520,7 +527,7 @@ class LatencyEstimator:
         columns, n = as_columns(rows)
         if n == 0:
             return np.zeros(0)
-        _check_values(phase, columns)
+        check_values(phase, columns)
         if "text_tokens" not in columns:
             raise EstimatorError(f"missing feature 'text_tokens' (needed by the {phase} model)")
         if phase == "decode" and "position" not in columns:
@@ -580,8 +587,6 @@ class LatencyEstimator:
         return vecs[[pos[t] for t in texts]]
 
 
-def _g(v: float | None) -> str:
-    return "?" if v is None else key_part(v)
 
 
 def _plain(v: Any) -> Any:
@@ -590,18 +595,6 @@ def _plain(v: Any) -> Any:
 
 def _scalar_row(rows: Mapping[str, Any]) -> bool:
     return all(isinstance(v, int | float | str | np.generic) for v in rows.values())
-
-
-def _check_values(phase: Phase, columns: Mapping[str, np.ndarray]) -> None:
-    """Impossible inputs are errors: text_tokens <= 0, decode position <= text_tokens."""
-    if "text_tokens" in columns:
-        tok = np.asarray(columns["text_tokens"], dtype=np.float64)
-        if np.any(~np.isfinite(tok)) or np.any(tok <= 0):
-            raise EstimatorError("text_tokens must be a positive number of tokens")
-        if phase == "decode" and "position" in columns:
-            pos = np.asarray(columns["position"], dtype=np.float64)
-            if np.any(~np.isfinite(pos)) or np.any(pos <= tok):
-                raise EstimatorError("decode position must be greater than text_tokens (position = text_tokens + i)")
 
 
 __all__ = ["EMBEDDING_MODEL", "LatencyEstimator", "ModelMeta", "PhaseModel", "RequestBatch", "RequestPrediction"]

@@ -187,3 +187,15 @@ def key_part(value: Any) -> str:
     if isinstance(value, float | np.floating) and float(value).is_integer():
         return str(int(value))
     return str(value)
+
+
+def check_values(phase: Phase, columns: Mapping[str, np.ndarray]) -> None:
+    """Impossible inputs are errors: text_tokens <= 0, decode position <= text_tokens."""
+    if "text_tokens" in columns:
+        tok = np.asarray(columns["text_tokens"], dtype=np.float64)
+        if np.any(~np.isfinite(tok)) or np.any(tok <= 0):
+            raise EstimatorError("text_tokens must be a positive number of tokens")
+        if phase == "decode" and "position" in columns:
+            pos = np.asarray(columns["position"], dtype=np.float64)
+            if np.any(~np.isfinite(pos)) or np.any(pos <= tok):
+                raise EstimatorError("decode position must be greater than text_tokens (position = text_tokens + i)")

@@ -114,6 +114,10 @@ class AxisRange(StrictModel):
     min: float | None = None
     max: float | None = None
 
+    def span(self) -> str:
+        """`min..max` as the config keys write numbers (`?` for a missing end)."""
+        return "..".join("?" if v is None else key_part(v) for v in (self.min, self.max))
+
 
 class ModelMeta(StrictModel):
     """Contents of meta.json; validated on load (unknown keys are an error)."""

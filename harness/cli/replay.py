@@ -1,0 +1,184 @@
+"""`profile replay` and `profile workload` (registered on the `profile` app by harness/cli/app.py).
+
+Thin, like the rest of the CLI: parse flags, build a spec and a workload, call harness/drivers/replay.py, print.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from harness.rundata.spec import SpecError, build_spec, model_config, resolve_model
+from harness.rundata.store import RunStore, StoreError
+from harness.rundata.workload import LengthDist, WorkloadRequest, generate_workload, read_workload, write_workload
+from harness.telemetry.sources import TelemetryError
+
+EXIT_BAD_INPUT = 2
+EXIT_FAILED = 1
+EXIT_INTERRUPTED = 130
+
+out = Console()
+if not out.is_terminal:
+    out = Console(width=160)
+err = Console(stderr=True)
+
+
+def _fail(message: str) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    return typer.Exit(EXIT_BAD_INPUT)
+
+
+def _device() -> str:
+    """CUDA only where NVML sees a GPU and the CUDA vLLM build is installed (harness/engine/device.py)."""
+    from harness.engine.device import choose_device
+
+    return choose_device(None, None)[0]
+
+
+def _base_spec(tier: int, model: str | None, device: str) -> dict[str, Any]:
+    data: dict[str, Any] = {"device": device, "axes": {"tier": [tier]}}
+    if model:
+        data["ladder"] = [model]
+        data["axes"]["tier"] = [0]
+    return data
+
+
+def model_context(data: dict[str, Any]) -> int:
+    """The context length (max_position_embeddings) of the spec's one tier."""
+    spec = build_spec({**data, "axes": {**data["axes"], "text_tokens": [1]}})
+    _, path = resolve_model(spec.ladder[int(spec.axes["tier"][0])])
+    return int(model_config(path).get("max_position_embeddings", 2048))
+
+
+def _generated(rate: float | None, count: int | None, seed: int, text_dist: str, new_dist: str,
+               context: int) -> tuple[list[WorkloadRequest], dict[str, Any]]:
+    if rate is None or count is None:
+        raise SpecError("give a workload: --workload FILE, or --rate R and --count N to generate one")
+    texts, news = LengthDist.parse(text_dist, "text-tokens-dist"), LengthDist.parse(new_dist, "new-tokens-dist")
+    requests = generate_workload(rate, count, seed, texts, news, context)
+    return requests, {"generator": "poisson", "rate_per_s": rate, "count": count, "seed": seed,
+                      "text_tokens_dist": str(texts), "new_tokens_dist": str(news), "context": context}
+
+
+def workload_command(
+    rate: float = typer.Option(..., help="mean arrival rate, requests per second (Poisson arrivals)"),
+    count: int = typer.Option(..., help="number of requests"),
+    seed: int = typer.Option(0, help="seed: the same seed gives the same file"),
+    text_tokens_dist: str = typer.Option("uniform:32:512", help="prompt lengths: fixed:N, uniform:LO:HI or "
+                                                                  "lognormal:MEDIAN:SIGMA"),
+    new_tokens_dist: str = typer.Option("uniform:8:64", help="new tokens per request (same forms)"),
+    tier: int = typer.Option(0, help="model tier whose context clips the lengths"),
+    model: str | None = typer.Option(None, help="a local model folder (or preset name) instead of the ladder"),
+    out_file: Path = typer.Option(..., "--out", help="JSONL file to write"),
+) -> None:
+    """Write a seeded workload file: Poisson arrivals, lengths from the given distributions."""
+    try:
+        context = model_context(_base_spec(tier, model, _device()))
+        requests, _ = _generated(rate, count, seed, text_tokens_dist, new_tokens_dist, context)
+        out_file.parent.mkdir(parents=True, exist_ok=True)
+        write_workload(out_file, requests)
+    except (SpecError, OSError) as e:
+        raise _fail(str(e)) from None
+    span = requests[-1].arrival_s
+    out.print(f"wrote {len(requests)} requests over {span:.2f} s to {out_file}", highlight=False)
+
+
+def replay_command(
+    workload: Path | None = typer.Option(None, help="JSONL workload: arrival_s, text_tokens, new_tokens[, prompt]"),
+    rate: float | None = typer.Option(None, help="generate the workload: mean arrival rate (requests/s)"),
+    count: int | None = typer.Option(None, help="generate the workload: number of requests"),
+    seed: int = typer.Option(0, help="seed for a generated workload and for prompt choice"),
+    text_tokens_dist: str = typer.Option("uniform:32:512", help="generated prompt lengths (see profile workload)"),
+    new_tokens_dist: str = typer.Option("uniform:8:64", help="generated new tokens per request"),
+    tier: int = typer.Option(0, help="model tier (one engine config per replay)"),
+    model: str | None = typer.Option(None, help="a local model folder (or preset name) instead of the ladder"),
+    top_k: int = typer.Option(0, help="sampling top_k (0 = off)"),
+    blocks: int | None = typer.Option(None, help="KV-cache block size in tokens (default: 128 on CPU, 16 on CUDA)"),
+    max_num_seqs: int | None = typer.Option(None, help="vLLM max_num_seqs (default: vLLM's serving default)"),
+    prompts: Path | None = typer.Option(None, help="prompt text for requests without one (default: the corpus)"),
+    warmup: int | None = typer.Option(None, help="untimed single requests after the engine start"),
+    flush_every: int = typer.Option(16, help="write the files after this many finished requests (and when idle)"),
+    out_dir: Path = typer.Option(Path("results"), "--out", help="folder that receives results/<run_id>/"),
+    name: str | None = typer.Option(None, help="run folder name under --out"),
+    resume: Path | None = typer.Option(None, help="finish the unfinished requests of this replay run"),
+    inprocess: bool = typer.Option(False, help="engine core in this process (NOT how vLLM serves; labelled)"),
+    trust_remote_code: bool = typer.Option(False, help="allow a model folder's own code to run"),
+    verbose: bool = typer.Option(False, help="show vLLM's own output live (it always goes to RUN/engine.log)"),
+    quiet: bool = typer.Option(False, help="fewer progress lines"),
+) -> None:
+    """Replay timed requests on one real engine (continuous batching); one row per engine iteration."""
+    from harness.drivers.replay import ReplayOptions, run_replay, summary
+    from harness.engine.log import EngineOutput
+
+    try:
+        options = ReplayOptions(out_root=out_dir, resume_dir=resume, run_id=name, flush_every=max(flush_every, 0),
+                                verbose=verbose)
+        spec = requests = None
+        if resume is None:
+            from harness.drivers.replay import replay_spec
+
+            device = _device()
+            data = _base_spec(tier, model, device)
+            data["axes"].update({"top_k": [top_k], "blocks": [blocks or (128 if device == "cpu" else 16)]})
+            for key, value in (("max_num_seqs", max_num_seqs), ("warmup_requests", warmup), ("seed", seed),
+                               ("prompts", str(prompts) if prompts else None)):
+                if value is not None:
+                    data[key] = value
+            if inprocess:
+                data["engine_mode"] = "inprocess"
+            if trust_remote_code:
+                data["trust_remote_code"] = True
+            if workload is not None:
+                if rate is not None or count is not None:
+                    raise SpecError("give either --workload or --rate/--count, not both")
+                requests = read_workload(workload)
+                options.source = {"file": str(workload)}
+            else:
+                requests, options.source = _generated(rate, count, seed, text_tokens_dist, new_tokens_dist,
+                                                      model_context(data))
+            spec = replay_spec(data, requests)
+        else:
+            RunStore.open(resume)  # not a run, or another schema: fails here, before vLLM is imported
+        engine_output: EngineOutput | None = None
+        if EngineOutput.possible():
+            engine_output = EngineOutput(verbose)
+            out.file, err.file = engine_output.stdout, engine_output.stderr
+            engine_output.start()
+        options.engine_output = engine_output
+        last = [0.0]
+
+        def report(event: str, data: dict[str, Any]) -> None:
+            if event == "log":
+                print(f"[{time.strftime('%H:%M:%S')}] {data['message']}", file=err.file, flush=True)
+            elif event == "progress" and (not quiet or time.monotonic() - last[0] > 30):
+                last[0] = time.monotonic()
+                print(f"[{time.strftime('%H:%M:%S')}] {data['segment_id']}: {data['finished']}/{data['todo']} "
+                      f"requests finished, {data['iterations']} iterations", file=err.file, flush=True)
+
+        result = run_replay(spec, requests, options, report)
+    except (SpecError, StoreError, TelemetryError) as e:
+        raise _fail(str(e)) from None
+    table = summary(result.run_dir)
+    if not table.empty:
+        t = Table(title=f"Replay: {result.run_dir}")
+        for col in table.columns:
+            t.add_column(str(col), justify="right")
+        for _, row in table.iterrows():
+            t.add_row(*["" if isinstance(v, float) and math.isnan(v) else str(v) for v in row])
+        out.print(t)
+    out.print(f"status: {result.status}; requests done {result.requests_done}/{result.requests_total}; "
+              f"results in {result.run_dir}", highlight=False)
+    if result.error:
+        err.print(f"failed: {escape(result.error)}", highlight=False, soft_wrap=True)
+    if result.status == "interrupted":
+        err.print(f"interrupted: resume with  profile replay --resume {result.run_dir}", highlight=False)
+        raise typer.Exit(EXIT_INTERRUPTED)
+    if result.status != "complete":
+        raise typer.Exit(EXIT_FAILED)
