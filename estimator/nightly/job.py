@@ -58,6 +58,7 @@ from estimator.nightly.stats import (
     run_conditions,
 )
 from estimator.nightly.sweep import run_sweep
+from estimator.study.nightly_results import HistoryLine, NightlySummary
 
 # ---------------------------------------------------------------- one night
 
@@ -320,13 +321,14 @@ def run_nightly(spec: NightlySpec, progress: Callable[[str], None] | None = None
         "warnings": warnings,
         "messages": list(messages),
     }
+    summary = NightlySummary.model_validate(summary).as_json()  # what the report reads back, checked as written
     summary_path = state / "summaries" / f"{run_id}.json"
     write_json_atomic(summary_path, summary)
     write_json_atomic(state / LATEST_FILE, summary)
     flagged_labels = {(c.label, c.phase) for c in checks if c.flagged}
     history_path = append_history(
         state,
-        {
+        HistoryLine.model_validate({
             "night": summary["night"],
             "run_id": run_id,
             "baseline_run_id": summary["baseline_run_id"],
@@ -339,7 +341,7 @@ def run_nightly(spec: NightlySpec, progress: Callable[[str], None] | None = None
             "flagged": summary["flagged"],
             "held_out_mape_pct": tonight_mape,
             "medians": [{**m, "flagged": (m["label"], m["phase"]) in flagged_labels} for m in summary["medians"]],
-        },
+        }).model_dump(mode="json"),
     )
     if accept:
         write_json_atomic(

@@ -20,7 +20,7 @@ from typing import Any
 import pandas as pd
 from pydantic import field_validator
 
-from estimator.data.runs import RunSet, RunsSpec, load_runs, read_jsonl_dicts, read_telemetry
+from estimator.data.runs import RunSet, RunsSpec, load_runs, read_telemetry
 from estimator.errors import EstimatorError
 from estimator.model.importance import feature_importance
 from estimator.report.document import Report, ReportFiles
@@ -38,6 +38,7 @@ from estimator.report.sections.variants import variants_section
 from estimator.study.analyze import Analysis, analyze_runs, noise_floor
 from estimator.study.batch import BatchStudyResult, ValidationResult
 from estimator.study.fits import latency_fits
+from estimator.study.nightly_results import NightlySummary, load_history, load_nightly_summary
 from estimator.study.results import ComparisonResult, load_comparison
 from estimator.study.scoring import ModelOnRuns, held_out_predictions, score_model_on_runs
 
@@ -144,12 +145,12 @@ def build_report(spec: ReportSpec, progress: Callable[[str], None] | None = None
     if spec.batch:
         say("batch level")
         sections.append(batch_section(*_batch_inputs(spec.batch)))
-    summary: dict[str, Any] | None = None
+    summary: NightlySummary | None = None
     if spec.nightly_summary is not None and spec.nightly_summary.is_file():
-        summary = json.loads(spec.nightly_summary.read_text())
+        summary = load_nightly_summary(spec.nightly_summary)
     if spec.history is not None or summary is not None:
         say("nightly trend")
-        history = read_jsonl_dicts(spec.history) if spec.history is not None else []
+        history = load_history(spec.history) if spec.history is not None and spec.history.is_file() else []
         sections.insert(0, nightly_section(history, summary))  # the reason a nightly page exists: first
     glance = glance_section(runset, exp1, acc, var, summary, missing)
     title = spec.title or f"Latency report: {', '.join(run_ids)}"

@@ -10,6 +10,7 @@ from estimator.report.document import SECTIONS, Bullets, Note, Section
 from estimator.report.plots import fmt
 from estimator.report.sections.manifest import manifest_rows
 from estimator.study.analyze import CV_INSUFFICIENT_PCT, CV_SUFFICIENT_PCT
+from estimator.study.nightly_results import NightlySummary
 
 
 def glance_section(
@@ -17,7 +18,7 @@ def glance_section(
     exp1: Mapping[str, Any],
     acc: Mapping[str, Any],
     variants: Mapping[str, Any],
-    nightly: Mapping[str, Any] | None,
+    nightly: NightlySummary | None,
     missing: Sequence[str],
 ) -> Section:
     sec = Section("glance", SECTIONS["glance"])
@@ -46,8 +47,8 @@ def glance_section(
     items.extend(str(line) for line in variants.get("embedding_answer") or [])
     if nightly:
         items.append(
-            f"Nightly: {'REGRESSION FLAGGED' if nightly.get('regression') else 'no regression'} against baseline "
-            f"`{nightly.get('baseline_run_id')}`."
+            f"Nightly: {'REGRESSION FLAGGED' if nightly.regression else 'no regression'} against baseline "
+            f"`{nightly.baseline_run_id}`."
         )
     sec.add(Bullets(items))
     if missing:

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Sequence
 
 from estimator.data.runs import PHASES
 from estimator.report.document import (
@@ -22,43 +21,34 @@ from estimator.report.plots import (
     png_bytes,
     style_axes,
 )
+from estimator.study.nightly_results import HistoryLine, NightlySummary
 
 # ---------------------------------------------------------------- nightly trend
 
 
-def nightly_section(history: list[dict[str, Any]], summary: Mapping[str, Any] | None) -> Section:
+def nightly_section(history: Sequence[HistoryLine], summary: NightlySummary | None) -> Section:
     """Median latency per config and phase over nights, and tonight's comparison against the baseline."""
     sec = Section("nightly", SECTIONS["nightly"])
     if summary:
-        flagged = bool(summary.get("regression"))
-        status = "REGRESSION FLAGGED" if flagged else "no regression"
-        base = summary.get("baseline_run_id") or "none (tonight accepted as the first baseline)"
-        sec.add(
-            Paragraph(
-                f"Tonight `{summary.get('run_id')}` vs baseline `{base}`: **{status}**. {summary.get('rule', '')}"
-            )
-        )
+        status = "REGRESSION FLAGGED" if summary.regression else "no regression"
+        base = summary.baseline_run_id or "none (tonight accepted as the first baseline)"
+        sec.add(Paragraph(f"Tonight `{summary.run_id}` vs baseline `{base}`: **{status}**. {summary.rule}"))
         rows = []
-        for c in summary.get("comparisons") or []:
-            ci = c.get("ci") or [None, None]
-            again = c.get("confirm") or {}
-            rerun = (
-                f"{fmt(again.get('ratio'), 3)} ({fmt((again.get('ci') or [None])[0], 3)} – "
-                f"{fmt((again.get('ci') or [None, None])[1], 3)})"
-                if again
-                else "–"
-            )
+        for c in summary.comparisons:
+            again = c.confirm
+            low, high = again.ci if again and again.ci else (None, None)
+            rerun = f"{fmt(again.ratio, 3)} ({fmt(low, 3)} – {fmt(high, 3)})" if again else "–"
             rows.append(
                 [
-                    c.get("label", ""),
-                    c.get("phase", ""),
-                    fmt(c.get("baseline_median_ms"), 2),
-                    fmt(c.get("tonight_median_ms"), 2),
-                    fmt(c.get("ratio"), 3),
-                    f"{fmt(ci[0], 3)} – {fmt(ci[1], 3)}",
-                    str(c.get("requests", "–")),
+                    c.label,
+                    c.phase,
+                    fmt(c.baseline_median_ms, 2),
+                    fmt(c.tonight_median_ms, 2),
+                    fmt(c.ratio, 3),
+                    f"{fmt(c.ci[0], 3)} – {fmt(c.ci[1], 3)}",
+                    c.requests,
                     rerun,
-                    "FLAGGED" if c.get("flagged") else "improved" if c.get("improved") else "ok",
+                    "FLAGGED" if c.flagged else "improved" if c.improved else "ok",
                 ]
             )
         if rows:
@@ -81,17 +71,11 @@ def nightly_section(history: list[dict[str, Any]], summary: Mapping[str, Any] | 
                     "flag stands only if the re-run repeats it.",
                 )
             )
-        mape_rows = []
-        for c in summary.get("estimator_checks") or []:
-            mape_rows.append(
-                [
-                    c.get("phase", ""),
-                    fmt(c.get("baseline_mape_pct")),
-                    fmt(c.get("tonight_mape_pct")),
-                    fmt(c.get("growth_pct"), 1),
-                    "FLAGGED" if c.get("flagged") else "ok",
-                ]
-            )
+        mape_rows = [
+            [m.phase, fmt(m.baseline_mape_pct), fmt(m.tonight_mape_pct), fmt(m.growth_pct, 1),
+             "FLAGGED" if m.flagged else "ok"]
+            for m in summary.estimator_checks
+        ]
         if mape_rows:
             sec.add(
                 Table(
@@ -100,10 +84,10 @@ def nightly_section(history: list[dict[str, Any]], summary: Mapping[str, Any] | 
                     "Estimator's held-out (by prompt) error, from each night's model meta.json.",
                 )
             )
-        cond = summary.get("conditions") or {}
-        keys = sorted({k for side in cond.values() if isinstance(side, dict) for k in side})
+        cond = summary.conditions
+        keys = sorted({k for side in cond.values() for k in side})
         if keys:
-            sides = [s for s in ("baseline", "tonight") if isinstance(cond.get(s), dict)]
+            sides = [s for s in ("baseline", "tonight") if s in cond]
             sec.add(
                 Table(
                     ["measuring conditions (median over steps)", *sides],
@@ -111,21 +95,20 @@ def nightly_section(history: list[dict[str, Any]], summary: Mapping[str, Any] | 
                     "From each step's telemetry snapshot: what the machine was doing while the run measured.",
                 )
             )
-        for w in summary.get("warnings") or []:
-            sec.add(Note(str(w)))
+        for w in summary.warnings:
+            sec.add(Note(w))
     if not history:
         sec.add(Note("No nightly history yet."))
         return sec
     fig = new_figure(13, 4.6)
     axes = fig.subplots(1, 2)
-    nights = [str(h.get("run_id", i)) for i, h in enumerate(history)]
+    nights = [h.run_id for h in history]
     for ax, phase in zip(axes, PHASES, strict=True):
         series: dict[str, list[tuple[int, float, bool]]] = {}
         for i, h in enumerate(history):
-            for m in h.get("medians") or []:
-                if m.get("phase") != phase or not isinstance(m.get("median_ms"), int | float):
-                    continue
-                series.setdefault(str(m.get("label")), []).append((i, float(m["median_ms"]), bool(m.get("flagged"))))
+            for m in h.medians:
+                if m.phase == phase:
+                    series.setdefault(m.label, []).append((i, m.median_ms, m.flagged))
         for j, (label, pts) in enumerate(sorted(series.items())):
             xs, ys, fl = zip(*pts, strict=True)
             ax.plot(xs, ys, marker="o", markersize=4, color=palette(j), label=label)
@@ -134,7 +117,7 @@ def nightly_section(history: list[dict[str, Any]], summary: Mapping[str, Any] | 
                 bx, by = zip(*bad, strict=True)
                 ax.scatter(bx, by, s=120, facecolors="none", edgecolors="#d62728", linewidths=2, zorder=5)
         for i, h in enumerate(history):
-            if h.get("accepted"):
+            if h.accepted:
                 ax.axvline(i, color="#2ca02c", linestyle=":", linewidth=1.2)
         ax.set_xticks(range(len(nights)), [n[-15:] for n in nights], rotation=30, ha="right", fontsize=8)
         ax.set_ylabel(f"median {phase} latency (ms)")

@@ -31,6 +31,7 @@ from estimator.nightly.stats import (
     is_improvement,
     is_regression,
 )
+from estimator.study.nightly_results import load_history, load_nightly_summary
 from tests.conftest import run_profile
 
 # ---------------------------------------------------------------- bootstrap flagging (synthetic arrays)
@@ -180,6 +181,14 @@ def test_nightly_flow_on_existing_runs(synthetic_nights: dict[str, Path], tmp_pa
     assert [h["regression"] for h in history] == [False, False, True]
     page = (state / "reports" / "night-3" / "report.html").read_text()
     assert "Nightly trend" in page and "REGRESSION FLAGGED" in page
+    # what the report reads: the same nights, typed (estimator/study/nightly_results.py)
+    typed = load_nightly_summary(state / "latest.json")
+    assert typed.run_id == "night-3" and typed.regression and typed.schema_id == third["schema"]
+    assert {c.label for c in typed.comparisons if c.flagged} == {"tier=1 top_k=0 blocks=32", "tier=2 top_k=0 blocks=32"}
+    lines = load_history(state / "history.jsonl")
+    assert [(h.run_id, h.regression, h.accepted) for h in lines] == [
+        ("night-1", False, True), ("night-2", False, False), ("night-3", True, False)]
+    assert {m.flagged for m in lines[2].medians if m.label == "tier=1 top_k=0 blocks=32"} == {True}
     assert (state / "reports" / "night-3" / "summary.json").is_file()
 
     # --accept promotes even a flagged night; the exit code still reports the regression.
@@ -382,3 +391,33 @@ def test_a_flag_must_be_confirmed_by_a_rerun(synthetic_nights: dict[str, Path], 
 
     calm = night(synthetic_nights["again"], synthetic_nights["slow"], "calm")
     assert calm["exit"] == EXIT_OK and calm["confirm_run_id"] is None  # nothing flagged: no re-run
+
+
+def test_nightly_files_of_another_shape_are_one_line_errors(synthetic_nights: dict[str, Path], tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    result = run_nightly(NightlySpec(state_dir=state, run=synthetic_nights["base"], report=False, bootstrap=300))
+    raw = json.loads(result.summary_path.read_text())
+    foreign = tmp_path / "foreign.json"
+    foreign.write_text(json.dumps({**raw, "regresion": True}))
+    with pytest.raises(EstimatorError, match=r"not a summary written by `estimate nightly`.*regresion") as err:
+        load_nightly_summary(foreign)
+    assert "\n" not in str(err.value)
+    history = state / "history.jsonl"
+    good = history.read_text()
+    history.write_text(good + good.strip()[: len(good) // 2])  # a line cut short by a kill: skipped
+    assert [h.run_id for h in load_history(history)] == ["night-1"]
+    history.write_text(good + json.dumps({"run_id": "night-9", "medians": "none"}) + "\n")
+    with pytest.raises(EstimatorError, match=r"history.jsonl:2: not a history line"):
+        load_history(history)
+
+
+def test_report_sections_parse_no_json() -> None:
+    """Every section renders typed results; reading files (and their JSON) is build.py's and the loaders' job."""
+    import ast
+
+    sections = Path(__file__).resolve().parents[3] / "estimator" / "report" / "sections"
+    for path in sorted(sections.glob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        calls = {ast.unparse(n.func) for n in ast.walk(tree) if isinstance(n, ast.Call)}
+        reads = {c for c in calls if c.endswith(("json.load", "json.loads", "read_text", "read_jsonl_dicts", "open"))}
+        assert not reads, f"{path.name} reads a file itself: {sorted(reads)}"
