@@ -1,6 +1,10 @@
-"""The closed-form reference model: prefill = a + b·n + c·n², decode = a + b·p, least squares per config.
+"""The closed form: prefill = a + b·n + c·n², decode = a + b·p, least squares on relative error.
 
-Part of the product (the `residual` variant's trees multiply it) as well as the study's reference model.
+Two forms. Per config (`group_column=None`): every config its own a, b, c (the study's `closed_form` reference).
+Physics (`group_column="tier"` or `"model"`): each config its own fixed cost a (sampling, scheduling), while the
+per-token cost b and the attention cost c are one per model, shared by all of that model's configs, so every
+config's lengths pin them down together. The product's `residual` variant multiplies its trees by the physics
+form (the study's `physics` reference is the same fit); either way the coefficients are stored per config.
 """
 
 from __future__ import annotations
@@ -15,6 +19,12 @@ from estimator.errors import EstimatorError
 from estimator.model.features import Phase, config_key
 
 _SCALE = 1000.0  # fit on x/1000 for conditioning; coefficients are stored per token / per token²
+MODEL_COLUMNS = ("tier", "model")  # the config axis naming the model, in order of preference
+
+
+def model_group(axes: Sequence[str]) -> str | None:
+    """The axis naming the model (`tier`, else `model`): the physics form has its length terms per value."""
+    return next((a for a in MODEL_COLUMNS if a in axes), None)
 
 
 class ClosedForm:
@@ -26,10 +36,15 @@ class ClosedForm:
     """
 
     def __init__(
-        self, phase: Phase, config_columns: Sequence[str], display_columns: Sequence[str] = ()
+        self,
+        phase: Phase,
+        config_columns: Sequence[str],
+        display_columns: Sequence[str] = (),
+        group_column: str | None = None,
     ) -> None:
         self.phase: Phase = phase
         self.config_columns = list(config_columns)
+        self.group_column = group_column if group_column in self.config_columns else None
         self.display_columns = [
             *self.config_columns,
             *(c for c in display_columns if c not in config_columns),
@@ -65,13 +80,46 @@ class ClosedForm:
         x_all = frame[self.x_column].to_numpy(dtype=np.float64)
         y_all = frame["latency_ms"].to_numpy(dtype=np.float64)
         self.pooled = self._fit_one(x_all, y_all)
-        for idx in frame.groupby(self.config_columns, sort=True).indices.values():
+        groups = list(frame.groupby(self.config_columns, sort=True).indices.values())
+        for idx in groups:
             first = frame.iloc[int(idx[0])]
             k = config_key(first, self.config_columns)
             self.coef[k] = self._fit_one(x_all[idx], y_all[idx])
             self.configs[k] = {c: _plain(first[c]) for c in self.display_columns if c in frame.columns}
             self.rows[k] = len(idx)
+        if self.group_column is not None:
+            self._fit_physics(frame, groups, x_all, y_all)
         return self
+
+    def _fit_physics(
+        self, frame: pd.DataFrame, groups: Sequence[np.ndarray], x: np.ndarray, y: np.ndarray
+    ) -> None:
+        """Refit as one least squares: an intercept per config, the length terms per model (`group_column`)."""
+        from scipy.optimize import nnls
+
+        assert self.group_column is not None
+        keys = [config_key(frame.iloc[int(idx[0])], self.config_columns) for idx in groups]
+        model_of = [str(frame[self.group_column].iloc[int(idx[0])]) for idx in groups]
+        models = sorted(set(model_of))
+        cfg = np.empty(len(frame), dtype=np.int64)
+        for i, idx in enumerate(groups):
+            cfg[idx] = i
+        grp = np.array([models.index(m) for m in model_of])[cfg]
+        xs, rows = x / _SCALE, np.arange(len(frame))
+        nc, ng = len(groups), len(models)
+        design = np.zeros((len(frame), nc + ng * self.degree))
+        design[rows, cfg] = 1.0
+        for d in range(1, self.degree + 1):
+            design[rows, nc + (d - 1) * ng + grp] = xs**d
+        coef, _ = nnls(design, y)
+        floor = max(float(np.median(y)) * 1e-3, 1e-6)
+        for _ in range(2):  # relative least squares, as in _fit_one
+            w = 1.0 / np.maximum(design @ coef, floor)
+            coef, _ = nnls(design * w[:, None], y * w)
+        for i, k in enumerate(keys):
+            g = models.index(model_of[i])
+            scaled = [coef[i], *(coef[nc + (d - 1) * ng + g] for d in range(1, self.degree + 1))]
+            self.coef[k] = np.asarray(scaled) / _SCALE ** np.arange(self.degree + 1)
 
     def coefficients(self, config: Mapping[str, Any]) -> tuple[np.ndarray, bool]:
         """(coefficients, seen) for one config; unseen configs get the pooled fit."""

@@ -17,7 +17,7 @@ from pydantic import Field
 
 from estimator.data.runs import PHASES, SCHEMA_VERSION, RunSet, RunsSpec, load_runs
 from estimator.errors import EstimatorError
-from estimator.model.closed_form import ClosedForm
+from estimator.model.closed_form import ClosedForm, model_group
 from estimator.model.embedding import (
     CHUNK_WORDS,
     EMBEDDING_MODEL,
@@ -184,7 +184,8 @@ def fit_all(
     cache: EmbeddingCache | None,
 ) -> tuple[dict[Phase, PhaseModel], dict[Phase, ClosedForm], EmbeddingContext | None]:
     """Closed forms, the embedding PCA (if needed) and both phase models, fitted on `frames`."""
-    closed = {p: ClosedForm(p, axes, config_columns).fit(frames[p]) for p in frames}
+    group = model_group(axes)  # the physics form: per-config fixed cost, length terms per model
+    closed = {p: ClosedForm(p, axes, config_columns, group_column=group).fit(frames[p]) for p in frames}
     ctx = None
     if variant == "embedding":
         ctx = EmbeddingContext.fit(list(frames.values()), cache or EmbeddingCache())

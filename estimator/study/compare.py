@@ -19,7 +19,7 @@ from rich.table import Table
 
 from estimator.data.runs import PHASES, RunsSpec, json_number, load_runs
 from estimator.errors import EstimatorError
-from estimator.model.closed_form import ClosedForm
+from estimator.model.closed_form import ClosedForm, model_group
 from estimator.model.embedding import EmbeddingCache, embed_texts
 from estimator.model.evaluation import (
     Split,
@@ -203,6 +203,8 @@ def run_compare(spec: CompareSpec, progress: Callable[[str], None] | None = None
         t0 = time.perf_counter()
         closed = {p: ClosedForm(p, axes, runset.config_columns).fit(train[p]) for p in frames}
         cf_train_s = time.perf_counter() - t0
+        group = model_group(axes)  # the product's residual variant: the physics form (closed_form.py)
+        physics = {p: ClosedForm(p, axes, runset.config_columns, group_column=group).fit(train[p]) for p in frames}
         ctx = None
         if need_text:
             say("  embedding training prompts")
@@ -219,7 +221,7 @@ def run_compare(spec: CompareSpec, progress: Callable[[str], None] | None = None
             for variant in spec.variants:
                 say(f"  {phase}: {variant}")
                 t0 = time.perf_counter()
-                model = fit_phase_model(tr, phase, variant, axes, categories, spec.seed, closed[phase], ctx)
+                model = fit_phase_model(tr, phase, variant, axes, categories, spec.seed, physics[phase], ctx)
                 fit_s = time.perf_counter() - t0 + (cf_train_s / 2 if variant == "residual" else 0.0)
                 yhat = predict_frame(model, te, ctx)
                 cost = None

@@ -7,9 +7,10 @@
   carry the quadratic cost of attention that a straight line cannot.
 - `spline`: a GAM-like smooth model (scikit-learn SplineTransformer + Ridge) on log latency: per config an
   intercept and a cubic spline of each length column (linear beyond the training range).
-- `physics`: prefill = a + b·n per config + c·n² per model (the attention term, shared by every config of the
-  model so that it is fitted over the whole range of all of them), decode = a + b·p per config; NNLS on relative
-  error. `physics_trees`: LightGBM on the log ratio to it (trees only correct the residual).
+- `physics`: prefill = a + b·n + c·n², decode = a + b·p, with a per config and the length terms b, c per model
+  (shared by every config of the model, so they are fitted over the whole range of all of them); NNLS on relative
+  error (`ClosedForm(group_column=...)`, estimator/model/closed_form.py). `physics_trees`: LightGBM on the log
+  ratio to it (trees only correct the residual), which is what the product's `residual` variant now is.
 
 For trees, `buckets` (step functions of text_tokens) and `poly` (monotone transforms of it) cannot change a split:
 `BY_CONSTRUCTION` names those cells, and the evaluation checks that their predictions are identical.
@@ -26,7 +27,7 @@ import pandas as pd
 
 from estimator.errors import EstimatorError
 from estimator.model.closed_form import ClosedForm
-from estimator.model.features import FeatureSpec, Phase, Variant, as_columns, config_key, key_part
+from estimator.model.features import FeatureSpec, Phase, Variant, as_columns
 from estimator.model.train import EmbeddingContext, fit_phase_model, lgbm_params, predict_frame
 
 Learner = Literal["lightgbm", "ridge", "spline"]
@@ -70,7 +71,7 @@ class FoldData:
     categories: Mapping[str, Sequence[str]]
     config_columns: Sequence[str]
     closed: ClosedForm
-    physics: PhysicsForm
+    physics: ClosedForm  # the physics form: per-config a, length terms per model (closed_form.py)
     ctx: EmbeddingContext | None
     seed: int
 
@@ -187,7 +188,7 @@ def fit_linear(frame: pd.DataFrame, variant: Variant, data: FoldData, spline: bo
     design = _Design(spec.names(), len(data.axes), spline).fit(x)
     d = design.transform(x)
     y = frame["latency_ms"].to_numpy(dtype=np.float64)
-    residual = data.closed if variant == "residual" else None
+    residual = data.physics if variant == "residual" else None
     y_range = (float(y.min()), float(y.max()))
     alpha = SPLINE_ALPHA if spline else RIDGE_ALPHA
     if residual is not None:
@@ -203,82 +204,17 @@ def fit_linear(frame: pd.DataFrame, variant: Variant, data: FoldData, spline: bo
 # ---------------------------------------------------------------- the physics-shaped reference
 
 
-class PhysicsForm:
-    """prefill = a_cfg + b_model·n + c_model·n² (n = text_tokens); decode = a_cfg + b_model·p (p = position).
-
-    Per config only the fixed cost a (sampling, scheduling); the per-token (b) and attention (c) costs are one
-    coefficient per model (`group_column`, e.g. tier), shared by every config of that model, so they are pinned
-    down by all of its configs' lengths at once. NNLS on relative error, like the closed form, so nothing falls
-    with length.
-    """
-
-    def __init__(self, phase: Phase, config_columns: Sequence[str], group_column: str | None) -> None:
-        self.phase = phase
-        self.config_columns = list(config_columns)
-        self.group_column = group_column if group_column in config_columns else None
-        self.x_column = "text_tokens" if phase == "prefill" else "position"
-        self.configs: dict[tuple[str, ...], int] = {}
-        self.groups: dict[str, int] = {}
-        self.config_group: dict[tuple[str, ...], int] = {}
-        self.coef = np.zeros(0)
-
-    def _index(self, frame: pd.DataFrame) -> np.ndarray:
-        """Config index per row (-1 for a config not seen in training)."""
-        out = np.full(len(frame), -1)
-        for idx in frame.groupby(self.config_columns, sort=False).indices.values():
-            k = config_key(frame.iloc[int(idx[0])], self.config_columns)
-            out[idx] = self.configs.get(k, -1)
-        return out
-
-    def _design(self, frame: pd.DataFrame) -> np.ndarray:
-        x = frame[self.x_column].to_numpy(dtype=np.float64) / 1000.0
-        cfg = self._index(frame)
-        if (cfg < 0).any():
-            raise EstimatorError("physics form: a config not seen in training")
-        grp = np.array([self.config_group[k] for k in self.configs])[cfg]
-        nc, ng = len(self.configs), len(self.groups)
-        powers = [x, x**2] if self.phase == "prefill" else [x]
-        out = np.zeros((len(frame), nc + ng * len(powers)))
-        rows = np.arange(len(frame))
-        out[rows, cfg] = 1.0
-        for j, xp in enumerate(powers):
-            out[rows, nc + j * ng + grp] = xp
-        return out
-
-    def fit(self, frame: pd.DataFrame) -> PhysicsForm:
-        from scipy.optimize import nnls
-
-        firsts = [frame.iloc[int(i[0])] for i in frame.groupby(self.config_columns, sort=True).indices.values()]
-        for r in firsts:
-            k = config_key(r, self.config_columns)
-            self.configs[k] = len(self.configs)
-            g = key_part(r[self.group_column]) if self.group_column else "all"
-            self.config_group[k] = self.groups.setdefault(g, len(self.groups))
-        d = self._design(frame)
-        y = frame["latency_ms"].to_numpy(dtype=np.float64)
-        coef, _ = nnls(d, y)
-        floor = max(float(np.median(y)) * 1e-3, 1e-6)
-        for _ in range(2):
-            w = 1.0 / np.maximum(d @ coef, floor)
-            coef, _ = nnls(d * w[:, None], y * w)
-        self.coef = coef
-        return self
-
-    def predict(self, frame: pd.DataFrame) -> np.ndarray:
-        return np.maximum(self._design(frame) @ self.coef, 1e-6)
-
-
 @dataclass
 class PhysicsTrees:
     """LightGBM on log(latency / physics form): the physics gives the shape, the trees only the residual."""
 
-    physics: PhysicsForm
+    physics: ClosedForm
     booster: Any
     spec: FeatureSpec
 
     def predict(self, frame: pd.DataFrame) -> np.ndarray:
         cols, n = as_columns(frame)
-        return self.physics.predict(frame) * np.exp(self.booster.predict(self.spec.matrix(cols, n)))
+        return _positive(self.physics.predict(cols, n)) * np.exp(self.booster.predict(self.spec.matrix(cols, n)))
 
 
 def fit_physics_trees(frame: pd.DataFrame, data: FoldData) -> PhysicsTrees:
@@ -288,7 +224,7 @@ def fit_physics_trees(frame: pd.DataFrame, data: FoldData) -> PhysicsTrees:
 
     spec = FeatureSpec(data.phase, "tokens", tuple(data.axes), {k: tuple(v) for k, v in data.categories.items()})
     cols, n = as_columns(frame)
-    target = np.log(frame["latency_ms"].to_numpy(dtype=np.float64) / data.physics.predict(frame))
+    target = np.log(frame["latency_ms"].to_numpy(dtype=np.float64) / _positive(data.physics.predict(cols, n)))
     ds = lgb.Dataset(spec.matrix(cols, n), label=target, feature_name=spec.names(), params={"verbose": -1})
     booster = lgb.train(lgbm_params(n, data.seed), ds, num_boost_round=NUM_ROUNDS)
     return PhysicsTrees(data.physics, booster, spec)
@@ -303,7 +239,7 @@ def fit_predict(
     """Fit `learner` (or a reference model, with variant "-") on `train` and predict `test` (ms)."""
     if learner == "lightgbm":
         model = fit_phase_model(
-            train, data.phase, variant, data.axes, data.categories, data.seed, data.closed, data.ctx  # type: ignore[arg-type]
+            train, data.phase, variant, data.axes, data.categories, data.seed, data.physics, data.ctx  # type: ignore[arg-type]
         )
         return predict_frame(model, test, data.ctx)
     if learner in ("ridge", "spline"):
@@ -312,7 +248,8 @@ def fit_predict(
         cols, n = as_columns(test)
         return _positive(data.closed.predict(cols, n))
     if learner == "physics":
-        return data.physics.predict(test)
+        cols, n = as_columns(test)
+        return _positive(data.physics.predict(cols, n))
     if learner == "physics_trees":
         return fit_physics_trees(train, data).predict(test)
     if learner == "random_forest":

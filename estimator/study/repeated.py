@@ -16,7 +16,7 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
-from estimator.model.closed_form import ClosedForm
+from estimator.model.closed_form import ClosedForm, model_group
 from estimator.model.embedding import EmbeddingCache
 from estimator.model.evaluation import error_metrics
 from estimator.model.features import Phase
@@ -38,7 +38,6 @@ from estimator.study.learners import (
     LEARNERS,
     REFERENCE_MODELS,
     FoldData,
-    PhysicsForm,
     fit_predict,
     model_name,
 )
@@ -83,10 +82,6 @@ class _Fits:
     train_s: float = 0.0
 
 
-def _group_column(axes: Sequence[str]) -> str | None:
-    return next((a for a in ("tier", "model") if a in axes), None)
-
-
 def _floor_keys(config_columns: Sequence[str], phase: str, frame: pd.DataFrame) -> list[str]:
     keys = [c for c in ("run_id", *config_columns, "text_tokens", "prompt_id") if c in frame.columns]
     return keys + (["step_index"] if phase == "decode" and "step_index" in frame.columns else [])
@@ -110,7 +105,7 @@ def evaluate_repeated(
     refs = list(REFERENCE_MODELS) if spec.references else []
     fits: dict[tuple[str, str, str], _Fits] = {}
     floors: dict[tuple[str, str], dict[str, list]] = {}
-    group = _group_column(axes)
+    group = model_group(axes)
     for question, qfolds in folds.items():
         for fold in qfolds:
             say(f"  {question}: {fold.label}")
@@ -153,7 +148,7 @@ def _run_fold(
             categories=categories,
             config_columns=config_columns,
             closed=ClosedForm(phase, axes, config_columns).fit(tr),
-            physics=PhysicsForm(phase, axes, group).fit(tr),
+            physics=ClosedForm(phase, axes, config_columns, group_column=group).fit(tr),
             ctx=ctx,
             seed=fold.seed,
         )
