@@ -95,6 +95,23 @@ def nightly_section(history: Sequence[HistoryLine], summary: NightlySummary | No
                     "From each step's telemetry snapshot: what the machine was doing while the run measured.",
                 )
             )
+        limit_rows = [
+            [c.label, c.phase, str(c.history.get("nights", 0)), fmt(c.history.get("center_ms"), 2),
+             fmt(c.history.get("limit_ratio"), 3), fmt(c.history.get("ratio_to_center"), 3),
+             "beyond" if c.history.get("beyond_limit") else "within"]
+            for c in summary.comparisons
+            if c.history and c.history.get("center_ms")
+        ]
+        if limit_rows:
+            sec.add(
+                Table(
+                    ["config", "phase", "accepted nights", "centre ms", "upper limit (× centre)", "tonight / centre",
+                     "tonight"],
+                    limit_rows,
+                    "Control limits from the accepted nights (estimator/nightly/control.py): a bootstrap flag "
+                    "stands only where tonight's median is also beyond the upper limit.",
+                )
+            )
         for w in summary.warnings:
             sec.add(Note(w))
     if not history:
@@ -119,6 +136,13 @@ def nightly_section(history: Sequence[HistoryLine], summary: NightlySummary | No
         for i, h in enumerate(history):
             if h.accepted:
                 ax.axvline(i, color="#2ca02c", linestyle=":", linewidth=1.2)
+        colour = {label: palette(j) for j, label in enumerate(sorted(series))}
+        for c in summary.comparisons if summary else []:
+            lim = c.history or {}
+            if c.phase == phase and c.label in colour and lim.get("center_ms") and lim.get("limit_ratio"):
+                centre = float(lim["center_ms"])
+                ax.axhline(centre, color=colour[c.label], linestyle=":", linewidth=1.0, alpha=0.8)
+                ax.axhline(centre * float(lim["limit_ratio"]), color=colour[c.label], linestyle="--", linewidth=1.0)
         ax.set_xticks(range(len(nights)), [n[-15:] for n in nights], rotation=30, ha="right", fontsize=8)
         ax.set_ylabel(f"median {phase} latency (ms)")
         ax.set_title(f"{phase.capitalize()}: median per config over nights", fontsize=11)
@@ -130,7 +154,8 @@ def nightly_section(history: Sequence[HistoryLine], summary: NightlySummary | No
             f"{FIGURE_PREFIX}nightly-trend",
             png_bytes(fig),
             "Median latency per config over nights (one point per nightly run; red rings: flagged as a "
-            "regression that night; green dotted lines: nights accepted as the baseline).",
+            "regression that night; green dotted lines: nights accepted as the baseline). A control chart: "
+            "per config, the centre of the accepted nights (dotted) and tonight's upper control limit (dashed).",
         )
     )
     return sec
