@@ -8,6 +8,11 @@ log(tonight / centre) > k · s · sqrt(1 + 1/m) (m nights: a prediction limit fo
 the spread pooled over all configs (drift is mostly machine-wide) and at least `min_spread`. While fewer than
 `min_nights` accepted nights exist, s falls back to the pooled spread (when there are two or more nights) or to
 `default_spread` (5%: a 20% slowdown is still flagged, a 10% busy night is not), whichever is larger.
+
+The estimator's held-out MAPE gets the same treatment per phase (`apply_mape_history`): on a few prompts per point
+it moves by about 15-20% between unchanged nights (five real nights on a 2-core CPU: prefill 6.4-10.0%), so a
+fixed growth threshold alone flags ordinary nights; a growth flag stands only beyond the nights' limit, with
+`DEFAULT_MAPE_SPREAD` while the history is short.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from estimator.data.runs import read_jsonl_dicts
 CONTROL_K = 3.0
 MIN_NIGHTS = 4
 DEFAULT_SPREAD = 0.05
+DEFAULT_MAPE_SPREAD = 0.15  # held-out MAPE between unchanged nights (log units), while fewer than MIN_NIGHTS
 MIN_SPREAD = 0.01
 
 
@@ -50,17 +56,20 @@ def read_history_lines(path: Path) -> list[dict[str, Any]]:
     return read_jsonl_dicts(path)
 
 
-def accepted_medians(history: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str], list[float]]:
-    """Median latency per (config label, phase) of every accepted night: its line's `control` field (promoted, or
-    not flagged and not disturbed: no flag dropped by a re-run), else promoted or not flagged (older lines). A run
-    checked twice counts once (its last line)."""
+def accepted_nights(history: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The history lines the control limits learn from: its line's `control` field (promoted, or not flagged and
+    not disturbed: no flag dropped by a re-run), else promoted or not flagged (older lines). A run checked twice
+    counts once (its last line)."""
     last: dict[str, Mapping[str, Any]] = {}
     for rec in history:
         last[str(rec.get("run_id"))] = rec
+    return [r for r in last.values() if r.get("control", bool(r.get("accepted")) or not r.get("regression"))]
+
+
+def accepted_medians(history: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str], list[float]]:
+    """Median latency per (config label, phase) of every accepted night (`accepted_nights`)."""
     out: dict[tuple[str, str], list[float]] = {}
-    for rec in last.values():
-        if not rec.get("control", bool(rec.get("accepted")) or not rec.get("regression")):
-            continue
+    for rec in accepted_nights(history):
         for m in rec.get("medians") or []:
             v = m.get("median_ms")
             if isinstance(v, int | float) and v > 0:
@@ -141,3 +150,39 @@ def apply_history(checks: Sequence[Any], tonight_medians: Sequence[Mapping[str, 
             "bootstrap_flagged": c.flagged,
         }
         c.flagged = bool(c.flagged and beyond)
+
+
+def apply_mape_history(
+    checks: Sequence[Any],
+    history: Iterable[Mapping[str, Any]],
+    k: float = CONTROL_K,
+    min_nights: int = MIN_NIGHTS,
+    default_spread: float = DEFAULT_MAPE_SPREAD,
+    min_spread: float = MIN_SPREAD,
+) -> None:
+    """Keep an estimator MAPE-growth flag (stats.compare_mape) only where tonight's held-out MAPE also lies beyond
+    centre × exp(k · s · sqrt(1 + 1/m)) of the accepted nights' MAPE for that phase; s is their own spread from
+    `min_nights` nights on, `default_spread` before. The limit is recorded on every check (`check.history`)."""
+    series: dict[str, list[float]] = {}
+    for rec in accepted_nights(history):
+        for phase, v in (rec.get("held_out_mape_pct") or {}).items():
+            if isinstance(v, int | float) and v > 0:
+                series.setdefault(str(phase), []).append(float(v))
+    for c in checks:
+        values = series.get(c.phase, [])
+        if not values or c.tonight_mape_pct is None:
+            c.history = {"source": "no accepted nights with this phase's MAPE", "nights": 0,
+                         "growth_flagged": c.flagged}
+            continue
+        m = len(values)
+        logs = np.log(np.asarray(values))
+        own = float(logs.std(ddof=1)) if m >= 2 else 0.0
+        spread = max(own, min_spread) if m >= min_nights else max(default_spread, own, min_spread)
+        centre = float(np.exp(np.median(logs)))
+        limit = float(math.exp(k * spread * math.sqrt(1.0 + 1.0 / m)))
+        ratio = c.tonight_mape_pct / centre
+        c.history = {"nights": m, "center_mape_pct": centre, "spread": spread, "limit_ratio": limit,
+                     "ratio_to_center": ratio, "beyond_limit": ratio > limit, "growth_flagged": c.flagged,
+                     "source": f"history ({m} accepted nights)" if m >= min_nights else
+                     f"short history ({m} accepted night{'s' if m != 1 else ''}): fallback spread"}
+        c.flagged = bool(c.flagged and ratio > limit)

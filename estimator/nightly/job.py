@@ -34,7 +34,13 @@ from typing import Any
 
 from estimator.data.runs import RunSet, load_runs
 from estimator.errors import EstimatorError
-from estimator.nightly.control import apply_history, control_limits, read_history_lines
+from estimator.nightly.control import (
+    DEFAULT_MAPE_SPREAD,
+    apply_history,
+    apply_mape_history,
+    control_limits,
+    read_history_lines,
+)
 from estimator.nightly.spec import (
     BASELINE_FILE,
     EXIT_OK,
@@ -246,6 +252,7 @@ def run_nightly(spec: NightlySpec, progress: Callable[[str], None] | None = None
         warnings += more + _model_warnings(checks)
         warnings += condition_warnings(conditions["baseline"], conditions["tonight"])
         mape_checks = compare_mape(base.held_out_mape_pct, tonight_mape, spec.mape_growth, spec.mape_min_points)
+        apply_mape_history(mape_checks, read_history_lines(state / HISTORY_FILE), spec.control_k, spec.min_history)
     regression = any(c.flagged for c in checks) or any(m.flagged for m in mape_checks)
     first_night = base is None and recorded is None and spec.baseline is None
     accept = spec.accept or (first_night and not sweep_failed)
@@ -299,7 +306,9 @@ def run_nightly(spec: NightlySpec, progress: Callable[[str], None] | None = None
             f"nights, at least {spec.default_spread:.0%} while fewer than {spec.min_history} nights are accepted)"
             + (" in tonight's run and in a re-run" if spec.confirm else "")
             + "; estimator: flag when "
-            f"held-out MAPE grew by more than {spec.mape_growth:.0%} relative and {spec.mape_min_points:g} points"
+            f"held-out MAPE grew by more than {spec.mape_growth:.0%} relative and {spec.mape_min_points:g} points, "
+            f"and beyond the accepted nights' MAPE centre × exp({spec.control_k:g} · s · sqrt(1 + 1/m)) (s at least "
+            f"{DEFAULT_MAPE_SPREAD:.0%} while fewer than {spec.min_history} nights are accepted)"
         ),
         "thresholds": {
             "tolerance": spec.tolerance,
@@ -406,6 +415,8 @@ def format_result(result: NightlyResult) -> list[str]:
             lines.append(
                 f"  estimator held-out MAPE {m['phase']:<7} {m['baseline_mape_pct']:.2f}% -> "
                 f"{m['tonight_mape_pct']:.2f}% ({m['growth_pct']:+.0f}%)  {'FLAGGED' if m['flagged'] else 'ok'}"
+                + (f"  nights: ×{h['ratio_to_center']:.3f} (limit ×{h['limit_ratio']:.3f}, {h['nights']} nights)"
+                   if (h := m.get("history") or {}).get("ratio_to_center") is not None else "")
             )
     lines += [f"warning: {w}" for w in s["warnings"]]
     lines += result.messages

@@ -304,6 +304,7 @@ class MapeCheck:
     tonight_mape_pct: float | None
     growth_pct: float | None
     flagged: bool
+    history: dict[str, Any] | None = None  # the accepted nights' MAPE limit (control.apply_mape_history)
 
 
 def compare_mape(

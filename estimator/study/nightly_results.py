@@ -58,6 +58,7 @@ class MapeComparison(_Record):
     tonight_mape_pct: float | None
     growth_pct: float | None
     flagged: bool
+    history: dict[str, Any] | None = None  # the accepted nights' limit on this phase's MAPE
 
 
 class ConfigMedian(_Record):

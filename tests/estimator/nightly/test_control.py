@@ -97,3 +97,36 @@ def test_nightly_does_not_cry_wolf_over_drifting_nights(tmp_path: Path, run_writ
     flagged = [c for c in result.summary["comparisons"] if c["flagged"]]
     assert {c["label"] for c in flagged} == set(CONFIGS)
     assert all(c["history"]["nights"] >= 4 and c["history"]["source"].startswith("history") for c in flagged)
+
+
+def _mape_night(run_id: str, prefill: float, **kw: object) -> dict[str, object]:
+    return {"run_id": run_id, "accepted": False, "regression": False, "control": True,
+            "held_out_mape_pct": {"prefill": prefill, "decode": 20.0}, "medians": [], **kw}
+
+
+def test_held_out_mape_growth_is_kept_only_beyond_the_nights_limit() -> None:
+    """The five real nights' prefill MAPE (docs/nightly-history/): an unchanged night at +28% over the baseline is
+    within the nights' spread; a doubled MAPE is not."""
+    from estimator.nightly.control import DEFAULT_MAPE_SPREAD, apply_mape_history
+    from estimator.nightly.stats import compare_mape
+
+    nights = [_mape_night(f"n{i}", v) for i, v in enumerate((7.86, 9.62, 10.03, 9.17, 6.35))]
+    baseline = {"prefill": 7.86, "decode": 20.0}
+    ordinary, = [c for c in compare_mape(baseline, {"prefill": 10.03, "decode": 20.0}) if c.phase == "prefill"]
+    assert ordinary.flagged  # the growth rule alone: +28% and +2.2 points
+    apply_mape_history([ordinary], nights)
+    assert not ordinary.flagged and ordinary.history is not None
+    assert ordinary.history["growth_flagged"] and not ordinary.history["beyond_limit"]
+    assert ordinary.history["nights"] == 5
+    worse, = [c for c in compare_mape(baseline, {"prefill": 20.0, "decode": 20.0}) if c.phase == "prefill"]
+    apply_mape_history([worse], nights)
+    assert worse.flagged and worse.history is not None and worse.history["beyond_limit"]
+    # one accepted night: the fallback spread; a flagged night (control false) does not count
+    short, = [c for c in compare_mape(baseline, {"prefill": 10.03, "decode": 20.0}) if c.phase == "prefill"]
+    apply_mape_history([short], [nights[0], _mape_night("bad", 30.0, control=False, regression=True)])
+    assert short.history is not None and short.history["nights"] == 1
+    assert short.history["spread"] == DEFAULT_MAPE_SPREAD and not short.flagged
+    none, = [c for c in compare_mape(baseline, {"prefill": 30.0, "decode": 20.0}) if c.phase == "prefill"]
+    apply_mape_history([none], [])
+    assert none.flagged and none.history == {"source": "no accepted nights with this phase's MAPE", "nights": 0,
+                                             "growth_flagged": True}
