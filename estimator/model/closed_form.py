@@ -57,18 +57,10 @@ class ClosedForm:
         self.pooled = np.zeros(self.degree + 1)
 
     def _fit_one(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        from scipy.optimize import nnls
-
         degree = min(self.degree, len(np.unique(x)) - 1)
         xs = x / _SCALE
         design = np.column_stack([xs**k for k in range(degree + 1)])
-        # Relative least squares, reweighted by 1/fit (not 1/y: a few near-zero measured steps would then
-        # dominate): minimises percentage error, as MAPE scores it, instead of letting the longest prompts'
-        # milliseconds dominate.
-        coef_scaled, _ = nnls(design, y)
-        for _ in range(2):
-            w = 1.0 / np.maximum(design @ coef_scaled, max(float(np.median(y)) * 1e-3, 1e-6))
-            coef_scaled, _ = nnls(design * w[:, None], y * w)
+        coef_scaled = _relative_nnls(design, y)
         coef = np.zeros(self.degree + 1)
         coef[: degree + 1] = coef_scaled / _SCALE ** np.arange(degree + 1)
         return coef
@@ -84,7 +76,8 @@ class ClosedForm:
         for idx in groups:
             first = frame.iloc[int(idx[0])]
             k = config_key(first, self.config_columns)
-            self.coef[k] = self._fit_one(x_all[idx], y_all[idx])
+            if self.group_column is None:  # the physics form fits every config at once below
+                self.coef[k] = self._fit_one(x_all[idx], y_all[idx])
             self.configs[k] = {c: _plain(first[c]) for c in self.display_columns if c in frame.columns}
             self.rows[k] = len(idx)
         if self.group_column is not None:
@@ -94,9 +87,7 @@ class ClosedForm:
     def _fit_physics(
         self, frame: pd.DataFrame, groups: Sequence[np.ndarray], x: np.ndarray, y: np.ndarray
     ) -> None:
-        """Refit as one least squares: an intercept per config, the length terms per model (`group_column`)."""
-        from scipy.optimize import nnls
-
+        """Every config in one least squares: an intercept per config, the length terms per model (`group_column`)."""
         assert self.group_column is not None
         keys = [config_key(frame.iloc[int(idx[0])], self.config_columns) for idx in groups]
         model_of = [str(frame[self.group_column].iloc[int(idx[0])]) for idx in groups]
@@ -111,11 +102,7 @@ class ClosedForm:
         design[rows, cfg] = 1.0
         for d in range(1, self.degree + 1):
             design[rows, nc + (d - 1) * ng + grp] = xs**d
-        coef, _ = nnls(design, y)
-        floor = max(float(np.median(y)) * 1e-3, 1e-6)
-        for _ in range(2):  # relative least squares, as in _fit_one
-            w = 1.0 / np.maximum(design @ coef, floor)
-            coef, _ = nnls(design * w[:, None], y * w)
+        coef = _relative_nnls(design, y)
         for i, k in enumerate(keys):
             g = models.index(model_of[i])
             scaled = [coef[i], *(coef[nc + (d - 1) * ng + g] for d in range(1, self.degree + 1))]
@@ -195,3 +182,17 @@ class ClosedForm:
 def _plain(value: Any) -> Any:
     """numpy scalar → plain Python value (for JSON)."""
     return value.item() if isinstance(value, np.generic) else value
+
+
+def _relative_nnls(design: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Non-negative least squares on relative error: refitted twice with rows weighted by 1/fit (not 1/y: a few
+    near-zero measured steps would then dominate), so it minimises percentage error, as MAPE scores it, instead of
+    letting the longest prompts' milliseconds dominate."""
+    from scipy.optimize import nnls
+
+    coef, _ = nnls(design, y)
+    floor = max(float(np.median(y)) * 1e-3, 1e-6)
+    for _ in range(2):
+        w = 1.0 / np.maximum(design @ coef, floor)
+        coef, _ = nnls(design * w[:, None], y * w)
+    return np.asarray(coef)
