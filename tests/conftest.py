@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # 2 engine configs (one model, two block sizes), 3 lengths, 8 decode positions, noise-floor repeats.
 SMALL_SWEEP = ["--tier", "0", "--blocks", "32,64", "--text-tokens", "64,256,1024", "--top-k", "0",
@@ -20,6 +24,15 @@ def run_profile(*args: str, timeout: float = 900, cwd: Path | None = None) -> su
     return subprocess.run([sys.executable, "-m", "harness.cli", *args], capture_output=True, text=True,
                           timeout=timeout, env=env, cwd=cwd)
 
+
+
+def load_script(name: str) -> ModuleType:
+    """A script of scripts/ (not a package) loaded by path, e.g. load_script("check_layout")."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 @pytest.fixture(scope="session")
 def small_run(tmp_path_factory: pytest.TempPathFactory) -> Path:

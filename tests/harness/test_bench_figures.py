@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import random
-from pathlib import Path
 from types import ModuleType
 
 import pandas as pd
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.conftest import load_script
 
 
 def _bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_harness", ROOT / "scripts" / "bench_harness.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_harness")
 
 
 def _samples(order: list[tuple[int, int]]) -> pd.DataFrame:

@@ -4,19 +4,14 @@ read as an attribute) and an import against the harness's folder order are both 
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from types import ModuleType
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.conftest import load_script
 
 
 def _checker() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("check_layout", ROOT / "scripts" / "check_layout.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("check_layout")
 
 
 def _module(tmp_path: Path, text: str) -> Path:
