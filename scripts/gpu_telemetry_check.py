@@ -3,12 +3,17 @@ energy counter against integrated power, and the clock-event (throttle) reasons 
 
 Needs torch with CUDA and nvidia-ml-py, not vLLM. From the repository root (takes ~10 s):
     PYTHONPATH=. python scripts/gpu_telemetry_check.py [--gpu 0] [--seconds 4] [--interval-ms 25]
-Add --lock-mhz N to check clock locking too (needs root).
+Add --lock-mhz N to check clock locking too (needs root). Add --noise to time decode-like CUDA steps with telemetry
+off, sampled in a process of its own (the harness's default) and in a thread of the measuring process, interleaved
+in rounds, and to join the samples to the steps as a sweep does (issue 18 item 4 on NVML: step-time ratio and CV p90
+at equal position, telemetry on against off). `--noise --cpu` runs that part on the CPU with the host's counters
+(a smoke check on a machine without a GPU; its figures mean nothing for NVML).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -114,18 +119,132 @@ def check(torch: Any, source: TelemetrySource, args: argparse.Namespace) -> int:
     return 0 if samples and rate > 0.5 * 1000 / args.interval_ms else 1
 
 
+def _decode_step(torch: Any, weights: list[Any], x: Any) -> Any:
+    """One decode-like step: a (1, d) activation through each layer's (d, d) weight, as a batch-1 decode does."""
+    for w in weights:
+        x = torch.tanh(x @ w)
+    return x
+
+
+def noise(torch: Any, source: TelemetrySource, device: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Time `args.requests` requests of `args.steps` decode-like steps per mode and round, modes shuffled per
+    round; telemetry is drained at request boundaries, outside the timed steps, as the harness does. Prints and
+    returns per mode: median step time, decode CV p90 at equal position (CV over the requests of a round, p90
+    over positions, median over rounds), ratios to `off`, sampler CPU, and the share of steps joined to a sample."""
+    import random
+
+    import numpy as np
+    import pandas as pd
+
+    from harness.telemetry.tables import join_snapshots, telemetry_frame
+
+    d, layers = (4096, 24) if device.startswith("cuda") else (256, 8)
+    gen = torch.Generator(device=device).manual_seed(0)
+    weights = [torch.randn(d, d, device=device, generator=gen) / d**0.5 for _ in range(layers)]
+    x0 = torch.randn(1, d, device=device, generator=gen)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.startswith("cuda") else (lambda: None)
+    for _ in range(50):  # warm-up: kernels loaded, clocks up
+        _decode_step(torch, weights, x0)
+    sync()
+    modes = ["off", "process", "thread"]
+    per_mode: dict[str, dict[str, list[float]]] = {
+        m: {"step_ms": [], "cv_p90": [], "joined": [], "cpu": []} for m in modes
+    }
+    rng = random.Random(0)
+    for _ in range(args.rounds):
+        order = modes[:]
+        rng.shuffle(order)
+        for mode in order:
+            sampler = None if mode == "off" else TelemetrySampler(source, args.interval_ms, mode=mode)  # type: ignore[arg-type]
+            times = np.zeros((args.requests, args.steps))
+            rows: list[dict[str, Any]] = []
+            samples: list[dict[str, Any]] = []
+            if sampler is not None:
+                sampler.start()
+            t_wall = time.perf_counter()
+            for r in range(args.requests):
+                x = x0
+                for k in range(args.steps):
+                    t0 = time.perf_counter()
+                    x = _decode_step(torch, weights, x)
+                    sync()
+                    t1 = time.perf_counter()
+                    times[r, k] = (t1 - t0) * 1e3
+                    rows.append({"point_id": 0, "rep": r, "t_start_s": t0, "t_end_s": t1})
+                if sampler is not None:
+                    samples += sampler.drain()
+            span = time.perf_counter() - t_wall
+            if sampler is not None:
+                sampler.stop()
+                samples += sampler.drain()
+                per_mode[mode]["cpu"].append(sampler.cpu_seconds / span * 100)
+                joined = join_snapshots(pd.DataFrame(rows), telemetry_frame(samples, source.name), max_gap_s=0.1)
+                clock = "tel_sm_clock_mhz" if "tel_sm_clock_mhz" in joined else "tel_cpu_freq_mhz"
+                per_mode[mode]["joined"].append(float(joined[clock].notna().mean()))
+            cv = times.std(axis=0, ddof=1) / times.mean(axis=0) * 100
+            per_mode[mode]["step_ms"].append(float(np.median(times)))
+            per_mode[mode]["cv_p90"].append(float(np.percentile(cv, 90)))
+    out: dict[str, Any] = {}
+    base_step = statistics.median(per_mode["off"]["step_ms"])
+    base_cv = statistics.median(per_mode["off"]["cv_p90"])
+    print(
+        f"\nnoise: {args.rounds} rounds x {args.requests} requests x {args.steps} steps per mode, "
+        f"{layers} layers of {d}x{d} on {device}, sampling every {args.interval_ms:g} ms"
+    )
+    print(
+        f"  {'mode':8s} {'step ms':>8s} {'ratio':>6s} {'CV p90 %':>9s} {'ratio':>6s} {'joined':>7s} "
+        f"{'sampler CPU %':>14s} (with its start)"
+    )
+    for mode in modes:
+        m = per_mode[mode]
+        step, cvp = statistics.median(m["step_ms"]), statistics.median(m["cv_p90"])
+        steps = [v / b for v, b in zip(m["step_ms"], per_mode["off"]["step_ms"], strict=True)]
+        out[mode] = {
+            "step_ms": step,
+            "step_ratio": step / base_step,
+            "step_ratio_rounds": steps,
+            "cv_p90_pct": cvp,
+            "cv_p90_ratio": cvp / base_cv,
+            "joined": statistics.median(m["joined"]) if m["joined"] else None,
+            "sampler_cpu_pct": statistics.median(m["cpu"]) if m["cpu"] else None,
+        }
+        joined = f"{out[mode]['joined'] * 100:6.1f}%" if m["joined"] else "      -"
+        cpu = f"{out[mode]['sampler_cpu_pct']:14.2f}" if m["cpu"] else "             -"
+        print(
+            f"  {mode:8s} {step:8.3f} {step / base_step:6.3f} {cvp:9.2f} {cvp / base_cv:6.2f} {joined} {cpu}"
+            f"   step ratio per round {min(steps):.3f}-{max(steps):.3f}"
+        )
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gpu", type=int, default=0, help="CUDA device index, as for `profile sweep --gpu`")
     parser.add_argument("--seconds", type=float, default=4.0, help="seconds of matrix products")
     parser.add_argument("--interval-ms", type=float, default=25.0)
     parser.add_argument("--lock-mhz", type=int, default=None, help="also check clock locking (needs root)")
+    parser.add_argument("--noise", action="store_true", help="also time decode-like steps with telemetry on/off")
+    parser.add_argument("--cpu", action="store_true", help="only the --noise part, on the CPU with host counters")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--requests", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=64)
+    parser.add_argument("--json", type=Path, default=None, help="write the --noise figures here")
     args = parser.parse_args()
     try:
         import torch
     except ImportError:
         print("this check needs torch with CUDA (pip install torch)", file=sys.stderr)
         return 2
+    if args.cpu:
+        import os
+
+        from harness.telemetry.sources import open_host_source
+
+        with open_host_source(os.getpid()) as source:
+            result = noise(torch, source, "cpu", args)
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=1))
+        return 0
     if not torch.cuda.is_available():
         print(
             "no CUDA GPU visible to torch (torch.cuda.is_available() is False): nothing to check",
@@ -134,7 +253,12 @@ def main() -> int:
         return 2
     try:
         with open_source(args.gpu) as source, lock_clocks(source, args.lock_mhz):
-            return check(torch, source, args)
+            status = check(torch, source, args)
+            if args.noise:
+                result = noise(torch, source, f"cuda:{args.gpu}", args)
+                if args.json:
+                    args.json.write_text(json.dumps(result, indent=1))
+            return status
     except TelemetryError as exc:
         print(f"telemetry: {exc}", file=sys.stderr)
         return 2
