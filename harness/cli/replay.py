@@ -17,7 +17,14 @@ from rich.table import Table
 
 from harness.rundata.spec import SpecError, build_spec, model_config, resolve_model
 from harness.rundata.store import RunStore, StoreError
-from harness.rundata.workload import LengthDist, WorkloadRequest, generate_workload, read_workload, write_workload
+from harness.rundata.workload import (
+    LengthDist,
+    WorkloadRequest,
+    generate_workload,
+    read_workload,
+    write_trace,
+    write_workload,
+)
 from harness.telemetry.sources import TelemetryError
 
 EXIT_BAD_INPUT = 2
@@ -30,19 +37,19 @@ if not out.is_terminal:
 err = Console(stderr=True)
 
 
-def _fail(message: str) -> typer.Exit:
+def fail(message: str) -> typer.Exit:
     err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     return typer.Exit(EXIT_BAD_INPUT)
 
 
-def _device() -> str:
+def pick_device() -> str:
     """CUDA only where NVML sees a GPU and the CUDA vLLM build is installed (harness/engine/device.py)."""
     from harness.engine.device import choose_device
 
     return choose_device(None, None)[0]
 
 
-def _base_spec(tier: int, model: str | None, device: str) -> dict[str, Any]:
+def base_spec(tier: int, model: str | None, device: str) -> dict[str, Any]:
     data: dict[str, Any] = {"device": device, "axes": {"tier": [tier]}}
     if model:
         data["ladder"] = [model]
@@ -57,14 +64,18 @@ def model_context(data: dict[str, Any]) -> int:
     return int(model_config(path).get("max_position_embeddings", 2048))
 
 
-def _generated(rate: float | None, count: int | None, seed: int, text_dist: str, new_dist: str,
-               context: int) -> tuple[list[WorkloadRequest], dict[str, Any]]:
+def generated(rate: float | None, count: int | None, seed: int, text_dist: str, new_dist: str,
+               context: int, burstiness: float = 1.0) -> tuple[list[WorkloadRequest], dict[str, Any]]:
     if rate is None or count is None:
         raise SpecError("give a workload: --workload FILE, or --rate R and --count N to generate one")
     texts, news = LengthDist.parse(text_dist, "text-tokens-dist"), LengthDist.parse(new_dist, "new-tokens-dist")
-    requests = generate_workload(rate, count, seed, texts, news, context)
-    return requests, {"generator": "poisson", "rate_per_s": rate, "count": count, "seed": seed,
+    requests = generate_workload(rate, count, seed, texts, news, context, burstiness)
+    return requests, {"generator": "poisson" if burstiness == 1.0 else "gamma", "burstiness": burstiness,
+                      "rate_per_s": rate, "count": count, "seed": seed,
                       "text_tokens_dist": str(texts), "new_tokens_dist": str(news), "context": context}
+
+
+BURSTINESS_HELP = "gamma shape of the gaps between arrivals: 1 = Poisson, < 1 burstier (as vllm bench serve's)"
 
 
 def workload_command(
@@ -74,29 +85,34 @@ def workload_command(
     text_tokens_dist: str = typer.Option("uniform:32:512", help="prompt lengths: fixed:N, uniform:LO:HI or "
                                                                   "lognormal:MEDIAN:SIGMA"),
     new_tokens_dist: str = typer.Option("uniform:8:64", help="new tokens per request (same forms)"),
+    burstiness: float = typer.Option(1.0, help=BURSTINESS_HELP),
     tier: int = typer.Option(0, help="model tier whose context clips the lengths"),
     model: str | None = typer.Option(None, help="a local model folder (or preset name) instead of the ladder"),
+    trace: bool = typer.Option(False, help="write vLLM's timed-trace format (vllm bench serve --dataset-name "
+                                           "timed_trace) instead of the project's"),
     out_file: Path = typer.Option(..., "--out", help="JSONL file to write"),
 ) -> None:
-    """Write a seeded workload file: Poisson arrivals, lengths from the given distributions."""
+    """Write a seeded workload file: Poisson (or gamma) arrivals, lengths from the given distributions."""
     try:
-        context = model_context(_base_spec(tier, model, _device()))
-        requests, _ = _generated(rate, count, seed, text_tokens_dist, new_tokens_dist, context)
+        context = model_context(base_spec(tier, model, pick_device()))
+        requests, _ = generated(rate, count, seed, text_tokens_dist, new_tokens_dist, context, burstiness)
         out_file.parent.mkdir(parents=True, exist_ok=True)
-        write_workload(out_file, requests)
+        (write_trace if trace else write_workload)(out_file, requests)
     except (SpecError, OSError) as e:
-        raise _fail(str(e)) from None
+        raise fail(str(e)) from None
     span = requests[-1].arrival_s
     out.print(f"wrote {len(requests)} requests over {span:.2f} s to {out_file}", highlight=False)
 
 
 def replay_command(
-    workload: Path | None = typer.Option(None, help="JSONL workload: arrival_s, text_tokens, new_tokens[, prompt]"),
+    workload: Path | None = typer.Option(None, help="JSONL workload: arrival_s, text_tokens, new_tokens[, prompt]; "
+                                                    "or vLLM's timed trace (timestamp, input_length, output_length)"),
     rate: float | None = typer.Option(None, help="generate the workload: mean arrival rate (requests/s)"),
     count: int | None = typer.Option(None, help="generate the workload: number of requests"),
     seed: int = typer.Option(0, help="seed for a generated workload and for prompt choice"),
     text_tokens_dist: str = typer.Option("uniform:32:512", help="generated prompt lengths (see profile workload)"),
     new_tokens_dist: str = typer.Option("uniform:8:64", help="generated new tokens per request"),
+    burstiness: float = typer.Option(1.0, help=BURSTINESS_HELP),
     tier: int = typer.Option(0, help="model tier (one engine config per replay)"),
     model: str | None = typer.Option(None, help="a local model folder (or preset name) instead of the ladder"),
     top_k: int = typer.Option(0, help="sampling top_k (0 = off)"),
@@ -124,8 +140,8 @@ def replay_command(
         if resume is None:
             from harness.drivers.replay import replay_spec
 
-            device = _device()
-            data = _base_spec(tier, model, device)
+            device = pick_device()
+            data = base_spec(tier, model, device)
             data["axes"].update({"top_k": [top_k], "blocks": [blocks or (128 if device == "cpu" else 16)]})
             for key, value in (("max_num_seqs", max_num_seqs), ("warmup_requests", warmup), ("seed", seed),
                                ("prompts", str(prompts) if prompts else None)):
@@ -138,11 +154,11 @@ def replay_command(
             if workload is not None:
                 if rate is not None or count is not None:
                     raise SpecError("give either --workload or --rate/--count, not both")
-                requests = read_workload(workload)
+                requests = read_workload(workload, allow_trace=True)
                 options.source = {"file": str(workload)}
             else:
-                requests, options.source = _generated(rate, count, seed, text_tokens_dist, new_tokens_dist,
-                                                      model_context(data))
+                requests, options.source = generated(rate, count, seed, text_tokens_dist, new_tokens_dist,
+                                                      model_context(data), burstiness)
             spec = replay_spec(data, requests)
         else:
             RunStore.open(resume)  # not a run, or another schema: fails here, before vLLM is imported
@@ -164,7 +180,7 @@ def replay_command(
 
         result = run_replay(spec, requests, options, report)
     except (SpecError, StoreError, TelemetryError) as e:
-        raise _fail(str(e)) from None
+        raise fail(str(e)) from None
     table = summary(result.run_dir)
     if not table.empty:
         t = Table(title=f"Replay: {result.run_dir}")

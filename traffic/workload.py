@@ -1,0 +1,268 @@
+"""Workloads: JSONL files of timed requests, read and checked line by line, or generated (Poisson or gamma arrivals).
+
+Two formats, told apart by their keys:
+- the project's: `{"arrival_s": 0.25, "text_tokens": 512, "new_tokens": 64}`, optionally `"prompt"` (text, cut to
+  `text_tokens` with the model's tokenizer);
+- vLLM's timed trace, as `vllm bench serve --dataset-name timed_trace` replays it (vllm/benchmarks/datasets/
+  datasets.py `TimedTrace`): `{"timestamp": 0.25, "input_length": 512, "output_length": 64, "hash_ids": [...]}`,
+  `timestamp` in seconds, `hash_ids` one id per 16-token chunk (shared ids make shared prefixes).
+Arrival times are seconds from the start. No vLLM here: a bad file fails before any engine starts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+KEYS = {"arrival_s", "text_tokens", "new_tokens", "prompt"}
+TRACE_KEYS = {"timestamp", "input_length", "output_length", "hash_ids"}
+TRACE_CHUNK_TOKENS = 16  # vllm bench serve's --timed-trace-chunk-hash-size default
+
+
+class WorkloadError(ValueError):
+    """A workload file or generator argument that cannot be used; the message is one line."""
+
+
+@dataclass(frozen=True)
+class WorkloadRequest:
+    """One request of a workload. `index` is its 0-based place in the file (line `index + 1`)."""
+
+    index: int
+    arrival_s: float
+    text_tokens: int
+    new_tokens: int
+    prompt: str | None = None
+
+    @property
+    def request_id(self) -> str:
+        return f"req-{self.index:05d}"
+
+    def record(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "arrival_s": self.arrival_s,
+            "text_tokens": self.text_tokens,
+            "new_tokens": self.new_tokens,
+        }
+        if self.prompt is not None:
+            out["prompt"] = self.prompt
+        return out
+
+
+def _positive_int(line: int, data: dict[str, Any], key: str, where: str) -> int:
+    value = data.get(key)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise WorkloadError(f"{where} line {line}: {key} must be an integer, got {value!r}")
+    if value <= 0:
+        raise WorkloadError(f"{where} line {line}: {key} must be positive, got {value}")
+    return value
+
+
+def parse_workload(text: str, where: str = "workload", allow_trace: bool = False) -> list[WorkloadRequest]:
+    """Parse JSONL text into requests; any problem is a one-line WorkloadError naming the line (1-based).
+
+    Blank lines are skipped (they keep their line numbers). Arrival times must be finite, >= 0 and not
+    decreasing; lengths positive integers. With `allow_trace`, a file whose first object has `timestamp` is read
+    as vLLM's timed trace (every line then), its arrivals shifted so the first is at 0 s.
+    """
+    first = next((line for line in text.splitlines() if line.strip()), "")
+    if allow_trace and first.lstrip().startswith("{") and '"timestamp"' in first:
+        return _parse_trace(text, where)
+    out: list[WorkloadRequest] = []
+    previous = 0.0
+    for n, raw in enumerate(text.splitlines(), 1):
+        if not raw.strip():
+            continue
+        try:
+            data = json.loads(raw)
+        except (ValueError, RecursionError) as e:
+            raise WorkloadError(f"{where} line {n}: not valid JSON ({str(e).splitlines()[0][:120]})") from None
+        if not isinstance(data, dict):
+            raise WorkloadError(f"{where} line {n}: expected a JSON object, got {type(data).__name__}")
+        unknown = sorted(set(data) - KEYS)
+        if unknown:
+            raise WorkloadError(f"{where} line {n}: unknown key(s) {', '.join(unknown)}; expected {sorted(KEYS)}")
+        arrival = data.get("arrival_s")
+        if not isinstance(arrival, int | float) or isinstance(arrival, bool) or not math.isfinite(arrival):
+            raise WorkloadError(f"{where} line {n}: arrival_s must be a finite number of seconds, got {arrival!r}")
+        if arrival < 0:
+            raise WorkloadError(f"{where} line {n}: arrival_s {arrival} is negative")
+        if arrival < previous:
+            raise WorkloadError(
+                f"{where} line {n}: arrival_s {arrival} is earlier than the line before ({previous}); "
+                "sort the file by arrival_s"
+            )
+        previous = float(arrival)
+        text_tokens = _positive_int(n, data, "text_tokens", where)
+        new_tokens = _positive_int(n, data, "new_tokens", where)
+        prompt = data.get("prompt")
+        if prompt is not None and (not isinstance(prompt, str) or not prompt.strip()):
+            raise WorkloadError(f"{where} line {n}: prompt must be non-empty text")
+        out.append(WorkloadRequest(n - 1, float(arrival), text_tokens, new_tokens, prompt))
+    if not out:
+        raise WorkloadError(f"{where}: no requests")
+    return out
+
+
+def _parse_trace(text: str, where: str) -> list[WorkloadRequest]:
+    """vLLM's timed-trace JSONL (see the module docstring) as requests, arrivals from the first timestamp."""
+    out: list[WorkloadRequest] = []
+    previous: float | None = None
+    start = 0.0
+    for n, raw in enumerate(text.splitlines(), 1):
+        if not raw.strip():
+            continue
+        try:
+            data = json.loads(raw)
+        except (ValueError, RecursionError) as e:
+            raise WorkloadError(f"{where} line {n}: not valid JSON ({str(e).splitlines()[0][:120]})") from None
+        if not isinstance(data, dict):
+            raise WorkloadError(f"{where} line {n}: expected a JSON object, got {type(data).__name__}")
+        missing = sorted({"timestamp", "input_length", "output_length"} - set(data))
+        if missing:
+            raise WorkloadError(f"{where} line {n}: timed-trace line lacks {', '.join(missing)}")
+        stamp = data["timestamp"]
+        if not isinstance(stamp, int | float) or isinstance(stamp, bool) or not math.isfinite(stamp):
+            raise WorkloadError(f"{where} line {n}: timestamp must be a finite number of seconds, got {stamp!r}")
+        if previous is None:
+            start = previous = float(stamp)
+        if stamp < previous:
+            raise WorkloadError(
+                f"{where} line {n}: timestamp {stamp} is earlier than the line before ({previous}); "
+                "sort the file by timestamp"
+            )
+        previous = float(stamp)
+        text_tokens = _positive_int(n, data, "input_length", where)
+        new_tokens = _positive_int(n, data, "output_length", where)
+        out.append(WorkloadRequest(n - 1, round(float(stamp) - start, 6), text_tokens, new_tokens))
+    if not out:
+        raise WorkloadError(f"{where}: no requests")
+    return out
+
+
+def trace_record(request: WorkloadRequest, hash_offset: int) -> dict[str, Any]:
+    """One timed-trace line for `vllm bench serve`: distinct hash ids per request (no shared prefix)."""
+    chunks = -(-request.text_tokens // TRACE_CHUNK_TOKENS)
+    return {
+        "timestamp": request.arrival_s,
+        "input_length": request.text_tokens,
+        "output_length": request.new_tokens,
+        "hash_ids": list(range(hash_offset, hash_offset + chunks)),
+    }
+
+
+def write_trace(path: Path, requests: list[WorkloadRequest]) -> None:
+    """Write requests as vLLM's timed trace (one object per line, in order; prompts are not carried)."""
+    lines, offset = [], 0
+    for r in requests:
+        record = trace_record(r, offset)
+        offset += len(record["hash_ids"])
+        lines.append(json.dumps(record) + "\n")
+    path.write_text("".join(lines), encoding="utf-8")
+
+
+def read_workload(path: Path, allow_trace: bool = False) -> list[WorkloadRequest]:
+    """Read and check a workload file (see parse_workload)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise WorkloadError(f"cannot read workload file {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise WorkloadError(f"workload file {path} is not UTF-8 text: {e.reason}") from None
+    return parse_workload(text, f"workload {path}", allow_trace)
+
+
+def check_context(requests: list[WorkloadRequest], context: int, where: str = "workload") -> None:
+    """Refuse a request that does not fit the model's context (prompt + new tokens)."""
+    for r in requests:
+        if r.text_tokens + r.new_tokens > context:
+            raise WorkloadError(
+                f"{where} line {r.index + 1}: text_tokens {r.text_tokens} + new_tokens {r.new_tokens} exceeds the "
+                f"model's context ({context} tokens)"
+            )
+
+
+def write_workload(path: Path, requests: list[WorkloadRequest]) -> None:
+    """Write requests as JSONL (one object per line, in order)."""
+    path.write_text("".join(json.dumps(r.record()) + "\n" for r in requests), encoding="utf-8")
+
+
+# --- generation ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LengthDist:
+    """A token-length distribution: `fixed:N`, `uniform:LO:HI` (inclusive) or `lognormal:MEDIAN:SIGMA`."""
+
+    kind: str
+    a: float
+    b: float = 0.0
+
+    @classmethod
+    def parse(cls, text: str, name: str) -> LengthDist:
+        parts = text.strip().split(":")
+        try:
+            values = [float(p) for p in parts[1:]]
+        except ValueError:
+            values = []
+        kind = parts[0]
+        if kind == "fixed" and len(values) == 1 and values[0] >= 1:
+            return cls("fixed", values[0])
+        if kind == "uniform" and len(values) == 2 and 1 <= values[0] <= values[1]:
+            return cls("uniform", values[0], values[1])
+        if kind == "lognormal" and len(values) == 2 and values[0] >= 1 and values[1] >= 0:
+            return cls("lognormal", values[0], values[1])
+        raise WorkloadError(
+            f"--{name} '{text}': expected fixed:N, uniform:LO:HI (1 <= LO <= HI) or lognormal:MEDIAN:SIGMA "
+            "(MEDIAN >= 1, SIGMA >= 0)"
+        )
+
+    def draw(self, rng: random.Random) -> int:
+        if self.kind == "fixed":
+            return int(self.a)
+        if self.kind == "uniform":
+            return rng.randint(int(self.a), int(self.b))
+        return max(1, round(rng.lognormvariate(math.log(self.a), self.b)))
+
+    def __str__(self) -> str:
+        if self.kind == "fixed":
+            return f"fixed:{self.a:g}"
+        return f"{self.kind}:{self.a:g}:{self.b:g}"
+
+
+def generate_workload(
+    rate: float,
+    count: int,
+    seed: int,
+    text_dist: LengthDist,
+    new_dist: LengthDist,
+    context: int,
+    burstiness: float = 1.0,
+) -> list[WorkloadRequest]:
+    """`count` requests arriving at `rate` requests/s on average (the first at 0 s), lengths drawn from the
+    distributions and clipped so prompt + new tokens fit `context`. Deterministic for a seed.
+
+    Gaps between arrivals are gamma-distributed with shape `burstiness` and mean 1/rate, as `vllm bench serve
+    --burstiness` draws them: 1 is Poisson (exponential gaps, the same draws as before gamma existed), below 1
+    burstier (gap CV = 1/sqrt(shape)), above 1 more regular."""
+    if not rate > 0 or not math.isfinite(rate):
+        raise WorkloadError(f"--rate must be a positive number of requests per second, got {rate}")
+    if not burstiness > 0 or not math.isfinite(burstiness):
+        raise WorkloadError(f"--burstiness must be a positive gamma shape, got {burstiness}")
+    if count < 1:
+        raise WorkloadError(f"--count must be at least 1, got {count}")
+    if context < 2:
+        raise WorkloadError(f"context {context} is too small for a prompt and a new token")
+    rng = random.Random(f"workload:{seed}")
+    t = 0.0
+    out = []
+    for i in range(count):
+        if i:
+            t += rng.expovariate(rate) if burstiness == 1.0 else rng.gammavariate(burstiness, 1.0 / (rate * burstiness))
+        text_tokens = min(text_dist.draw(rng), context - 1)
+        new_tokens = min(new_dist.draw(rng), context - text_tokens)
+        out.append(WorkloadRequest(i, round(t, 6), text_tokens, new_tokens))
+    return out
