@@ -15,6 +15,7 @@ from rich.console import Console
 
 from estimator.cli.common import build_spec, run_command
 from estimator.cli.extra import nightly, report
+from estimator.cli.simulate import simulate
 from estimator.errors import EstimatorError
 
 app = typer.Typer(
@@ -326,3 +327,4 @@ def validate(
 
 app.command()(report)
 app.command()(nightly)
+app.command()(simulate)

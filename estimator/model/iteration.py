@@ -135,7 +135,9 @@ class IterationEstimator:
     def trained_configs(self) -> list[dict[str, Any]]:
         return [f.config for f in self.meta.configs]
 
-    def _coefficients(self, config: Mapping[str, Any]) -> list[float]:
+    def coefficients(self, config: Mapping[str, Any]) -> list[float]:
+        """The config's coefficients (ms per unit of each of TERMS); a missing axis is filled from the one
+        trained config that matches the others."""
         try:
             token: Any = frozenset(config.items())
             found = self._memo.get(token)
@@ -163,7 +165,7 @@ class IterationEstimator:
 
     def predict_iteration(self, config: Mapping[str, Any], composition: Mapping[str, Any] | Composition) -> float:
         """Latency (ms) of one iteration of `config` holding `composition` (see `Composition`)."""
-        a, b, c, d, e, f = self._coefficients(config)
+        a, b, c, d, e, f = self.coefficients(config)
         comp = Composition.of(composition)
         skew_sum = comp.num_decode_seqs * comp.decode_ctx_max - comp.decode_ctx_sum if comp.num_decode_seqs else 0
         return f * skew_sum + (
@@ -177,7 +179,7 @@ class IterationEstimator:
         cols = self.meta.config_columns
         groups = iterations.groupby(cols, sort=False).indices if cols else {(): np.arange(len(iterations))}
         for idx in groups.values():
-            coef = np.asarray(self._coefficients({c: iterations[c].iloc[int(idx[0])] for c in cols}))
+            coef = np.asarray(self.coefficients({c: iterations[c].iloc[int(idx[0])] for c in cols}))
             out[idx] = x[idx] @ coef
         return out
 
