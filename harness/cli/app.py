@@ -22,6 +22,7 @@ from rich.progress import (
 from rich.table import Table
 
 from harness.cli.replay import replay_command, workload_command
+from harness.cli.serve import serve_bench_command
 from harness.engine.log import EngineOutput
 from harness.rundata.spec import (
     CPU_LADDER,
@@ -506,4 +507,5 @@ def _fmt(v: Any) -> str:
 # several requests in flight (harness/cli/replay.py)
 app.command("replay")(replay_command)
 app.command("workload")(workload_command)
+app.command("serve-bench")(serve_bench_command)
 

@@ -1,0 +1,110 @@
+"""`profile serve-bench` (registered on the `profile` app by harness/cli/app.py): a live `vllm serve` under
+vLLM's own client on one workload (harness/drivers/serve.py)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.markup import escape
+
+from harness.cli.replay import (
+    BURSTINESS_HELP,
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    base_spec,
+    err,
+    fail,
+    generated,
+    model_context,
+    out,
+    pick_device,
+)
+from harness.rundata.spec import SpecError
+from harness.rundata.store import StoreError
+from harness.rundata.workload import read_workload
+from harness.telemetry.sources import TelemetryError
+
+
+def engine_value(item: str) -> tuple[str, Any]:
+    """`KEY=VALUE` with VALUE read as JSON where it parses (true, 8, 0.5, "x"), else as text."""
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise SpecError(f"--engine-arg {item!r}: expected KEY=VALUE, e.g. enforce_eager=true")
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = text
+    return key.strip(), value
+
+
+def serve_bench_command(
+    workload: Path | None = typer.Option(None, help="JSONL workload (the project's, or vLLM's timed trace)"),
+    rate: float | None = typer.Option(None, help="generate the workload: mean arrival rate (requests/s)"),
+    count: int | None = typer.Option(None, help="generate the workload: number of requests"),
+    seed: int = typer.Option(0, help="seed for a generated workload"),
+    text_tokens_dist: str = typer.Option("uniform:32:512", help="generated prompt lengths (see profile workload)"),
+    new_tokens_dist: str = typer.Option("uniform:8:64", help="generated new tokens per request"),
+    burstiness: float = typer.Option(1.0, help=BURSTINESS_HELP),
+    tier: int = typer.Option(0, help="model tier"),
+    model: str | None = typer.Option(None, help="a local model folder (or preset name) instead of the ladder"),
+    blocks: int | None = typer.Option(None, help="KV-cache block size in tokens (default: 128 on CPU, 16 on CUDA)"),
+    max_num_seqs: int | None = typer.Option(None, help="vLLM max_num_seqs (default: vLLM's serving default)"),
+    engine_arg: list[str] = typer.Option(
+        [],
+        "--engine-arg",
+        help="an engine argument KEY=VALUE for the server, as "
+        "a spec's [engine] table (repeatable), e.g. enforce_eager=true",
+    ),
+    port: int | None = typer.Option(None, help="loopback port (default: a free one)"),
+    startup_timeout: float = typer.Option(600.0, help="seconds to wait for the server's /health"),
+    out_dir: Path = typer.Option(Path("results"), "--out", help="folder that receives results/<run_id>/"),
+    name: str | None = typer.Option(None, help="run folder name under --out"),
+) -> None:
+    """Serve a workload on a live `vllm serve` (127.0.0.1) driven by `vllm bench serve` (timed trace); keep its
+    per-request results and /metrics as a run folder, and stop the server."""
+    from harness.drivers.replay import replay_spec
+    from harness.drivers.serve import ServeOptions, check_serve_spec, run_serve_bench
+
+    try:
+        device = pick_device()
+        data = base_spec(tier, model, device)
+        data["axes"].update({"top_k": [0], "blocks": [blocks or (128 if device == "cpu" else 16)]})
+        if max_num_seqs is not None:
+            data["max_num_seqs"] = max_num_seqs
+        if engine_arg:
+            data["engine"] = dict(engine_value(item) for item in engine_arg)
+        options = ServeOptions(out_root=out_dir, run_id=name, port=port, startup_timeout_s=startup_timeout)
+        if workload is not None:
+            if rate is not None or count is not None:
+                raise SpecError("give either --workload or --rate/--count, not both")
+            requests = read_workload(workload, allow_trace=True)
+            options.source = {"file": str(workload)}
+        else:
+            requests, options.source = generated(
+                rate, count, seed, text_tokens_dist, new_tokens_dist, model_context(data), burstiness
+            )
+        spec = replay_spec(data, requests)
+        check_serve_spec(spec)
+
+        def report(event: str, info: dict[str, Any]) -> None:
+            if event == "log":
+                print(f"[{time.strftime('%H:%M:%S')}] {info['message']}", file=err.file, flush=True)
+
+        result = run_serve_bench(spec, requests, options, report)
+    except (SpecError, StoreError, TelemetryError) as e:
+        raise fail(str(e)) from None
+    out.print(
+        f"status: {result.status}; requests ok {result.requests_ok}/{result.requests_total}; results in "
+        f"{result.run_dir}",
+        highlight=False,
+    )
+    if result.error:
+        err.print(f"failed: {escape(result.error)}", highlight=False, soft_wrap=True)
+    if result.status == "interrupted":
+        raise typer.Exit(EXIT_INTERRUPTED)
+    if result.status != "complete":
+        raise typer.Exit(EXIT_FAILED)
