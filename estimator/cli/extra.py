@@ -40,6 +40,11 @@ def report(
         typer.Option(help="Batch run (repeatable) whose `estimate batch` / `estimate validate` outputs add the "
                      "batch-level section."),
     ] = None,
+    simulation: Annotated[
+        Path | None,
+        typer.Option(help="A simulation validation JSON (scripts/bench_simulate.py validate --json): adds the "
+                     "workload-simulation section."),
+    ] = None,
 ) -> None:
     """Write a self-contained HTML report (figures inlined) and its Markdown twin for one or more runs."""
     from estimator.report.build import ReportSpec, write_report
@@ -54,6 +59,7 @@ def report(
             nightly_summary=nightly_summary,
             title=title,
             batch=list(batch or []),
+            simulation=simulation,
         )
         files = write_report(spec, progress=lambda msg: typer.echo(f"  {msg}", err=True))
         typer.echo(f"wrote {files.html} (self-contained) and {files.markdown} (+{len(files.images)} PNG files)")

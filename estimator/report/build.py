@@ -32,9 +32,11 @@ from estimator.report.sections.importance import importance_section
 from estimator.report.sections.latency import latency_section
 from estimator.report.sections.manifest import manifest_section
 from estimator.report.sections.nightly import nightly_section
+from estimator.report.sections.simulation import simulation_section
 from estimator.report.sections.spread import spread_section
 from estimator.report.sections.telemetry import MAX_TELEMETRY_RUNS, telemetry_section
 from estimator.report.sections.variants import variants_section
+from estimator.sim.validation import SimulationValidation
 from estimator.study.analyze import Analysis, analyze_runs, noise_floor
 from estimator.study.batch import BatchStudyResult, ValidationResult
 from estimator.study.fits import latency_fits
@@ -54,6 +56,7 @@ class ReportSpec(RunsSpec):
     history: Path | None = None
     nightly_summary: Path | None = None
     batch: list[Path] = []  # batch runs whose batch/ and validation/ outputs add the batch-level section
+    simulation: Path | None = None  # a simulation validation JSON (scripts/bench_simulate.py validate --json)
     title: str | None = None
 
     @field_validator("model")
@@ -145,6 +148,15 @@ def build_report(spec: ReportSpec, progress: Callable[[str], None] | None = None
     if spec.batch:
         say("batch level")
         sections.append(batch_section(*_batch_inputs(spec.batch)))
+    if spec.simulation is not None:
+        say("simulation")
+        from estimator.sim.validation import load_validation
+
+        try:
+            sim: SimulationValidation | str = load_validation(spec.simulation)
+        except EstimatorError as exc:
+            sim = str(exc)
+        sections.append(simulation_section(sim))
     summary: NightlySummary | None = None
     if spec.nightly_summary is not None and spec.nightly_summary.is_file():
         summary = load_nightly_summary(spec.nightly_summary)

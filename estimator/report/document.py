@@ -24,6 +24,7 @@ SECTIONS: dict[str, str] = {
     "telemetry": "Telemetry timeline",
     "importance": "Feature importance",
     "batch": "Batch level: engine iterations under continuous batching",
+    "simulation": "Workload simulation against replays and a live server",
     "nightly": "Nightly trend",
 }  # page order, except that the nightly section (only with a history or summary) comes right after the glance
 
