@@ -318,6 +318,9 @@ def validate(
             f"TTFT MAPE {_fmt(result.ttft_mape_pct)}%, end-to-end MAPE {_fmt(result.e2e_mape_pct)}%"
         )
         typer.echo("  MAPE by batch size: " + ", ".join(f"{b}: {v:.1f}%" for b, v in result.mape_by_batch_size.items()))
+        typer.echo("  by iteration kind: " + ", ".join(
+            f"{k} ({int(v['iterations'])}): MAPE {v['mape_pct']:.1f}%, mean signed {v['signed_pct']:+.1f}%"
+            for k, v in result.by_kind.items()))
         write_json(result, folder / "validation.json")
         rows.to_parquet(folder / "iterations.parquet", index=False)
         typer.echo(f"wrote {folder / 'validation.json'} and {folder / 'iterations.parquet'}")

@@ -61,6 +61,7 @@ class IterationMeta(_Strict):
     rows: int
     composition_range: dict[str, list[float]]  # term -> [min, max] seen in training
     held_out: dict[str, float | None] | None = None
+    workload_digests: list[str] = []  # sha256 of each training replay's workload.jsonl: validation must not reuse one
 
 
 @dataclass(frozen=True)
@@ -245,6 +246,14 @@ def fit_iteration_model(
     return IterationEstimator(meta)
 
 
+def workload_digest(run_dir: Path) -> str | None:
+    """sha256 of a run's workload.jsonl (replays and serve-bench runs), None for a run without one."""
+    import hashlib
+
+    path = Path(run_dir) / "workload.jsonl"
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+
+
 @dataclass(frozen=True)
 class IterationTrainResult:
     path: Path
@@ -282,4 +291,5 @@ def train_iteration_estimator(
             held = float(np.mean(np.abs(part.predict_frame(test_rows) - y) / y) * 100.0)
     est = fit_iteration_model(frame, itset.config_columns, run_ids, stamp)
     est.meta.held_out = {"mape_pct": held} if held is not None else None
+    est.meta.workload_digests = sorted({d for d in (workload_digest(r.path) for r in itset.runs) if d})
     return IterationTrainResult(est.save(out), est, held)

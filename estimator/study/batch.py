@@ -197,6 +197,23 @@ class ValidationResult(_Record):
     e2e_mape_pct: float | None
     mape_by_batch_size: dict[str, float]
     method: str
+    # per iteration kind (prefill-only, mixed, decode-only): iterations, MAPE % and mean signed error %
+    by_kind: dict[str, dict[str, float]] = {}
+
+
+def _by_kind(out: pd.DataFrame) -> dict[str, dict[str, float]]:
+    kinds = iteration_kind(out)
+    result = {}
+    for kind in KINDS:
+        sub = out[kinds == kind]
+        if len(sub):
+            y, p = sub["latency_ms"].to_numpy(dtype=np.float64), sub["predicted_ms"].to_numpy(dtype=np.float64)
+            result[kind] = {
+                "iterations": float(len(sub)),
+                "mape_pct": _mape(y, p),
+                "signed_pct": float(np.mean((p - y) / y) * 100.0),
+            }
+    return result
 
 
 def noise_floor(frame: pd.DataFrame, config_columns: Sequence[str]) -> tuple[float | None, int]:
@@ -217,8 +234,39 @@ def noise_floor(frame: pd.DataFrame, config_columns: Sequence[str]) -> tuple[flo
     return float(np.mean(ape)), groups
 
 
+KINDS = ("prefill-only", "mixed", "decode-only")
+
+
+def iteration_kind(frame: pd.DataFrame) -> np.ndarray:
+    """prefill-only / mixed / decode-only per iteration row."""
+    pre = frame["num_prefill_seqs"].to_numpy() > 0
+    dec = frame["num_decode_seqs"].to_numpy() > 0
+    return np.where(pre & ~dec, KINDS[0], np.where(pre & dec, KINDS[1], KINDS[2]))
+
+
+def check_held_out(est: IterationEstimator, runs: Sequence[Path]) -> None:
+    """The held-out rule: a run the model was trained on, or one replaying the same workload file as a training
+    replay, is refused (EstimatorError naming it)."""
+    from estimator.data.runs import read_manifest
+    from estimator.model.iteration import workload_digest
+
+    trained = set(est.meta.runs)
+    digests = set(est.meta.workload_digests)
+    for run in runs:
+        run_id = str(read_manifest(Path(run)).get("run_id") or Path(run).name)
+        if run_id in trained:
+            raise EstimatorError(f"run {run_id} was used to train this model: validate on runs it never saw")
+        digest = workload_digest(Path(run))
+        if digest and digest in digests:
+            raise EstimatorError(
+                f"run {run_id} replays the same workload as a training run of this model: validate on workloads it "
+                "never saw"
+            )
+
+
 def validate_iterations(model_dir: Path, runs: Sequence[Path]) -> tuple[ValidationResult, pd.DataFrame]:
     est = IterationEstimator.load(model_dir)
+    check_held_out(est, runs)
     itset = load_iteration_runs(runs)
     frame = with_derived(itset)
     pred = est.predict_frame(frame)
@@ -266,6 +314,7 @@ def validate_iterations(model_dir: Path, runs: Sequence[Path]) -> tuple[Validati
         ttft_mape_pct=ttft,
         e2e_mape_pct=e2e,
         mape_by_batch_size=by_batch,
+        by_kind=_by_kind(out),
         method=__doc__.split("`validate_iterations`: ", 1)[1].strip() if __doc__ else "",
     )
     return result, out[

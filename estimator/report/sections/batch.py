@@ -117,4 +117,18 @@ def batch_section(
             validations[0][0].method,
         )
     )
+    kind_rows = [
+        [", ".join(v.runs), kind, str(int(e["iterations"])), fmt(e["mape_pct"]), f"{e['signed_pct']:+.1f}"]
+        for v, _ in validations
+        for kind, e in v.by_kind.items()
+    ]
+    if kind_rows:
+        sec.add(
+            Table(
+                ["workload", "iteration kind", "iterations", "MAPE %", "mean signed error %"],
+                kind_rows,
+                "The error by iteration kind: a prefill alone, a prefill sharing the iteration with decodes, decodes "
+                "alone (positive: over-predicted).",
+            )
+        )
     return sec

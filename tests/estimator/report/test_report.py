@@ -66,7 +66,11 @@ def studied_run(small_run: Path, tmp_path_factory: pytest.TempPathFactory) -> tu
     train(TrainSpec(runs=[run], out=model))
     compare(
         CompareSpec(
-            runs=[run], variants=["tokens", "poly"], cost_calls=5, folds=3, seeds=1,  # type: ignore[list-item]
+            runs=[run],
+            variants=["tokens", "poly"],
+            cost_calls=5,
+            folds=3,
+            seeds=1,  # type: ignore[list-item]
             learners=["lightgbm", "ridge"],  # type: ignore[list-item]
         )
     )
@@ -156,13 +160,16 @@ def test_batch_section_renders_the_study_and_validation(tmp_path: Path, run_writ
     run = run_writer(tmp_path / "results", tiers=(1,), top_ks=(0,), lengths=(32, 128, 512))
     batch = write_batch_run(tmp_path / "batch")
     write_json(compare_feature_sets([batch], k=3, seeds=1), batch / "batch" / "batch.json")
-    train_iteration_estimator([batch], tmp_path / "m")
+    train_iteration_estimator(
+        [write_batch_run(tmp_path / "train", seed=5, run_id="20250106-000000-train")], tmp_path / "m"
+    )
     result, rows = validate_iterations(tmp_path / "m", [batch])
     write_json(result, batch / "validation" / "validation.json")
     rows.to_parquet(batch / "validation" / "iterations.parquet")
     out = tmp_path / "report"
     write_report(ReportSpec(runs=[run], out=out, batch=[batch]))
     page, md = _check_page(out, [*BASE_SECTIONS, "batch"], 3)  # latency, spread and the batch validation
+    assert "mean signed error %" in md and "decode-only" in md
     assert "reduction vs totals %" in md and "TTFT MAPE %" in md and "batch-validation" in md
 
 

@@ -99,12 +99,33 @@ def test_cli_batch_and_validate(batch_run: Path, tmp_path: Path) -> None:
     payload = json.loads((tmp_path / "b" / "batch.json").read_text())
     assert {s["feature_set"] for s in payload["scores"]} == {"totals", "context", "skew", "detail"}
     train_iteration_estimator([batch_run], tmp_path / "m")
-    result = runner.invoke(
-        app, ["validate", str(batch_run), "--model", str(tmp_path / "m"), "--out", str(tmp_path / "v")]
-    )
+    unseen = write_batch_run(tmp_path / "unseen", seed=7, run_id="20250104-000000-unseen")
+    result = runner.invoke(app, ["validate", str(unseen), "--model", str(tmp_path / "m"), "--out", str(tmp_path / "v")])
     assert result.exit_code == 0, result.output
+    assert "by iteration kind: prefill-only" in result.output
     v = json.loads((tmp_path / "v" / "validation.json").read_text())
     assert v["iteration_mape_pct"] < 10 and v["ttft_mape_pct"] is not None and v["e2e_mape_pct"] < 10
+    kinds = v["by_kind"]
+    assert set(kinds) <= {"prefill-only", "mixed", "decode-only"} and "decode-only" in kinds
+    assert sum(k["iterations"] for k in kinds.values()) == v["iterations"]
+    assert all(abs(k["signed_pct"]) <= k["mape_pct"] + 1e-9 for k in kinds.values())
+
+
+def test_validation_refuses_a_training_run_or_its_workload(tmp_path: Path) -> None:
+    """The held-out rule: no validation run may have been used in training, nor replay a training workload."""
+    train = write_batch_run(tmp_path / "train", seed=2)
+    (train / "workload.jsonl").write_text('{"arrival_s": 0, "text_tokens": 5, "new_tokens": 2}\n')
+    train_iteration_estimator([train], tmp_path / "m")
+    result = runner.invoke(app, ["validate", str(train), "--model", str(tmp_path / "m")])
+    assert result.exit_code == 2
+    assert "was used to train this model" in result.output
+    copy = write_batch_run(tmp_path / "copy", seed=3, run_id="20250105-000000-again")
+    (copy / "workload.jsonl").write_text((train / "workload.jsonl").read_text())
+    result = runner.invoke(app, ["validate", str(copy), "--model", str(tmp_path / "m")])
+    assert result.exit_code == 2
+    assert "replays the same workload as a training run" in result.output
+    (copy / "workload.jsonl").write_text('{"arrival_s": 1, "text_tokens": 5, "new_tokens": 2}\n')
+    assert runner.invoke(app, ["validate", str(copy), "--model", str(tmp_path / "m")]).exit_code == 0
 
 
 def test_fit_recovers_known_coefficients(batch_run: Path) -> None:
