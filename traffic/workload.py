@@ -2,7 +2,8 @@
 
 Two formats, told apart by their keys:
 - the project's: `{"arrival_s": 0.25, "text_tokens": 512, "new_tokens": 64}`, optionally `"prompt"` (text, cut to
-  `text_tokens` with the model's tokenizer);
+  `text_tokens` with the model's tokenizer) and `"priority"` (an integer, lower runs first: `profile replay --policy
+  file`);
 - vLLM's timed trace, as `vllm bench serve --dataset-name timed_trace` replays it (vllm/benchmarks/datasets/
   datasets.py `TimedTrace`): `{"timestamp": 0.25, "input_length": 512, "output_length": 64, "hash_ids": [...]}`,
   `timestamp` in seconds, `hash_ids` one id per 16-token chunk (shared ids make shared prefixes).
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-KEYS = {"arrival_s", "text_tokens", "new_tokens", "prompt"}
+KEYS = {"arrival_s", "text_tokens", "new_tokens", "prompt", "priority"}
 TRACE_KEYS = {"timestamp", "input_length", "output_length", "hash_ids"}
 TRACE_CHUNK_TOKENS = 16  # vllm bench serve's --timed-trace-chunk-hash-size default
 
@@ -36,6 +37,7 @@ class WorkloadRequest:
     text_tokens: int
     new_tokens: int
     prompt: str | None = None
+    priority: int | None = None  # vLLM's priority policy: lower runs first (profile replay --policy file)
 
     @property
     def request_id(self) -> str:
@@ -49,6 +51,8 @@ class WorkloadRequest:
         }
         if self.prompt is not None:
             out["prompt"] = self.prompt
+        if self.priority is not None:
+            out["priority"] = self.priority
         return out
 
 
@@ -101,7 +105,10 @@ def parse_workload(text: str, where: str = "workload", allow_trace: bool = False
         prompt = data.get("prompt")
         if prompt is not None and (not isinstance(prompt, str) or not prompt.strip()):
             raise WorkloadError(f"{where} line {n}: prompt must be non-empty text")
-        out.append(WorkloadRequest(n - 1, float(arrival), text_tokens, new_tokens, prompt))
+        priority = data.get("priority")
+        if priority is not None and (not isinstance(priority, int) or isinstance(priority, bool)):
+            raise WorkloadError(f"{where} line {n}: priority must be an integer (lower runs first), got {priority!r}")
+        out.append(WorkloadRequest(n - 1, float(arrival), text_tokens, new_tokens, prompt, priority))
     if not out:
         raise WorkloadError(f"{where}: no requests")
     return out

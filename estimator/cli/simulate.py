@@ -87,7 +87,9 @@ def simulate(
     config: Annotated[
         list[str] | None, typer.Option(help="Config axis value AXIS=VALUE (repeatable); default: every trained config.")
     ] = None,
-    policy: Annotated[str, typer.Option(help="fcfs or priority (priorities from the workload: 0 for all).")] = "fcfs",
+    policy: Annotated[
+        str, typer.Option(help="fcfs or priority (each request's `priority` from the workload, else 0).")
+    ] = "fcfs",
     fit_overheads: Annotated[
         list[Path] | None,
         typer.Option(

@@ -55,6 +55,10 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     long_prefill_token_threshold: int = 0
     policy: Policy = "fcfs"
+    # NOT vLLM: with the priority policy, a waiting request of higher priority than a running one takes its place
+    # when max_num_seqs is reached (the running one is preempted by recompute). vLLM 0.32 does not do this
+    # (vLLM issue #40004); the replica offers it only to say what it would change, marked as simulated.
+    preemptive_priority: bool = False
 
     def check(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "num_blocks", "max_model_len"):
@@ -227,6 +231,18 @@ def simulate(
         scheduled: dict[int, int] = {}  # id(_Req) -> tokens
         order: list[_Req] = []
         preempted = False
+        if config.preemptive_priority and config.policy == "priority":  # simulated only: not vLLM (see EngineConfig)
+            while len(waiting) and len(running) >= config.max_num_seqs:
+                victim = max(running, key=_Req.key)
+                if not waiting.peek().key() < victim.key():
+                    break
+                running.remove(victim)
+                free += victim.blocks
+                victim.blocks = 0
+                victim.computed = 0
+                victim.sampled_since_start = False
+                victim.trace.preemptions += 1
+                waiting.add(victim)
         idx = 0
         while idx < len(running) and budget > 0:
             r = running[idx]

@@ -106,8 +106,11 @@ def iteration_fn(model: IterationEstimator, config: dict[str, Any], scale: float
 
 
 def arrivals_of(requests: Sequence[WorkloadRequest], priorities: Sequence[int] | None = None) -> list[Arrival]:
+    """The replica's arrivals; each priority from `priorities`, else the workload's own `priority`, else 0."""
     return [
-        Arrival(r.request_id, r.arrival_s, r.text_tokens, r.new_tokens, priorities[i] if priorities else 0)
+        Arrival(
+            r.request_id, r.arrival_s, r.text_tokens, r.new_tokens, priorities[i] if priorities else (r.priority or 0)
+        )
         for i, r in enumerate(requests)
     ]
 

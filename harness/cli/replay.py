@@ -113,6 +113,8 @@ def replay_command(
     text_tokens_dist: str = typer.Option("uniform:32:512", help="generated prompt lengths (see profile workload)"),
     new_tokens_dist: str = typer.Option("uniform:8:64", help="generated new tokens per request"),
     burstiness: float = typer.Option(1.0, help=BURSTINESS_HELP),
+    policy: str = typer.Option("fcfs", help="request priority at arrival: fcfs (vLLM's default), prompt (shortest "
+                                            "prompt first) or file (the workload's `priority` values, lower first)"),
     tier: int = typer.Option(0, help="model tier (one engine config per replay)"),
     model: str | None = typer.Option(None, help="a local model folder (or preset name) instead of the ladder"),
     top_k: int = typer.Option(0, help="sampling top_k (0 = off)"),
@@ -159,6 +161,10 @@ def replay_command(
             else:
                 requests, options.source = generated(rate, count, seed, text_tokens_dist, new_tokens_dist,
                                                       model_context(data), burstiness)
+            from harness.drivers.replay import apply_policy
+
+            requests = apply_policy(policy, data, requests)
+            options.source = {**options.source, "policy": policy}
             spec = replay_spec(data, requests)
         else:
             RunStore.open(resume)  # not a run, or another schema: fails here, before vLLM is imported

@@ -44,6 +44,7 @@ class InFlight:
     after_tokens: int | None = None
     sampling: dict[str, Any] = field(default_factory=dict)
     workload_arrival_s: float | None = None  # the arrival time to record (a replay's own); default arrival_s
+    priority: int = 0  # vLLM's priority policy (engine scheduling_policy="priority"): lower runs first
 
     @property
     def text_tokens(self) -> int:
@@ -155,7 +156,7 @@ class Drive:
 
         def add(req: InFlight, arrival_t: float) -> None:
             params = SamplingParams(**settings.sampling_params(req.new_tokens, req.sampling))
-            llm.add_request(req.request_id, TokensPrompt(prompt_token_ids=req.token_ids), params)
+            llm.add_request(req.request_id, TokensPrompt(prompt_token_ids=req.token_ids), params, priority=req.priority)
             self.states[req.request_id] = _State(req, len(self.states), arrival_t, pc())
 
         if settings.gc_guard:  # as in run_request: no collection inside a timed step

@@ -72,6 +72,31 @@ class ReplayResult:
     error: str | None = None
 
 
+POLICIES = ("fcfs", "prompt", "file")
+
+
+def apply_policy(policy: str, data: dict[str, Any], workload: list[WorkloadRequest]) -> list[WorkloadRequest]:
+    """Each request's priority at arrival under `policy`, and the engine's scheduling policy in `data`:
+    `fcfs` (vLLM's default, no priorities), `prompt` (shortest prompt first: priority = text_tokens) or `file`
+    (the workload's own `priority` values, e.g. from an estimator). vLLM's priority policy orders only the waiting
+    queue: a running request is not preempted by an arrival (VLLM_NOTES.md)."""
+    from dataclasses import replace
+
+    if policy not in POLICIES:
+        raise SpecError(f"--policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+    if policy == "fcfs":
+        return [replace(r, priority=None) for r in workload]
+    if policy == "file":
+        missing = [r.index + 1 for r in workload if r.priority is None]
+        if missing:
+            raise SpecError(f"--policy file: workload line {missing[0]} has no priority")
+        out = workload
+    else:
+        out = [replace(r, priority=r.text_tokens) for r in workload]
+    data["engine"] = {**(data.get("engine") or {}), "scheduling_policy": "priority"}
+    return out
+
+
 def replay_spec(data: dict[str, Any], workload: list[WorkloadRequest]) -> SweepSpec:
     """A sweep spec of one engine config for a workload: the flags' single-valued axes, `text_tokens` = the
     longest prompt (the token budget must hold it), and `max_new_tokens` unused (2: each request has its own)."""
@@ -256,7 +281,8 @@ class _Segment:
             sampling = sampling_of(spec, point)
             requests = [
                 InFlight(r.request_id, self.prompts[r.index].token_ids, r.new_tokens, self.prompts[r.index].prompt_id,
-                         arrival_s=r.arrival_s - self.base, sampling=sampling, workload_arrival_s=r.arrival_s)
+                         arrival_s=r.arrival_s - self.base, sampling=sampling, workload_arrival_s=r.arrival_s,
+                         priority=r.priority or 0)
                 for r in self.todo
             ]
             self.drive = Drive(engine, requests, stop, self._checkpoint, self.options.flush_every)

@@ -81,6 +81,17 @@ def test_priority_orders_the_waiting_queue_and_preempts_the_lowest() -> None:
     assert [t.first_scheduled_s for t in fcfs.requests] == sorted(t.first_scheduled_s for t in fcfs.requests)
 
 
+def test_preemptive_priority_is_simulated_only_when_asked() -> None:
+    # one slot; a long low-priority request is running when an urgent one arrives
+    arrivals = [Arrival("slow", 0.0, 10, 50, priority=9), Arrival("urgent", 0.05, 10, 2, priority=0)]
+    as_vllm = simulate(arrivals, engine(max_num_seqs=1, policy="priority"), flat(10.0))
+    assert as_vllm.requests[1].first_scheduled_s == pytest.approx(as_vllm.requests[0].token_times_s[-1])
+    pre = simulate(arrivals, engine(max_num_seqs=1, policy="priority", preemptive_priority=True), flat(10.0))
+    slow, urgent = pre.requests
+    assert urgent.first_scheduled_s == pytest.approx(0.05) and slow.preemptions == 1
+    assert len(slow.token_times_s) == 50 and urgent.token_times_s[-1] < as_vllm.requests[1].token_times_s[-1]
+
+
 def test_long_prefill_threshold_only_with_company() -> None:
     alone = simulate([Arrival("a", 0.0, 1000, 2)], engine(long_prefill_token_threshold=256), flat(), keep_steps=True)
     assert alone.steps[0].prefill == (("a", 1000, 0),)
