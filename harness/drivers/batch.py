@@ -156,7 +156,8 @@ class Drive:
 
         def add(req: InFlight, arrival_t: float) -> None:
             params = SamplingParams(**settings.sampling_params(req.new_tokens, req.sampling))
-            llm.add_request(req.request_id, TokensPrompt(prompt_token_ids=req.token_ids), params, priority=req.priority)
+            extra = {"priority": req.priority} if req.priority else {}  # FCFS: vLLM's own call, unchanged
+            llm.add_request(req.request_id, TokensPrompt(prompt_token_ids=req.token_ids), params, **extra)
             self.states[req.request_id] = _State(req, len(self.states), arrival_t, pc())
 
         if settings.gc_guard:  # as in run_request: no collection inside a timed step
