@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,20 @@ def _positive_int(line: int, data: dict[str, Any], key: str, where: str) -> int:
     return value
 
 
+def _objects(text: str, where: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(1-based line number, JSON object) per non-blank line; a line that is not a JSON object is a WorkloadError."""
+    for n, raw in enumerate(text.splitlines(), 1):
+        if not raw.strip():
+            continue
+        try:
+            data = json.loads(raw)
+        except (ValueError, RecursionError) as e:
+            raise WorkloadError(f"{where} line {n}: not valid JSON ({str(e).splitlines()[0][:120]})") from None
+        if not isinstance(data, dict):
+            raise WorkloadError(f"{where} line {n}: expected a JSON object, got {type(data).__name__}")
+        yield n, data
+
+
 def parse_workload(text: str, where: str = "workload", allow_trace: bool = False) -> list[WorkloadRequest]:
     """Parse JSONL text into requests; any problem is a one-line WorkloadError naming the line (1-based).
 
@@ -77,15 +92,7 @@ def parse_workload(text: str, where: str = "workload", allow_trace: bool = False
         return _parse_trace(text, where)
     out: list[WorkloadRequest] = []
     previous = 0.0
-    for n, raw in enumerate(text.splitlines(), 1):
-        if not raw.strip():
-            continue
-        try:
-            data = json.loads(raw)
-        except (ValueError, RecursionError) as e:
-            raise WorkloadError(f"{where} line {n}: not valid JSON ({str(e).splitlines()[0][:120]})") from None
-        if not isinstance(data, dict):
-            raise WorkloadError(f"{where} line {n}: expected a JSON object, got {type(data).__name__}")
+    for n, data in _objects(text, where):
         unknown = sorted(set(data) - KEYS)
         if unknown:
             raise WorkloadError(f"{where} line {n}: unknown key(s) {', '.join(unknown)}; expected {sorted(KEYS)}")
@@ -119,15 +126,7 @@ def _parse_trace(text: str, where: str) -> list[WorkloadRequest]:
     out: list[WorkloadRequest] = []
     previous: float | None = None
     start = 0.0
-    for n, raw in enumerate(text.splitlines(), 1):
-        if not raw.strip():
-            continue
-        try:
-            data = json.loads(raw)
-        except (ValueError, RecursionError) as e:
-            raise WorkloadError(f"{where} line {n}: not valid JSON ({str(e).splitlines()[0][:120]})") from None
-        if not isinstance(data, dict):
-            raise WorkloadError(f"{where} line {n}: expected a JSON object, got {type(data).__name__}")
+    for n, data in _objects(text, where):
         missing = sorted({"timestamp", "input_length", "output_length"} - set(data))
         if missing:
             raise WorkloadError(f"{where} line {n}: timed-trace line lacks {', '.join(missing)}")

@@ -125,6 +125,14 @@ class _Req:
     def num_tokens(self) -> int:
         return self.a.prompt_tokens + self.outputs
 
+    def preempt(self) -> int:
+        """Preemption by recompute (`Scheduler._preempt_request`): drop the KV cache and the computed tokens;
+        returns the blocks freed."""
+        freed, self.blocks, self.computed = self.blocks, 0, 0
+        self.sampled_since_start = False
+        self.trace.preemptions += 1
+        return freed
+
     def key(self) -> tuple[int, float, int]:
         return (self.a.priority, self.a.arrival_s, self.order)
 
@@ -237,11 +245,7 @@ def simulate(
                 if not waiting.peek().key() < victim.key():
                     break
                 running.remove(victim)
-                free += victim.blocks
-                victim.blocks = 0
-                victim.computed = 0
-                victim.sampled_since_start = False
-                victim.trace.preemptions += 1
+                free += victim.preempt()
                 waiting.add(victim)
         idx = 0
         while idx < len(running) and budget > 0:
@@ -266,11 +270,7 @@ def simulate(
                 if id(victim) in scheduled:
                     budget += scheduled.pop(id(victim))
                     order.remove(victim)
-                free += victim.blocks
-                victim.blocks = 0
-                victim.computed = 0
-                victim.sampled_since_start = False
-                victim.trace.preemptions += 1
+                free += victim.preempt()
                 waiting.prepend(victim)
                 preempted = True
                 if victim is r:
