@@ -10,7 +10,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from estimator.data.runs import RunInfo, add_dtype, axes_from_manifest, read_manifest, read_parquet_folder
+from estimator.data.runs import (
+    RunInfo,
+    add_dtype,
+    axes_from_manifest,
+    read_manifest,
+    read_parquet_folder,
+    served_requests,
+)
 from estimator.errors import EstimatorError
 
 COMPOSITION_COLUMNS: tuple[str, ...] = (
@@ -54,7 +61,7 @@ def load_iteration_runs(paths: Sequence[Path | str]) -> IterationSet:
         missing = [c for c in REQUIRED_ITERATION_COLUMNS if c not in it.columns]
         if missing:
             raise EstimatorError(f"{run_dir}: iterations lack column(s) {', '.join(missing)}")
-        rq = read_parquet_folder(run_dir / "requests")
+        rq = served_requests(run_dir)
         for frame in (it, rq):
             if len(frame):
                 frame["run_id"] = run_id

@@ -158,6 +158,14 @@ def axes_from_manifest(manifest: dict[str, Any]) -> list[str]:
     return names or list(DEFAULT_AXES)
 
 
+def served_requests(run_dir: Path) -> pd.DataFrame:
+    """A replay's `requests` table without the requests its arrival policy rejected (they never ran)."""
+    frame = read_parquet_folder(run_dir / "requests")
+    if "rejected" in frame.columns:
+        frame = frame[~frame["rejected"].astype(bool)].reset_index(drop=True)
+    return frame
+
+
 def read_parquet_folder(folder: Path) -> pd.DataFrame:
     """All finished `*.parquet` files of a folder (unfinished `*.tmp` writes are skipped)."""
     if not folder.is_dir():

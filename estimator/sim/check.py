@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from estimator.data.runs import read_manifest, read_parquet_folder
+from estimator.data.runs import read_manifest, read_parquet_folder, served_requests
 from estimator.errors import EstimatorError
 from estimator.sim.scheduler import Arrival, simulate
 from estimator.sim.workload import engine_config_from_manifest
@@ -45,7 +45,7 @@ def replica_agreement(run_dir: Path, allowance_s: float = 0.01) -> Agreement:
         raise EstimatorError(f"{run_dir}: not a replay run")
     engine = engine_config_from_manifest(manifest)
     its = read_parquet_folder(run_dir / "iterations")
-    reqs = read_parquet_folder(run_dir / "requests")
+    reqs = served_requests(run_dir)
     if its.empty or reqs.empty:
         raise EstimatorError(f"{run_dir}: no iterations or requests")
     total = matched = 0

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from estimator.data.runs import read_manifest, read_parquet_folder
+from estimator.data.runs import read_manifest, served_requests
 from estimator.errors import EstimatorError
 from estimator.model.iteration import IterationEstimator
 from estimator.sim.scheduler import EngineConfig
@@ -43,7 +43,7 @@ def load_measured(path: Path, policy: str = "fcfs") -> MeasuredRun:
         workload = read_workload(path / "workload.jsonl", allow_trace=True)
     except WorkloadError as exc:
         raise EstimatorError(f"{path}: {exc}") from None
-    req = read_parquet_folder(path / "requests")
+    req = served_requests(path)
     if req.empty:
         raise EstimatorError(f"{path}: no requests table (requests/*.parquet)")
     missing = [c for c in ("request_id", "ttft_ms", "e2e_ms", "new_tokens") if c not in req.columns]

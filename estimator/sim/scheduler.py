@@ -107,6 +107,17 @@ class RequestTrace:
         return len(self.token_times_s) >= self.arrival.output_tokens
 
 
+@dataclass(frozen=True)
+class InEngine:
+    """A request the engine already holds when the simulation starts (time 0): its arrival (arrival_s <= 0),
+    prompt tokens already computed, outputs already returned, and whether it is running or still waiting."""
+
+    arrival: Arrival
+    computed_tokens: int = 0
+    outputs: int = 0
+    running: bool = False
+
+
 # (prefill_tokens, Σ prefill chunk², decode seqs, Σ decode context, max decode context) -> iteration ms
 IterationFn = Callable[[int, float, int, int, int], float]
 
@@ -189,6 +200,7 @@ def simulate(
     measured_windows: Sequence[tuple[float, float]] | None = None,
     keep_steps: bool = False,
     max_iterations: int = 50_000_000,
+    in_engine: Sequence[InEngine] = (),
 ) -> SimulationRun:
     """Run the arrivals through the scheduler replica; the clock advances by each iteration's predicted latency
     (`iteration_ms` of its composition) plus `iteration_overhead_ms` plus `sequence_overhead_ms` per request in
@@ -196,7 +208,10 @@ def simulate(
 
     `measured_windows` replays a measured run's clock instead: iteration k starts no earlier than its measured
     start (arrivals up to then join it) and ends at its measured end (s, on the arrivals' clock); past the
-    last window the model takes over. This checks the replica's decisions apart from the model's times."""
+    last window the model takes over. This checks the replica's decisions apart from the model's times.
+
+    `in_engine` starts the replica from an engine's state (what a scheduler sees at an arrival): those requests
+    hold their KV blocks and run or wait in the given order; only `arrivals` get traces."""
     config.check()
     bs = config.block_size
     ordered = sorted(range(len(arrivals)), key=lambda i: (arrivals[i].arrival_s, i))
@@ -216,6 +231,18 @@ def simulate(
     waiting = _Waiting(config.policy)
     running: list[_Req] = []
     free = config.num_blocks
+    for k, h in enumerate(in_engine):
+        r = _Req(h.arrival, -len(in_engine) + k, RequestTrace(h.arrival))
+        r.computed = min(h.computed_tokens, h.arrival.prompt_tokens + h.outputs)
+        r.outputs = h.outputs
+        r.sampled_since_start = h.outputs > 0
+        if h.running:
+            r.blocks = -(-r.computed // bs)
+            free -= r.blocks
+            running.append(r)
+        else:
+            r.computed, r.sampled_since_start = 0, False  # a preempted one recomputes prompt + outputs
+            waiting.add(r)
     t = 0.0
     nxt = 0
     steps: list[Step] = []
@@ -357,7 +384,13 @@ def simulate(
                 free += r.blocks
                 r.blocks = 0
         t = t_end
+        if in_engine and not arrivals_left(traces):
+            break  # the arrivals are all served: what the held requests do after that is not asked
     return SimulationRun(traces, steps, n_iter, t)
+
+
+def arrivals_left(traces: Sequence[RequestTrace]) -> bool:
+    return any(not tr.finished for tr in traces)
 
 
 def percentile(values: Sequence[float], q: float) -> float:

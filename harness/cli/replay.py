@@ -114,7 +114,16 @@ def replay_command(
     new_tokens_dist: str = typer.Option("uniform:8:64", help="generated new tokens per request"),
     burstiness: float = typer.Option(1.0, help=BURSTINESS_HELP),
     policy: str = typer.Option("fcfs", help="request priority at arrival: fcfs (vLLM's default), prompt (shortest "
-                                            "prompt first) or file (the workload's `priority` values, lower first)"),
+                                            "prompt first), file (the workload's `priority` values, lower first), "
+                                            "oracle (latency alone, from --oracle-run), estimate (shortest "
+                                            "predicted latency, --policy-model) or estimate-admit (and reject "
+                                            "a request predicted to miss its --slo)"),
+    policy_model: Path | None = typer.Option(None, help="--policy estimate/estimate-admit: the iteration model "
+                                                        "(estimate train RUN --target iteration)"),
+    slo: list[str] = typer.Option([], help="--policy estimate-admit: MIN_PROMPT:TTFT_MS:TPOT_MS per request "
+                                           "class, repeatable (e.g. --slo 0:200:20 --slo 768:1500:40)"),
+    oracle_run: Path | None = typer.Option(None, help="--policy oracle: a --solo replay of the same workload"),
+    solo: bool = typer.Option(False, help="send each request only when the engine is idle: latencies alone"),
     tier: int = typer.Option(0, help="model tier (one engine config per replay)"),
     model: str | None = typer.Option(None, help="a local model folder (or preset name) instead of the ladder"),
     top_k: int = typer.Option(0, help="sampling top_k (0 = off)"),
@@ -137,7 +146,7 @@ def replay_command(
 
     try:
         options = ReplayOptions(out_root=out_dir, resume_dir=resume, run_id=name, flush_every=max(flush_every, 0),
-                                verbose=verbose)
+                                verbose=verbose, solo=solo)
         spec = requests = None
         if resume is None:
             from harness.drivers.replay import replay_spec
@@ -161,10 +170,18 @@ def replay_command(
             else:
                 requests, options.source = generated(rate, count, seed, text_tokens_dist, new_tokens_dist,
                                                       model_context(data), burstiness)
-            from harness.drivers.replay import apply_policy
+            from harness.drivers.policy import apply_policy, live_policy
 
-            requests = apply_policy(policy, data, requests)
+            requests = apply_policy(policy, data, requests, oracle_run)
             options.source = {**options.source, "policy": policy}
+            if policy in ("estimate", "estimate-admit"):
+                if policy_model is None:
+                    raise SpecError(f"--policy {policy} needs --policy-model MODEL (an iteration model)")
+                policy_options: dict[str, Any] = {"model": str(policy_model)}
+                if policy == "estimate-admit":
+                    policy_options["slo"] = list(slo)
+                options.policy = live_policy(policy, policy_options)
+                options.source["policy_options"] = policy_options
             spec = replay_spec(data, requests)
         else:
             RunStore.open(resume)  # not a run, or another schema: fails here, before vLLM is imported

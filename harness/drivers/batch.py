@@ -27,6 +27,7 @@ import pandas as pd
 
 from harness.engine.vllm_engine import EngineError, MeasurementError, VllmEngine, client_lag_marks
 from harness.telemetry.sources import join_snapshots
+from traffic.policy import ArrivalPolicy, Arriving, Held, PolicyError
 
 IDLE_POLL_S = 0.05  # longest sleep while waiting for the next arrival (a stop request is seen this fast)
 
@@ -62,10 +63,17 @@ class _State:
     first_iteration: int | None = None
     last_iteration: int | None = None
     finished: bool = False
+    priority: int = 0
+    decision_us: float | None = None  # the arrival policy's decision time (µs), where one decided
+    rejected: str | None = None  # why the policy rejected it (then it never reached the engine)
 
     @property
     def tokens(self) -> int:
         return len(self.token_t)
+
+    def held(self, now: float) -> Held:
+        return Held(self.req.request_id, self.req.text_tokens, self.req.new_tokens, self.priority,
+                    now - self.arrival_t, self.prefilled, self.tokens, self.first_iteration is not None)
 
 
 @dataclass
@@ -119,6 +127,11 @@ class Drive:
     `checkpoint(drive)` is called while the engine is idle before a later arrival, and after an iteration that
     brings the finished-but-not-checkpointed requests to `flush_every` (0: only when idle); the replay writes
     its files there. Iteration indices start at `iteration_offset`.
+
+    `policy` (traffic/policy.py) decides each request's priority at its arrival, from what the engine holds then,
+    or rejects it: a rejected request is recorded as such (`rejected`) and never sent to the engine. The decision
+    is timed per request. `solo`: each request is sent only when the engine is idle (its latency alone; arrival =
+    when it was sent).
     """
 
     def __init__(
@@ -129,8 +142,11 @@ class Drive:
         checkpoint: Callable[[Drive], None] | None = None,
         flush_every: int = 0,
         iteration_offset: int = 0,
+        policy: ArrivalPolicy | None = None,
+        solo: bool = False,
     ) -> None:
         self.engine, self.requests, self.stop = engine, requests, stop
+        self.policy, self.solo = policy, solo
         self.checkpoint, self.flush_every, self.offset = checkpoint, flush_every, iteration_offset
         self.states: dict[str, _State] = {}
         self.iterations: list[Iteration] = []
@@ -155,10 +171,27 @@ class Drive:
         pc = time.perf_counter
 
         def add(req: InFlight, arrival_t: float) -> None:
-            params = SamplingParams(**settings.sampling_params(req.new_tokens, req.sampling))
-            extra = {"priority": req.priority} if req.priority else {}  # FCFS: vLLM's own call, unchanged
-            llm.add_request(req.request_id, TokensPrompt(prompt_token_ids=req.token_ids), params, **extra)
-            self.states[req.request_id] = _State(req, len(self.states), arrival_t, pc())
+            priority, decision_us, rejected = req.priority, None, None
+            if self.policy is not None:
+                now = pc()
+                held = [s.held(now) for s in self.states.values() if not s.finished]
+                try:
+                    decision = self.policy.decide(Arriving(req.request_id, req.text_tokens, req.new_tokens), held)
+                except Exception as e:
+                    raise PolicyError(f"policy {self.policy.name} on {req.request_id}: {e}") from e
+                decision_us = (pc() - now) * 1e6
+                priority = decision.priority
+                if not decision.admit:
+                    rejected = decision.reason or "rejected by the policy"
+            if rejected is None:
+                params = SamplingParams(**settings.sampling_params(req.new_tokens, req.sampling))
+                extra = {"priority": priority} if priority else {}  # FCFS: vLLM's own call, unchanged
+                llm.add_request(req.request_id, TokensPrompt(prompt_token_ids=req.token_ids), params, **extra)
+            st = _State(req, len(self.states), arrival_t, pc(), priority=priority, decision_us=decision_us,
+                        rejected=rejected, finished=rejected is not None)
+            self.states[req.request_id] = st
+            if rejected is not None:
+                self.unflushed += 1
 
         if settings.gc_guard:  # as in run_request: no collection inside a timed step
             gc.collect()
@@ -170,7 +203,10 @@ class Drive:
         try:
             while True:
                 now = pc()
-                while i_timed < len(timed) and self.t0 + (timed[i_timed].arrival_s or 0.0) <= now:
+                if self.solo and i_timed < len(timed) and not llm.has_unfinished_requests():
+                    add(timed[i_timed], now)
+                    i_timed += 1
+                while not self.solo and i_timed < len(timed) and self.t0 + (timed[i_timed].arrival_s or 0.0) <= now:
                     add(timed[i_timed], self.t0 + (timed[i_timed].arrival_s or 0.0))
                     i_timed += 1
                 if triggered:
@@ -188,7 +224,7 @@ class Drive:
                     if self.checkpoint is not None and self.unflushed:
                         self.checkpoint(self)
                         self.unflushed = 0
-                    if i_timed < len(timed):
+                    if i_timed < len(timed) and not self.solo:
                         self._wait_until(self.t0 + (timed[i_timed].arrival_s or 0.0))
                     continue
                 if self.stop():
@@ -214,7 +250,7 @@ class Drive:
                 if self.checkpoint is not None and self.flush_every and self.unflushed >= self.flush_every:
                     self.checkpoint(self)
                     self.unflushed = 0
-        except MeasurementError:
+        except (MeasurementError, PolicyError):
             raise
         except Exception as e:
             why = self.engine.died or f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
@@ -222,7 +258,7 @@ class Drive:
         finally:
             if settings.gc_guard:
                 gc.enable()
-            unfinished = [rid for rid, s in self.states.items() if not s.finished]
+            unfinished = [rid for rid, s in self.states.items() if not s.finished and s.rejected is None]
             if unfinished:  # stopped or failed early: the engine must not keep them for the next drive
                 with contextlib.suppress(Exception):  # an engine that is going away cannot abort; it is closed next
                     llm.abort_request(unfinished)
@@ -324,12 +360,25 @@ class Drive:
         return [{**common, **it.row()} for it in self.iterations]
 
     def request_rows(self, common: dict[str, Any]) -> list[dict[str, Any]]:
-        """One row per finished request, in the order they were added."""
+        """One row per finished request, in the order they were added. A rejected request has `rejected` (why)
+        and no times (NaN)."""
         start = {it.iteration: it.t_start_s for it in self.iterations}
         rows = []
+        nan = float("nan")
         for st in sorted(self.finished(), key=lambda s: s.order):
             req, a = st.req, st.arrival_t
             first = st.first_iteration if st.first_iteration is not None else -1
+            policy_cols = {"priority": st.priority,
+                           "decision_us": st.decision_us if st.decision_us is not None else nan,
+                           "rejected": st.rejected is not None, "rejected_reason": st.rejected or ""}
+            if st.rejected is not None:
+                rows.append({**common, "request_id": req.request_id,
+                             "arrival_s": req.workload_arrival_s if req.workload_arrival_s is not None else a - self.t0,
+                             "arrival_t_s": a, "add_lag_ms": nan, "text_tokens": req.text_tokens,
+                             "new_tokens": req.new_tokens, "prompt_id": req.prompt_id, "first_iteration": -1,
+                             "last_iteration": -1, "queue_ms": nan, "ttft_ms": nan, "e2e_ms": nan,
+                             "token_times_ms": [], **policy_cols})
+                continue
             rows.append(
                 {
                     **common,
@@ -346,6 +395,7 @@ class Drive:
                     "ttft_ms": (st.token_t[0] - a) * 1e3,
                     "e2e_ms": (st.token_t[-1] - a) * 1e3,
                     "token_times_ms": [(t - a) * 1e3 for t in st.token_t],
+                    **policy_cols,
                 }
             )
         return rows
@@ -374,5 +424,7 @@ def iterations_frame(rows: list[dict[str, Any]], telemetry: pd.DataFrame) -> pd.
 def requests_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     frame = pd.DataFrame(rows)
     if not frame.empty:
-        frame["queue_ms"] = frame["queue_ms"].astype("float64")
+        for c in ("queue_ms", "decision_us", "add_lag_ms", "ttft_ms", "e2e_ms"):
+            if c in frame:
+                frame[c] = frame[c].astype("float64")
     return frame

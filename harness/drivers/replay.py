@@ -42,6 +42,7 @@ from harness.rundata.store import RunStore, StoreError, check_writable, utc_now
 from harness.rundata.workload import WorkloadRequest, check_context, parse_workload, write_workload
 from harness.telemetry.sampler import TelemetrySampler
 from harness.telemetry.sources import nvml_device_count, open_source, telemetry_frame
+from traffic.policy import ArrivalPolicy, PolicyError
 
 WORKLOAD_NAME = "workload.jsonl"
 KIND = "replay"
@@ -59,6 +60,8 @@ class ReplayOptions:
     engine_output: EngineOutput | None = None
     source: dict[str, Any] = field(default_factory=dict)  # where the workload came from (file or generator)
     command: list[str] = field(default_factory=lambda: list(sys.argv))
+    policy: ArrivalPolicy | None = None  # decides each request's priority (or rejects it) at arrival
+    solo: bool = False  # each request alone: sent when the engine is idle (an oracle's latencies)
 
 
 @dataclass
@@ -70,31 +73,6 @@ class ReplayResult:
     segment_id: str | None
     iterations: int
     error: str | None = None
-
-
-POLICIES = ("fcfs", "prompt", "file")
-
-
-def apply_policy(policy: str, data: dict[str, Any], workload: list[WorkloadRequest]) -> list[WorkloadRequest]:
-    """Each request's priority at arrival under `policy`, and the engine's scheduling policy in `data`:
-    `fcfs` (vLLM's default, no priorities), `prompt` (shortest prompt first: priority = text_tokens) or `file`
-    (the workload's own `priority` values, e.g. from an estimator). vLLM's priority policy orders only the waiting
-    queue: a running request is not preempted by an arrival (VLLM_NOTES.md)."""
-    from dataclasses import replace
-
-    if policy not in POLICIES:
-        raise SpecError(f"--policy must be one of {', '.join(POLICIES)}, got {policy!r}")
-    if policy == "fcfs":
-        return [replace(r, priority=None) for r in workload]
-    if policy == "file":
-        missing = [r.index + 1 for r in workload if r.priority is None]
-        if missing:
-            raise SpecError(f"--policy file: workload line {missing[0]} has no priority")
-        out = workload
-    else:
-        out = [replace(r, priority=r.text_tokens) for r in workload]
-    data["engine"] = {**(data.get("engine") or {}), "scheduling_policy": "priority"}
-    return out
 
 
 def replay_spec(data: dict[str, Any], workload: list[WorkloadRequest]) -> SweepSpec:
@@ -285,12 +263,18 @@ class _Segment:
                          priority=r.priority or 0)
                 for r in self.todo
             ]
-            self.drive = Drive(engine, requests, stop, self._checkpoint, self.options.flush_every)
+            if self.options.policy is not None:
+                try:
+                    self.options.policy.start(effective, {a: v for a, v in point.axes.items() if a != "text_tokens"})
+                except Exception as e:  # e.g. a model not trained on this config
+                    return self._failed(PolicyError(f"policy {self.options.policy.name}: {e}"), stop)
+            self.drive = Drive(engine, requests, stop, self._checkpoint, self.options.flush_every,
+                               policy=self.options.policy, solo=self.options.solo)
             self.sampler = TelemetrySampler(self.source, spec.telemetry_interval_ms, spec.telemetry_mode)
             try:
                 with self.sampler if spec.telemetry else contextlib.nullcontext():
                     self.drive.run()
-            except (EngineError, MeasurementError) as e:
+            except (EngineError, MeasurementError, PolicyError) as e:
                 self._checkpoint(self.drive)
                 return self._failed(e, stop)
             self._checkpoint(self.drive)

@@ -1,0 +1,81 @@
+"""Scheduling policies of a replay (`profile replay --policy`): each request's priority at its arrival.
+
+vLLM's priority policy (`scheduling_policy="priority"`, lower first) orders only the waiting queue: a running
+request is not preempted by an arrival (vLLM issue #40004; VLLM_NOTES.md).
+
+- `fcfs`: vLLM's default, no priorities;
+- `prompt`: shortest prompt first (priority = text_tokens);
+- `file`: the workload's own `priority` values;
+- `oracle`: the request's end-to-end latency measured alone (µs), from a solo run of the same workload
+  (`profile replay --solo`): an upper reference no scheduler has;
+- `estimate`, `estimate-admit`: decided at arrival by a policy installed under traffic.policy's entry-point group
+  (the estimator's: shortest predicted latency first; with admission, a request whose predicted TTFT or
+  end-to-end latency on the engine's current state misses its SLO is rejected). The harness finds them by name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from harness.rundata.spec import SpecError
+from harness.rundata.store import RunStore
+from harness.rundata.workload import WorkloadRequest
+from traffic.policy import ArrivalPolicy, PolicyError, load_registered
+
+STATIC = ("fcfs", "prompt", "file", "oracle")
+LIVE = ("estimate", "estimate-admit")
+POLICIES = STATIC + LIVE
+
+
+def apply_policy(
+    policy: str, data: dict[str, Any], workload: list[WorkloadRequest], oracle_run: Path | None = None
+) -> list[WorkloadRequest]:
+    """The workload with each request's priority under a static `policy` (none for `fcfs` and the live ones,
+    which decide at arrival), and the engine's scheduling policy set in `data` for every policy but `fcfs`."""
+    if policy not in POLICIES:
+        raise SpecError(f"--policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+    if policy == "fcfs":
+        return [replace(r, priority=None) for r in workload]
+    if policy == "file":
+        missing = [r.index + 1 for r in workload if r.priority is None]
+        if missing:
+            raise SpecError(f"--policy file: workload line {missing[0]} has no priority")
+        out = workload
+    elif policy == "prompt":
+        out = [replace(r, priority=r.text_tokens) for r in workload]
+    elif policy == "oracle":
+        alone = solo_latencies_us(oracle_run)
+        unmeasured = [r.request_id for r in workload if r.request_id not in alone]
+        if unmeasured:
+            raise SpecError(f"--oracle-run {oracle_run}: no finished request {unmeasured[0]} (run the same workload "
+                            "with profile replay --solo)")
+        out = [replace(r, priority=alone[r.request_id]) for r in workload]
+    else:
+        out = [replace(r, priority=None) for r in workload]
+    data["engine"] = {**(data.get("engine") or {}), "scheduling_policy": "priority"}
+    return out
+
+
+def solo_latencies_us(run: Path | None) -> dict[str, int]:
+    """request_id -> end-to-end latency alone (µs, rounded) from a replay run (its served requests)."""
+    if run is None:
+        raise SpecError("--policy oracle needs --oracle-run RUN: a solo replay (--solo) of the same workload")
+    table = RunStore.open(run).read_table("requests")
+    if table is None:
+        raise SpecError(f"--oracle-run {run}: the run has no finished requests")
+    frame = table.to_pandas()
+    if "rejected" in frame:
+        frame = frame[~frame["rejected"].astype(bool)]
+    return {str(k): round(float(v) * 1e3) for k, v in zip(frame["request_id"], frame["e2e_ms"], strict=True)}
+
+
+def live_policy(policy: str, options: dict[str, Any]) -> ArrivalPolicy | None:
+    """The installed policy that decides at arrival for `estimate` / `estimate-admit`; None for static ones."""
+    if policy not in LIVE:
+        return None
+    try:
+        return load_registered(policy, options)
+    except PolicyError as e:
+        raise SpecError(str(e)) from None
