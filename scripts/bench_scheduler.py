@@ -48,6 +48,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from estimator.model.iteration import IterationEstimator  # noqa: E402
+from estimator.report.sections.scheduling import ANCHORS, attainment_figure  # noqa: E402
 from estimator.sim.policies import EstimateAdmitPolicy, EstimatePolicy  # noqa: E402
 from estimator.sim.scheduler import Arrival, simulate  # noqa: E402
 from estimator.sim.workload import Overheads, engine_config_from_manifest, iteration_fn  # noqa: E402
@@ -304,6 +305,7 @@ def analyze(args: argparse.Namespace) -> None:
                      "ttft_p99_ms": float(served["ttft_ms"].quantile(.99)),
                      "decision_us": float(g["decision_us"].mean()) if g["decision_us"].notna().any() else 0.0})
     table = pd.DataFrame(rows)
+    table = table.assign(_o=table["policy"].map(POLICIES.index)).sort_values(["_o", "mult", "seed"]).drop(columns="_o")
     print(f"capacity {cap:.2f} req/s (measured); SLOs per class: " + "; ".join(
         f"{k}: TTFT {v['ttft_ms']:.0f} ms, TPOT {v['tpot_ms']:.1f} ms" for k, v in slo.items())
         + f" ({setup['slo_scale']:g}x the class's median alone: {setup['slo_scale_rule']})")
@@ -363,40 +365,13 @@ def analyze(args: argparse.Namespace) -> None:
     sim = simulated(model, setup, sets={int(s): bimodal(1.0, int(setup["count"]), int(s)) for s in seeds},
                     mults=[float(m) for m in mults])
     result = {"setup": setup, "rows": table.to_dict(orient="records"), "goodput": summary, "simulated": sim,
-              "anchors": ANCHORS}
+              "anchors": [list(a) for a in ANCHORS]}
     tag = "" if not getattr(args, "slo_scale", None) else f"-x{args.slo_scale:g}"
     (out / f"results{tag}.json").write_text(json.dumps(result, indent=1, default=float))
-    plot(table, policies, cap, out / f"attainment{tag}.png")
+    (out / f"attainment{tag}.png").write_bytes(attainment_figure(result["rows"], cap))
     print(f"wrote {out / f'results{tag}.json'} and {out / f'attainment{tag}.png'}")
 
 
-ANCHORS = [
-    {"system": "llm-d predicted-latency routing (XGBoost)", "decision_cost_us": 12_000,
-     "note": "about 12-15 ms per batched prediction call"},
-]
-
-
-def plot(table: pd.DataFrame, policies: list[str], cap: float, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for p in policies:
-        g = table[table.policy == p].groupby("rate_rps")["attainment"]
-        x = np.asarray(g.mean().index, dtype=float)
-        ax.plot(x, g.mean().to_numpy() * 100, marker="o", label=p)
-        ax.fill_between(x, g.min().to_numpy() * 100, g.max().to_numpy() * 100, alpha=0.12)
-    ax.axhline(TARGET * 100, color="grey", ls="--", lw=0.8)
-    ax.axvline(cap, color="grey", ls=":", lw=0.8)
-    ax.set_xlabel("arrival rate (req/s); dotted: measured capacity")
-    ax.set_ylabel("SLO attainment (%), band: min-max over seeds")
-    ax.set_title("Scheduling policies on the real engine (vLLM CPU, cpu-tiny)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def simulated(model: IterationEstimator, setup: Mapping[str, Any], sets: Mapping[int, list[WorkloadRequest]],

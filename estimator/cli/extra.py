@@ -45,6 +45,11 @@ def report(
         typer.Option(help="A simulation validation JSON (scripts/bench_simulate.py validate --json): adds the "
                      "workload-simulation section."),
     ] = None,
+    scheduler: Annotated[
+        Path | None,
+        typer.Option(help="scripts/bench_scheduler.py's results.json: adds the scheduling section (goodput per "
+                     "policy on the real engine, attainment against rate)."),
+    ] = None,
 ) -> None:
     """Write a self-contained HTML report (figures inlined) and its Markdown twin for one or more runs."""
     from estimator.report.build import ReportSpec, write_report
@@ -60,6 +65,7 @@ def report(
             title=title,
             batch=list(batch or []),
             simulation=simulation,
+            scheduler=scheduler,
         )
         files = write_report(spec, progress=lambda msg: typer.echo(f"  {msg}", err=True))
         typer.echo(f"wrote {files.html} (self-contained) and {files.markdown} (+{len(files.images)} PNG files)")

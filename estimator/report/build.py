@@ -32,6 +32,7 @@ from estimator.report.sections.importance import importance_section
 from estimator.report.sections.latency import latency_section
 from estimator.report.sections.manifest import manifest_section
 from estimator.report.sections.nightly import nightly_section
+from estimator.report.sections.scheduling import load_scheduling, scheduling_section
 from estimator.report.sections.simulation import simulation_section
 from estimator.report.sections.spread import spread_section
 from estimator.report.sections.telemetry import MAX_TELEMETRY_RUNS, telemetry_section
@@ -57,6 +58,7 @@ class ReportSpec(RunsSpec):
     nightly_summary: Path | None = None
     batch: list[Path] = []  # batch runs whose batch/ and validation/ outputs add the batch-level section
     simulation: Path | None = None  # a simulation validation JSON (scripts/bench_simulate.py validate --json)
+    scheduler: Path | None = None  # scripts/bench_scheduler.py's results.json
     title: str | None = None
 
     @field_validator("model")
@@ -157,6 +159,13 @@ def build_report(spec: ReportSpec, progress: Callable[[str], None] | None = None
         except EstimatorError as exc:
             sim = str(exc)
         sections.append(simulation_section(sim))
+    if spec.scheduler is not None:
+        say("scheduling")
+        try:
+            sched: dict[str, Any] | str = load_scheduling(spec.scheduler)
+        except EstimatorError as exc:
+            sched = str(exc)
+        sections.append(scheduling_section(sched))
     summary: NightlySummary | None = None
     if spec.nightly_summary is not None and spec.nightly_summary.is_file():
         summary = load_nightly_summary(spec.nightly_summary)

@@ -180,3 +180,22 @@ def test_solo_then_oracle_priorities_are_the_latencies_alone(tmp_path: Path, mon
     assert code == 2 and "needs --oracle-run" in out
     code, out = _run(tmp_path, "--workload", str(w), "--blocks", "32", "--policy", "estimate")
     assert code == 2 and "needs --policy-model" in out
+
+
+def test_bench_rates_scale_one_trace_and_goodput_interpolates_the_crossing() -> None:
+    import pandas as pd
+
+    bench = load_script("bench_scheduler")
+    slow, fast = bench.bimodal(2.0, 30, 4), bench.bimodal(6.0, 30, 4)
+    assert [(r.text_tokens, r.new_tokens) for r in slow] == [(r.text_tokens, r.new_tokens) for r in fast]
+    assert [round(r.arrival_s / 3, 6) for r in slow] == pytest.approx([r.arrival_s for r in fast], abs=2e-6)
+    # attainment 1.0, 0.95, 0.7 at 2, 4, 6 req/s: 90% is crossed at 4 + 2 * (0.95 - 0.9) / (0.95 - 0.7)
+    assert bench.goodput([2, 4, 6], [1.0, 0.95, 0.7]) == (pytest.approx(4.4), False)
+    assert bench.goodput([2, 4, 6], [0.8, 0.95, 0.99]) == (0.0, False)  # the lowest rate fails: nothing counts
+    assert bench.goodput([2, 4], [0.95, 0.92]) == (4, True)  # censored at the highest rate
+    slo = {"short": {"ttft_ms": 100.0, "tpot_ms": 10.0}, "long": {"ttft_ms": 500.0, "tpot_ms": 20.0}}
+    frame = pd.DataFrame({"text_tokens": [50, 50, 900, 900, 50], "new_tokens": [5, 1, 5, 5, 5],
+                          "ttft_ms": [90, 90, 400, 600, float("nan")],
+                          "tpot_ms": [9, float("nan"), 25, 1, float("nan")],
+                          "rejected": [False, False, False, False, True]})
+    assert list(bench.met(frame, slo)) == [True, True, False, False, False]  # a rejected request misses
