@@ -96,6 +96,13 @@ def simulate(
             help="Serve-bench (or replay) runs to fit the serving overheads on; saved as MODEL_DIR/serving.json."
         ),
     ] = None,
+    gap_overheads: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="Replay runs to learn the overheads from per iteration instead (the harness's gap between "
+            "iterations against batch size, and each request's add lag); saved as MODEL_DIR/serving.json."
+        ),
+    ] = None,
     no_overheads: Annotated[bool, typer.Option(help="Ignore MODEL_DIR/serving.json.")] = False,
     out: Annotated[Path | None, typer.Option(help="Folder for requests.csv, summary.json, cdf.png, curve.csv.")] = None,
 ) -> None:
@@ -133,12 +140,26 @@ def simulate(
                 f"(TTFT MAPE {fit.get('ttft_mape_pct', math.nan):.1f}%, end-to-end MAPE "
                 f"{fit.get('e2e_mape_pct', math.nan):.1f}%); saved {model_dir / 'serving.json'}"
             )
+        if gap_overheads:
+            if fit_overheads:
+                raise EstimatorError("give --fit-overheads or --gap-overheads, not both")
+            learned = meas.gap_overheads(gap_overheads)
+            learned.save(model_dir)
+            fit = learned.fit or {}
+            typer.echo(
+                f"overheads learned from {fit.get('gaps')} gaps between iterations: per iteration "
+                f"{learned.iteration_ms:.3f} ms + {learned.sequence_ms:.3f} ms per sequence "
+                f"(R² {fit.get('r2', 0):.2f}; "
+                f"median gap {fit.get('gap_median_ms', math.nan):.2f} ms, outside the engine core "
+                f"{fit.get('outside_core_median_ms', math.nan):.2f} ms), per request {learned.request_ms:.2f} ms "
+                f"(median add lag); saved {model_dir / 'serving.json'}"
+            )
         overheads = Overheads() if no_overheads else Overheads.load(model_dir)
         sources = [x for x in (workload, measured, rate) if x is not None]
         if len(sources) > 1:
             raise EstimatorError("give one of --workload, --measured and --rate")
         if not sources and not rates:
-            if fit_overheads:
+            if fit_overheads or gap_overheads:
                 return
             raise EstimatorError("give arrivals: --workload FILE, --measured RUN, --rate R or --rates R1,R2,...")
         run_m = meas.load_measured(measured, policy) if measured else None

@@ -32,7 +32,7 @@ from estimator.report.sections.importance import importance_section
 from estimator.report.sections.latency import latency_section
 from estimator.report.sections.manifest import manifest_section
 from estimator.report.sections.nightly import nightly_section
-from estimator.report.sections.scheduling import load_scheduling, scheduling_section
+from estimator.report.sections.scheduling import scheduling_section
 from estimator.report.sections.simulation import simulation_section
 from estimator.report.sections.spread import spread_section
 from estimator.report.sections.telemetry import MAX_TELEMETRY_RUNS, telemetry_section
@@ -97,6 +97,18 @@ def _batch_inputs(runs: list[Path]) -> tuple[BatchStudyResult | None, list[tuple
             rows = pd.read_parquet(run / "validation" / "iterations.parquet")
             validations.append((_read_model(ValidationResult, vpath), rows))
     return study, validations
+
+
+def load_scheduling(path: Path) -> dict[str, Any]:
+    """scripts/bench_scheduler.py's results.json (EstimatorError naming what is wrong)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise EstimatorError(f"{path}: unreadable scheduler results ({exc})") from None
+    missing = [k for k in ("setup", "rows", "goodput") if k not in data] if isinstance(data, dict) else ["an object"]
+    if missing:
+        raise EstimatorError(f"{path}: not bench_scheduler results (no {', '.join(missing)})")
+    return dict(data)
 
 
 def _read_model(cls: Any, path: Path) -> Any:

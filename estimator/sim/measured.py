@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from estimator.data.runs import read_manifest, served_requests
+from estimator.data.runs import read_manifest, read_parquet_folder, served_requests
 from estimator.errors import EstimatorError
 from estimator.model.iteration import IterationEstimator
 from estimator.sim.scheduler import EngineConfig
@@ -200,3 +200,74 @@ def cdf_plot(pairs: pd.DataFrame, path: Path, title: str) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def iteration_gaps(run_dir: Path) -> pd.DataFrame:
+    """Per iteration of a replay, the three parts of its wall time kept apart (ms): `engine_elapsed_ms` (the engine
+    core's own), `outside_core_ms` (the rest of the step call: output processing and IPC; negative where the core's
+    iteration overlapped the caller's previous call, as the engine core in its own process runs ahead), and
+    `gap_before_ms` (the
+    harness's share before it: from the previous iteration's end to this one's start while the engine held
+    requests), with `batch_size` and `checkpoint_before`. Runs recorded before the harness wrote `gap_before_ms`
+    get it from consecutive iterations, kept only where a request was in flight at the previous end (not idle)."""
+    manifest = read_manifest(run_dir)
+    if manifest.get("kind") != "replay":
+        raise EstimatorError(f"{run_dir}: not a replay run (the gaps are the harness's, measured in replays)")
+    its = read_parquet_folder(run_dir / "iterations")
+    reqs = served_requests(run_dir)
+    if its.empty or reqs.empty:
+        raise EstimatorError(f"{run_dir}: no iterations or requests")
+    out = []
+    for seg, it in its.groupby("segment_id", sort=True):
+        it = it.sort_values("iteration").reset_index(drop=True)
+        if "gap_before_ms" not in it.columns:
+            rq = reqs[reqs["segment_id"] == seg]
+            arrive = np.sort(rq["arrival_t_s"].to_numpy(dtype=float))
+            finish = np.sort((rq["arrival_t_s"] + rq["e2e_ms"] / 1e3).to_numpy(dtype=float))
+            prev_end = it["t_end_s"].shift(1).to_numpy(dtype=float)
+            held = np.searchsorted(arrive, prev_end, "left") - np.searchsorted(finish, prev_end + 1e-6, "right")
+            gap = (it["t_start_s"].to_numpy(dtype=float) - prev_end) * 1e3
+            it["gap_before_ms"] = np.where(np.isfinite(prev_end) & (held > 0), gap, np.nan)
+            it["checkpoint_before"] = False
+        it["outside_core_ms"] = it["latency_ms"] - it["engine_elapsed_ms"].astype(float)
+        out.append(it[["segment_id", "iteration", "batch_size", "latency_ms", "engine_elapsed_ms", "outside_core_ms",
+                       "gap_before_ms", "checkpoint_before"]].assign(run=str(run_dir)))
+    return pd.concat(out, ignore_index=True)
+
+
+def gap_overheads(run_dirs: Sequence[Path]) -> Overheads:
+    """The serving overheads learned per iteration from replays, not fitted to request latencies: the harness's
+    gap before an iteration as a + b × batch size (least squares over the busy gaps, checkpoint writes left out:
+    a server does not write the harness's files), and the per-request term as the median time from a request's
+    arrival to its `add_request` (`add_lag_ms`). The engine-side parts are the iteration model's."""
+    if not run_dirs:
+        raise EstimatorError("no replay run to learn the gaps from")
+    frame = pd.concat([iteration_gaps(Path(p)) for p in run_dirs], ignore_index=True)
+    use = frame[frame["gap_before_ms"].notna() & ~frame["checkpoint_before"].astype(bool)]
+    if len(use) < 10:
+        raise EstimatorError(f"only {len(use)} busy gaps between iterations in {', '.join(map(str, run_dirs))}")
+    x = use["batch_size"].to_numpy(dtype=float)
+    y = use["gap_before_ms"].to_numpy(dtype=float)
+    if np.ptp(x) > 0:
+        b, a = np.polyfit(x, y, 1)
+    else:
+        a, b = float(np.mean(y)), 0.0
+    fit_y = a + b * x
+    r2 = 1 - float(np.sum((y - fit_y) ** 2)) / max(float(np.sum((y - y.mean()) ** 2)), 1e-12)
+    lags = pd.concat([served_requests(Path(p))["add_lag_ms"] for p in run_dirs]).dropna()
+    return Overheads(
+        iteration_ms=max(float(a), 0.0),
+        request_ms=max(float(lags.median()), 0.0) if len(lags) else 0.0,
+        sequence_ms=max(float(b), 0.0),
+        fitted_on="per-iteration gaps of " + ", ".join(str(p) for p in run_dirs),
+        fit={
+            "method": "least squares of gap_before_ms on batch_size (busy gaps, no checkpoint writes)",
+            "gaps": int(len(use)),
+            "gap_median_ms": float(np.median(y)),
+            "gap_p90_ms": float(np.percentile(y, 90)),
+            "r2": r2,
+            "outside_core_median_ms": float(frame["outside_core_ms"].median()),
+            "engine_elapsed_median_ms": float(frame["engine_elapsed_ms"].astype(float).median()),
+            "add_lag_median_ms": float(lags.median()) if len(lags) else None,
+        },
+    )

@@ -90,6 +90,11 @@ class Iteration:
     prefill: list[tuple[str, int, int]]  # (request id, prompt tokens processed, tokens already in the KV cache)
     decode: list[tuple[str, int]]  # (request id, KV length: text_tokens + tokens returned before, as `position`)
     prefill_chunk_inferred: bool = False
+    # the harness's own share of the time between iterations: from the previous iteration's end to this one's
+    # first step call, while the engine held requests (None after an idle engine); and whether the harness wrote
+    # its files in that gap (a checkpoint: a replay's, not a server's)
+    gap_before_ms: float | None = None
+    checkpoint_before: bool = False
 
     def row(self) -> dict[str, Any]:
         ctx = [c for _, c in self.decode]
@@ -118,6 +123,8 @@ class Iteration:
             "engine_num_gen_tokens": counts[3] if counts else None,
             "composition_mismatch": counts is not None and counts != mine,
             "prefill_chunk_inferred": self.prefill_chunk_inferred,
+            "gap_before_ms": self.gap_before_ms,
+            "checkpoint_before": self.checkpoint_before,
         }
 
 
@@ -198,6 +205,8 @@ class Drive:
             gc.freeze()
             gc.disable()
         window_start, busy, calls = -1.0, 0.0, 0
+        last_end: float | None = None  # the previous iteration's end; None until one ran or after an idle engine
+        wrote = False  # a checkpoint since the previous iteration
         self.t0 = pc()
         i_timed = 0
         try:
@@ -217,6 +226,7 @@ class Drive:
                             add(req, pc())
                         triggered = []
                 if not llm.has_unfinished_requests():
+                    last_end = None  # idle: the next gap is not the harness's alone
                     if i_timed >= len(timed) and not triggered:
                         break
                     if self.stop():
@@ -245,11 +255,14 @@ class Drive:
                 new_details = details[n_details:]
                 if not emitted and not new_details:
                     continue  # no work in this call: its time goes with the next iteration's
-                self._iteration(window_start, ta, tb, busy, calls, emitted, new_details)
+                gap = (window_start - last_end) * 1e3 if last_end is not None else None
+                self._iteration(window_start, ta, tb, busy, calls, emitted, new_details, gap, wrote)
                 window_start, busy, calls = -1.0, 0.0, 0
+                last_end, wrote = tb, False
                 if self.checkpoint is not None and self.flush_every and self.unflushed >= self.flush_every:
                     self.checkpoint(self)
                     self.unflushed = 0
+                    wrote = True
         except (MeasurementError, PolicyError):
             raise
         except Exception as e:
@@ -283,6 +296,8 @@ class Drive:
         calls: int,
         emitted: list[Any],
         details: list[Any],
+        gap_ms: float | None = None,
+        wrote: bool = False,
     ) -> None:
         idx = self.offset + len(self.iterations)
         prefill: list[tuple[str, int, int]] = []
@@ -337,7 +352,7 @@ class Drive:
                 if hidden == 0:
                     break
         self.iterations.append(
-            Iteration(idx, start, end, busy * 1e3, calls, elapsed, counts, prefill, decode, inferred)
+            Iteration(idx, start, end, busy * 1e3, calls, elapsed, counts, prefill, decode, inferred, gap_ms, wrote)
         )
 
     @staticmethod
@@ -415,6 +430,8 @@ def iterations_frame(rows: list[dict[str, Any]], telemetry: pd.DataFrame) -> pd.
     for c in ("engine_num_ctx_seqs", "engine_num_ctx_tokens", "engine_num_gen_seqs", "engine_num_gen_tokens"):
         frame[c] = frame[c].astype("Int64")
     frame["engine_elapsed_ms"] = frame["engine_elapsed_ms"].astype("float64")
+    if "gap_before_ms" in frame:
+        frame["gap_before_ms"] = frame["gap_before_ms"].astype("float64")
     probe = frame[["t_start_s", "t_end_s"]].assign(point_id="", rep=np.arange(len(frame)))
     joined = join_snapshots(probe, telemetry)
     tel = [c for c in joined.columns if c.startswith("tel_") or c == "throttled"]

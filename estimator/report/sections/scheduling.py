@@ -1,6 +1,6 @@
 """Scheduling by predicted latency on the real engine: `scripts/bench_scheduler.py`'s results.json (issue 22).
 
-`load_scheduling` reads the file (EstimatorError naming what is wrong); `attainment_figure` draws SLO attainment
+`estimator.report.build.load_scheduling` reads the file; `attainment_figure` draws SLO attainment
 against the arrival rate per policy (the bench writes the same figure as a PNG); `scheduling_section` is the report's
 section: the setup, the goodput table with its intervals and decision costs beside the published anchors', the
 figure, and what vLLM does not do (simulated, marked so).
@@ -8,13 +8,10 @@ figure, and what vLLM does not do (simulated, marked so).
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
-from estimator.errors import EstimatorError
 from estimator.report.document import SECTIONS, Bullets, Figure, Note, Paragraph, Section, Table
 from estimator.report.plots import COLORS, new_figure, png_bytes, style_axes
 
@@ -26,17 +23,6 @@ ANCHORS = (
     ("Mooncake", "75% more requests served (prediction-based early rejection)", "–"),
     ("llm-d predicted-latency routing", "P50 E2E -43%", "about 12-15 ms per batched XGBoost call"),
 )
-
-
-def load_scheduling(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as exc:
-        raise EstimatorError(f"{path}: unreadable scheduler results ({exc})") from None
-    missing = [k for k in ("setup", "rows", "goodput") if k not in data]
-    if missing:
-        raise EstimatorError(f"{path}: not bench_scheduler results (no {', '.join(missing)})")
-    return dict(data)
 
 
 def attainment_figure(rows: Sequence[Mapping[str, Any]], capacity_rps: float) -> bytes:

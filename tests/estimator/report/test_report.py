@@ -29,7 +29,7 @@ from estimator.study.compare import CompareSpec, compare
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 DATA_URI = re.compile(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
-BASE_SECTIONS = [k for k in SECTIONS if k not in ("nightly", "batch", "simulation")]  # these need their own inputs
+BASE_SECTIONS = [k for k in SECTIONS if k not in ("nightly", "batch", "simulation", "scheduling")]  # own inputs
 
 
 def _check_page(out: Path, sections: list[str], n_images: int) -> tuple[str, str]:

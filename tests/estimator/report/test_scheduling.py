@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from estimator.errors import EstimatorError
+from estimator.report.build import load_scheduling
 from estimator.report.document import Figure, Note, Table
-from estimator.report.sections.scheduling import load_scheduling, scheduling_section
+from estimator.report.sections.scheduling import scheduling_section
 
 
 def _results() -> dict:

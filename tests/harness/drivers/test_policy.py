@@ -199,3 +199,19 @@ def test_bench_rates_scale_one_trace_and_goodput_interpolates_the_crossing() -> 
                           "tpot_ms": [9, float("nan"), 25, 1, float("nan")],
                           "rejected": [False, False, False, False, True]})
     assert list(bench.met(frame, slo)) == [True, True, False, False, False]  # a rejected request misses
+
+
+def test_the_harness_records_its_gap_before_each_iteration(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pandas as pd
+
+    _fake(monkeypatch, [])
+    code, out = _run(tmp_path, "--workload", str(_workload(tmp_path)), "--blocks", "32", "--name", "gaps",
+                     "--flush-every", "1")
+    assert code == 0, out
+    it = pd.read_parquet(tmp_path / "results" / "gaps" / "iterations").sort_values("iteration")
+    assert pd.isna(it.gap_before_ms.iloc[0]) and (it.gap_before_ms.iloc[1:] >= 0).all()
+    # the 5-token request finishes in iteration 4 and the files are written before iteration 5; the other two
+    # finish together in the last iteration (their write comes after it)
+    assert it[it.checkpoint_before].iteration.tolist() == [5]
+    gaps = it.set_index("iteration").gap_before_ms
+    assert (gaps[it[it.checkpoint_before].iteration] > 0).all()
