@@ -51,12 +51,18 @@ from estimator.model.iteration import IterationEstimator  # noqa: E402
 from estimator.report.sections.scheduling import ANCHORS, attainment_figure  # noqa: E402
 from estimator.sim.policies import EstimateAdmitPolicy, EstimatePolicy  # noqa: E402
 from estimator.sim.scheduler import Arrival, simulate  # noqa: E402
-from estimator.sim.workload import Overheads, engine_config_from_manifest, iteration_fn  # noqa: E402
+from estimator.sim.workload import (  # noqa: E402
+    Overheads,
+    engine_config_from_manifest,
+    iteration_fn,
+    run_workload,
+)
 from traffic.policy import Arriving, Decision, Held  # noqa: E402
 from traffic.workload import WorkloadRequest  # noqa: E402
 
 SHORT, LONG = ((32, 96), (4, 12)), ((768, 1024), (48, 64))
 POLICIES = ("fcfs", "prompt", "estimate", "estimate-admit", "oracle")
+CONFIG = {"tier": 0, "top_k": 0, "blocks": 128}  # the engine config the bench runs (cpu-tiny, tier 0)
 TARGET = 0.9
 
 
@@ -191,7 +197,6 @@ def run(args: argparse.Namespace) -> None:
                                         strict=True)}
         slo_args = [f"0:{slo['short']['ttft_ms']:.3f}:{slo['short']['tpot_ms']:.3f}",
                     f"{LONG[0][0]}:{slo['long']['ttft_ms']:.3f}:{slo['long']['tpot_ms']:.3f}"]
-        config = {"tier": 0, "top_k": 0, "blocks": 128}
         cells = [(seed, mult) for seed in args.seeds for mult in args.mults]
         for k, (seed, mult) in enumerate(cells):
             policies = list(args.policies)
@@ -211,7 +216,7 @@ def run(args: argparse.Namespace) -> None:
                 elif policy == "estimate-admit":
                     live = EstimateAdmitPolicy(args.model, slo_args)
                 if live is not None:
-                    live.start(bench.effective, config)
+                    live.start(bench.effective, CONFIG)
                 print(f"[{time.strftime('%H:%M:%S')}] {policy} x{mult:g} seed {seed}", flush=True)
                 frame = bench.drive(reqs, policy=live)
                 frame.assign(policy=policy, mult=mult, seed=seed, rate_rps=mult * cap).to_parquet(part)
@@ -382,13 +387,12 @@ def simulated(model: IterationEstimator, setup: Mapping[str, Any], sets: Mapping
     #40004). Prints SLO attainment per rate (mean over seeds)."""
     engine = engine_config_from_manifest({"engine": setup["engine"]})
     overheads = Overheads.load(Path(setup["model"]))
-    fn = iteration_fn(model, {"tier": 0, "top_k": 0, "blocks": 128})
     cap, slo = setup["capacity_rps"], setup["slo"]
     rows = []
     for mult in mults:
         for seed, base0 in sets.items():
             base = [replace(r, arrival_s=r.arrival_s / (mult * cap)) for r in base0]
-            prio, _ = estimate_priorities(base, model, {"tier": 0, "top_k": 0, "blocks": 128}, engine)
+            prio, _ = estimate_priorities(base, model, CONFIG, engine)
             for name, eng, pr in (
                 ("fcfs", engine, [0] * len(base)),
                 ("estimate", replace(engine, policy="priority"), prio),
@@ -396,15 +400,8 @@ def simulated(model: IterationEstimator, setup: Mapping[str, Any], sets: Mapping
             ):
                 if name not in policies:
                     continue
-                run_ = simulate([Arrival(r.request_id, r.arrival_s, r.text_tokens, r.new_tokens, p)
-                                 for r, p in zip(base, pr, strict=True)],
-                                eng, fn, overheads.iteration_ms, overheads.sequence_ms)
-                frame = pd.DataFrame([{
-                    "text_tokens": tr.arrival.prompt_tokens, "new_tokens": tr.arrival.output_tokens,
-                    "ttft_ms": (tr.token_times_s[0] - tr.arrival.arrival_s) * 1e3 + overheads.request_ms,
-                    "e2e_ms": (tr.token_times_s[-1] - tr.arrival.arrival_s) * 1e3 + overheads.request_ms,
-                } for tr in run_.requests])
-                frame["tpot_ms"] = (frame["e2e_ms"] - frame["ttft_ms"]) / (frame["new_tokens"] - 1).clip(lower=1)
+                frame, _ = run_workload(base, eng, model, CONFIG, overheads, priorities=pr)
+                frame = frame.rename(columns={"prompt_tokens": "text_tokens", "output_tokens": "new_tokens"})
                 rows.append({"policy": name, "mult": mult, "seed": seed, "attainment": float(met(frame, slo).mean())})
     sim = pd.DataFrame(rows)
     if quiet:

@@ -383,34 +383,27 @@ class Drive:
         for st in sorted(self.finished(), key=lambda s: s.order):
             req, a = st.req, st.arrival_t
             first = st.first_iteration if st.first_iteration is not None else -1
-            policy_cols = {"priority": st.priority,
-                           "decision_us": st.decision_us if st.decision_us is not None else nan,
-                           "rejected": st.rejected is not None, "rejected_reason": st.rejected or ""}
-            if st.rejected is not None:
-                rows.append({**common, "request_id": req.request_id,
-                             "arrival_s": req.workload_arrival_s if req.workload_arrival_s is not None else a - self.t0,
-                             "arrival_t_s": a, "add_lag_ms": nan, "text_tokens": req.text_tokens,
-                             "new_tokens": req.new_tokens, "prompt_id": req.prompt_id, "first_iteration": -1,
-                             "last_iteration": -1, "queue_ms": nan, "ttft_ms": nan, "e2e_ms": nan,
-                             "token_times_ms": [], **policy_cols})
-                continue
+            times = [(t - a) * 1e3 for t in st.token_t]  # none for a rejected request
             rows.append(
                 {
                     **common,
                     "request_id": req.request_id,
                     "arrival_s": req.workload_arrival_s if req.workload_arrival_s is not None else a - self.t0,
                     "arrival_t_s": a,
-                    "add_lag_ms": (st.added_t - a) * 1e3,
+                    "add_lag_ms": (st.added_t - a) * 1e3 if st.rejected is None else nan,
                     "text_tokens": req.text_tokens,
                     "new_tokens": req.new_tokens,
                     "prompt_id": req.prompt_id,
                     "first_iteration": first,
                     "last_iteration": st.last_iteration if st.last_iteration is not None else -1,
                     "queue_ms": (start[first] - a) * 1e3 if first in start else None,
-                    "ttft_ms": (st.token_t[0] - a) * 1e3,
-                    "e2e_ms": (st.token_t[-1] - a) * 1e3,
-                    "token_times_ms": [(t - a) * 1e3 for t in st.token_t],
-                    **policy_cols,
+                    "ttft_ms": times[0] if times else nan,
+                    "e2e_ms": times[-1] if times else nan,
+                    "token_times_ms": times,
+                    "priority": st.priority,
+                    "decision_us": st.decision_us if st.decision_us is not None else nan,
+                    "rejected": st.rejected is not None,
+                    "rejected_reason": st.rejected or "",
                 }
             )
         return rows
