@@ -1,4 +1,9 @@
-"""Shared fixtures. `small_run` runs one small real sweep on the CPU vLLM engine per test session."""
+"""Shared fixtures. `small_run` runs one small real sweep on the CPU vLLM engine per test session.
+
+scripts/test.sh runs the suite in two phases: the tests marked `alone` with the machine to themselves, the rest two
+at a time (pytest-xdist). Every test that reads `small_run` is `alone`: its real run's figures are compared (the
+nightly's same-config check, the estimator trained on it), so it must not be measured beside another engine, and
+one phase builds it once."""
 
 from __future__ import annotations
 
@@ -16,6 +21,12 @@ ROOT = Path(__file__).resolve().parents[1]
 # 2 engine configs (one model, two block sizes), 3 lengths, 8 decode positions, noise-floor repeats.
 SMALL_SWEEP = ["--tier", "0", "--blocks", "32,64", "--text-tokens", "64,256,1024", "--top-k", "0",
                "--reps", "4", "--same-prompt-repeats", "3", "--max-new-tokens", "9", "--warmup", "2", "--quiet"]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "small_run" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.alone)
 
 
 def run_profile(*args: str, timeout: float = 900, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
