@@ -114,7 +114,8 @@ def estimate_priorities(
 class Bench:
     """One engine start and the harness's request driver (harness/drivers/batch.py `Drive`)."""
 
-    def __init__(self, max_num_seqs: int, requests: list[WorkloadRequest]) -> None:
+    def __init__(self, max_num_seqs: int, requests: list[WorkloadRequest], policy: str = "priority") -> None:
+        """`policy`: the engine's scheduling_policy (`priority` for this bench; `fcfs` as `profile replay`)."""
         from harness.drivers.plan import SweepOptions
         from harness.drivers.replay import plan_replay, replay_spec
         from harness.drivers.session import engine_settings, sampling_of, start_engine, warm_up
@@ -122,7 +123,7 @@ class Bench:
 
         data: dict[str, Any] = {
             "device": "cpu", "axes": {"tier": [0], "top_k": [0], "blocks": [128]}, "max_num_seqs": max_num_seqs,
-            "engine": {"scheduling_policy": "priority"},
+            "engine": {"scheduling_policy": policy},
         }
         self.spec = replay_spec(data, requests)
         self.plan, _, self.cutter = plan_replay(self.spec, requests, "bench")
@@ -146,6 +147,7 @@ class Bench:
             for r in requests
         ]
         d = Drive(self.engine, inflight, policy=policy, solo=solo).run()
+        self.last = d  # its iterations: d.iteration_rows(common)
         frame = pd.DataFrame(d.request_rows({}))
         frame["tpot_ms"] = (frame["e2e_ms"] - frame["ttft_ms"]) / (frame["new_tokens"] - 1).clip(lower=1)
         return frame

@@ -38,3 +38,53 @@ def test_drift_is_small_for_an_interleaved_order_and_large_for_a_sorted_one() ->
     assert fig["drift_seq_vs_text_tokens_abs_rho_max"] < 0.2 and fig["drift_seq_vs_text_tokens_ok"] is True
     assert fig["drift_seq_vs_rel_prefill_rho_median"] > 0.5  # latency grows with seq: the machine drifted
     assert "no seq column" in bench.drift(_samples(shuffled).drop(columns="seq"))["drift"]
+
+
+def _iterations(start: int, kind: str, scale: float, rng: random.Random) -> list[dict[str, object]]:
+    """Decode-only iterations of 1 and 2 sequences at two context sums, time = scale x (1 + ctx/1000) x noise,
+    plus one prefill iteration (never compared)."""
+    rows: list[dict[str, object]] = []
+    for n, ctx in ((1, 300), (2, 700)):
+        for _ in range(20):
+            t = scale * n * (1 + ctx / 1000) * rng.uniform(0.97, 1.03)
+            rows.append({"start": start, "kind": kind, "num_prefill_seqs": 0, "num_decode_seqs": n,
+                         "decode_ctx_sum": ctx, "composition_mismatch": False, "engine_elapsed_ms": t,
+                         "latency_ms": t + 0.5})
+    rows.append({"start": start, "kind": kind, "num_prefill_seqs": 1, "num_decode_seqs": 0, "decode_ctx_sum": 0,
+                 "composition_mismatch": False, "engine_elapsed_ms": 99.0, "latency_ms": 99.0})
+    return rows
+
+
+def test_grid_replay_ratio_separates_the_grid_from_the_engine_start(tmp_path: object) -> None:
+    """Start 0 runs at speed 1, start 1 at 1.3; in each the grid is 1.1x the replay: the same-start ratio finds
+    1.1, the cross-start ratios move with the starts' speeds."""
+    from pathlib import Path
+
+    bench = load_script("bench_grid_replay")
+    rng = random.Random(0)
+    rows = [*_iterations(0, "grid", 1.1, rng), *_iterations(0, "replay", 1.0, rng),
+            *_iterations(1, "grid", 1.43, rng), *_iterations(1, "replay", 1.3, rng)]
+    out = Path(str(tmp_path))
+    pd.DataFrame(rows).to_parquet(out / "iterations.parquet")
+    bench.analyze(type("A", (), {"out": out})())
+    import json
+
+    res = json.loads((out / "results.json").read_text())
+    for s in ("0", "1"):
+        on = res["on"]["engine_elapsed_ms"][s]
+        assert on["keys"] == 2 and on["ci95"][0] < 1.1 < on["ci95"][1] and abs(on["ratio"] - 1.1) < 0.02
+    off = res["off"]["engine_elapsed_ms"]
+    assert abs(off["0/1"]["ratio"] - 1.1 / 1.3) < 0.03 and abs(off["1/0"]["ratio"] - 1.43) < 0.04
+    assert res["level"]["1"]["replay"] > res["level"]["0"]["replay"] * 1.2
+
+
+def test_grid_replay_segments_have_distinct_prompts_and_fixed_shapes() -> None:
+    bench = load_script("bench_grid_replay")
+    segs = bench.workloads(2, 3, 3.0, 10)
+    indices = [r.index for reqs in segs.values() for r in reqs]
+    assert len(indices) == len(set(indices))
+    grid = segs[(1, 2, "grid", 5)]  # B = 4, L = 384
+    assert [(r.arrival_s, r.text_tokens, r.new_tokens) for r in grid] == [(0.0, 384, 32)] * 4
+    trace = segs[(0, 0, "replay", 0)]
+    assert len(trace) == 10 and all(b.arrival_s > a.arrival_s for a, b in zip(trace, trace[1:], strict=False))
+    assert segs[(0, 0, "replay", 0)] != segs[(1, 0, "replay", 0)]

@@ -1,0 +1,192 @@
+"""Grid against replay at equal composition, inside one engine start and across starts (issue 20 item 1).
+
+    python scripts/bench_grid_replay.py run --out DIR [--starts 3] [--rounds 6] [--rate 3] [--count 30]
+    python scripts/bench_grid_replay.py analyze DIR
+
+The question: a batch-grid iteration was slower than a replay iteration of the same composition (one decoding
+sequence, context 300-400: 2.90 against 2.16 ms). Is that the grid (how an episode starts and holds its
+sequences), or the engine start each was measured on (whose speed moves by tens of percent between starts on a
+2-core VM, docs/simulate.md)? The experiment turns "same engine start" on and off:
+- each engine start (cpu-tiny, tier 0, blocks 128, FCFS, max_num_seqs 8; bench_scheduler's `Bench`) runs
+  `rounds` rounds; each round is one grid set and one Poisson trace, in alternating order:
+  - grid set: one episode per (B, L) in B = 1, 2, 4 and L = 128, 384: B requests of L prompt tokens added at once,
+    32 new tokens each (what `batch_points.episode_requests` sends, without a joiner);
+  - trace: `count` requests, prompts 64-512 tokens, 8-48 new tokens, Poisson arrivals at `rate` req/s;
+- composition = decode-only iterations keyed by (decode sequences, decode context sum in 128-token bins);
+- per key with >= 5 iterations of each kind: ratio = median grid / median replay, of the engine core's own time
+  (`engine_elapsed_ms`) and of the step's wall time (`latency_ms`); the summary is the median of the per-key
+  ratios with a bootstrap interval (iterations resampled within key and kind);
+- "on": grid and replay of the same start; "off": grid of start i against replay of start j != i (what a grid run
+  and a separate replay run compare).
+DIR/iterations.parquet keeps every iteration row (start, round, kind); `analyze` recomputes DIR/results.json.
+Run it alone on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from traffic.workload import WorkloadRequest  # noqa: E402
+
+GRID_B, GRID_L, GRID_NEW = (1, 2, 4), (128, 384), 32
+TRACE_PROMPT, TRACE_NEW = (64, 512), (8, 48)
+CTX_BIN, MIN_N = 128, 5
+TIMES = ("engine_elapsed_ms", "latency_ms")
+
+
+def _bench_class() -> Any:
+    spec = importlib.util.spec_from_file_location("bench_scheduler", ROOT / "scripts" / "bench_scheduler.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.Bench
+
+
+Segments = dict[tuple[int, int, str, int], list[WorkloadRequest]]
+
+
+def workloads(starts: int, rounds: int, rate: float, count: int) -> Segments:
+    """Every segment's requests, keyed (start, round, kind, episode); request indices unique over the run (a
+    distinct prompt each)."""
+    out: dict[tuple[int, int, str, int], list[WorkloadRequest]] = {}
+    index = 0
+    for s in range(starts):
+        for r in range(rounds):
+            for e, (b, length) in enumerate((b, length) for b in GRID_B for length in GRID_L):
+                out[(s, r, "grid", e)] = [WorkloadRequest(index + i, 0.0, length, GRID_NEW) for i in range(b)]
+                index += b
+            rng = random.Random(f"trace:{s}:{r}")
+            t, reqs = 0.0, []
+            for i in range(count):
+                t += rng.expovariate(rate)
+                reqs.append(WorkloadRequest(index + i, t, rng.randint(*TRACE_PROMPT), rng.randint(*TRACE_NEW)))
+            index += count
+            out[(s, r, "replay", 0)] = reqs
+    return out
+
+
+def run(args: argparse.Namespace) -> None:
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    Bench = _bench_class()
+    segs = workloads(args.starts, args.rounds, args.rate, args.count)
+    everything = [r for reqs in segs.values() for r in reqs]
+    frames, starts = [], []
+    for s in range(args.starts):
+        bench = Bench(8, everything, policy="fcfs")
+        print(f"[{time.strftime('%H:%M:%S')}] start {s}: {bench.start_s:.1f} s, dtype {bench.effective.get('dtype')}",
+              flush=True)
+        starts.append({"start": s, "engine_start_s": bench.start_s, "effective": bench.effective})
+        try:
+            for r in range(args.rounds):
+                kinds = ["grid", "replay"] if (s + r) % 2 == 0 else ["replay", "grid"]
+                for kind in kinds:
+                    for (s2, r2, k2, e), reqs in segs.items():
+                        if (s2, r2, k2) != (s, r, kind):
+                            continue
+                        bench.drive(reqs)
+                        rows = bench.last.iteration_rows({"start": s, "round": r, "kind": kind, "episode": e})
+                        frames.append(pd.DataFrame(rows))
+                print(f"[{time.strftime('%H:%M:%S')}] start {s} round {r} done", flush=True)
+        finally:
+            bench.close()
+    pd.concat(frames, ignore_index=True).to_parquet(out / "iterations.parquet")
+    (out / "setup.json").write_text(json.dumps({"starts": starts, "args": {k: str(v) for k, v in vars(args).items()
+                                                                           if k != "func"}}, indent=1, default=str))
+    analyze(argparse.Namespace(out=out))
+
+
+def decode_only(frame: pd.DataFrame) -> pd.DataFrame:
+    d = frame[(frame.num_prefill_seqs == 0) & (frame.num_decode_seqs > 0) & ~frame.composition_mismatch.astype(bool)]
+    return d.assign(key=list(zip(d.num_decode_seqs.astype(int), (d.decode_ctx_sum // CTX_BIN).astype(int),
+                                 strict=True)))
+
+
+def ratio(grid: pd.DataFrame, replay: pd.DataFrame, col: str, rng: np.random.Generator,
+          n_boot: int = 1000) -> dict[str, Any]:
+    """Median over the shared keys of median(grid) / median(replay), with a bootstrap 95% interval."""
+    keys = sorted(k for k in set(grid.key) & set(replay.key)
+                  if (grid.key == k).sum() >= MIN_N and (replay.key == k).sum() >= MIN_N)
+    if not keys:
+        return {"keys": 0}
+    g = {k: grid.loc[grid.key == k, col].to_numpy(float) for k in keys}
+    rp = {k: replay.loc[replay.key == k, col].to_numpy(float) for k in keys}
+
+    def stat(pick: Any) -> float:
+        return float(np.median([np.median(pick(g[k])) / np.median(pick(rp[k])) for k in keys]))
+
+    point = stat(lambda a: a)
+    boots = [stat(lambda a: a[rng.integers(0, len(a), len(a))]) for _ in range(n_boot)]
+    lo, hi = np.percentile(boots, [2.5, 97.5])
+    per_key = {f"{k[0]}x{k[1] * CTX_BIN}": round(float(np.median(g[k]) / np.median(rp[k])), 4) for k in keys}
+    return {"ratio": round(point, 4), "ci95": [round(float(lo), 4), round(float(hi), 4)], "keys": len(keys),
+            "grid_n": int(sum(len(v) for v in g.values())), "replay_n": int(sum(len(v) for v in rp.values())),
+            "per_key": per_key}
+
+
+def analyze(args: argparse.Namespace) -> None:
+    out: Path = args.out
+    d = decode_only(pd.read_parquet(out / "iterations.parquet"))
+    rng = np.random.default_rng(0)
+    starts = sorted(d.start.unique())
+    res: dict[str, Any] = {"on": {}, "off": {}, "level": {}}
+    for s in starts:
+        one = d[(d.start == s) & (d.num_decode_seqs == 1)]
+        res["level"][int(s)] = {k: round(float(one.loc[one.kind == k, "engine_elapsed_ms"].median()), 3)
+                                for k in ("grid", "replay")}
+        for col in TIMES:
+            res["on"].setdefault(col, {})[int(s)] = ratio(d[(d.start == s) & (d.kind == "grid")],
+                                                          d[(d.start == s) & (d.kind == "replay")], col, rng)
+    for col in TIMES:
+        for i in starts:
+            for j in starts:
+                if i != j:
+                    res["off"].setdefault(col, {})[f"{i}/{j}"] = ratio(d[(d.start == i) & (d.kind == "grid")],
+                                                                       d[(d.start == j) & (d.kind == "replay")],
+                                                                       col, rng, n_boot=300)
+    (out / "results.json").write_text(json.dumps(res, indent=1))
+    print("decode-only, one sequence: median engine core ms per start (grid / replay):")
+    for s, v in res["level"].items():
+        print(f"  start {s}: {v['grid']:.3f} / {v['replay']:.3f}")
+    for col in TIMES:
+        print(f"{col}: median over shared compositions of grid / replay")
+        for s, v in res["on"][col].items():
+            if v.get("keys"):
+                print(f"  same start {s}: {v['ratio']:.3f} [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}] "
+                      f"({v['keys']} compositions, {v['grid_n']} grid / {v['replay_n']} replay iterations)")
+        off = [v["ratio"] for v in res["off"][col].values() if v.get("keys")]
+        if off:
+            print(f"  other starts: {min(off):.3f} to {max(off):.3f} over {len(off)} pairs")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--out", type=Path, required=True)
+    r.add_argument("--starts", type=int, default=3)
+    r.add_argument("--rounds", type=int, default=6)
+    r.add_argument("--rate", type=float, default=3.0, help="the traces' Poisson rate, req/s")
+    r.add_argument("--count", type=int, default=30, help="requests per trace")
+    r.set_defaults(func=run)
+    a = sub.add_parser("analyze")
+    a.add_argument("out", type=Path)
+    a.set_defaults(func=analyze)
+    args = p.parse_args()
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()
