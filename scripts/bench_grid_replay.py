@@ -7,15 +7,16 @@ The question: a batch-grid iteration was slower than a replay iteration of the s
 sequence, context 300-400: 2.90 against 2.16 ms). Is that the grid (how an episode starts and holds its
 sequences), or the engine start each was measured on (whose speed moves by tens of percent between starts on a
 2-core VM, docs/simulate.md)? The experiment turns "same engine start" on and off:
-- each engine start (cpu-tiny, tier 0, blocks 128, FCFS, max_num_seqs 8; bench_scheduler's `Bench`) runs
+- each engine start (`--tier`, default 0 = cpu-tiny; blocks 128, FCFS, max_num_seqs 8; bench_scheduler's `Bench`) runs
   `rounds` rounds; each round is one grid set and one Poisson trace, in alternating order:
   - grid set: one episode per (B, L) in B = 1, 2, 4 and L = 128, 384: B requests of L prompt tokens added at once,
     32 new tokens each (what `batch_points.episode_requests` sends, without a joiner);
   - trace: `count` requests, prompts 64-512 tokens, 8-48 new tokens, Poisson arrivals at `rate` req/s;
-- composition = decode-only iterations keyed by (decode sequences, decode context sum in 128-token bins);
-- per key with >= 5 iterations of each kind: ratio = median grid / median replay, of the engine core's own time
-  (`engine_elapsed_ms`) and of the step's wall time (`latency_ms`); the summary is the median of the per-key
-  ratios with a bootstrap interval (iterations resampled within key and kind);
+- composition = decode-only iterations: decode sequences and their context sum;
+- the ratio grid / replay at equal decode sequences and equal context (`adjusted_ratio`: each iteration over a
+  line fitted to the replay's times against context, per sequence count), of the engine core's own time
+  (`engine_elapsed_ms`) and of the step's wall time (`latency_ms`), with a bootstrap interval (iterations
+  resampled within sequence count and kind); beside it the plain match by (n, 128-token context bin);
 - "on": grid and replay of the same start; "off": grid of start i against replay of start j != i (what a grid run
   and a separate replay run compare).
 DIR/iterations.parquet keeps every iteration row (start, round, kind); `analyze` recomputes DIR/results.json.
@@ -85,7 +86,7 @@ def run(args: argparse.Namespace) -> None:
     everything = [r for reqs in segs.values() for r in reqs]
     frames, starts = [], []
     for s in range(args.starts):
-        bench = Bench(8, everything, policy="fcfs")
+        bench = Bench(8, everything, policy="fcfs", tier=args.tier)
         print(f"[{time.strftime('%H:%M:%S')}] start {s}: {bench.start_s:.1f} s, dtype {bench.effective.get('dtype')}",
               flush=True)
         starts.append({"start": s, "engine_start_s": bench.start_s, "effective": bench.effective})
@@ -114,25 +115,62 @@ def decode_only(frame: pd.DataFrame) -> pd.DataFrame:
                                  strict=True)))
 
 
-def ratio(grid: pd.DataFrame, replay: pd.DataFrame, col: str, rng: np.random.Generator,
-          n_boot: int = 1000) -> dict[str, Any]:
-    """Median over the shared keys of median(grid) / median(replay), with a bootstrap 95% interval."""
+def _interval(stat: Any, parts: list[np.ndarray], rng: np.random.Generator, n_boot: int) -> list[float]:
+    boots = [stat([a[rng.integers(0, len(a), len(a))] for a in parts]) for _ in range(n_boot)]
+    return [round(float(x), 4) for x in np.percentile(boots, [2.5, 97.5])]
+
+
+def adjusted_ratio(grid: pd.DataFrame, replay: pd.DataFrame, col: str, rng: np.random.Generator,
+                   n_boot: int = 1000) -> dict[str, Any]:
+    """grid / replay at equal decode sequences and equal context: per sequence count n (>= 10 iterations of
+    each kind), a line time = a + b x decode context sum fitted to the replay's iterations; each iteration's time
+    over the line; the ratio = median over the grid's iterations / median over the replay's (iterations of
+    every n pooled; the replay's within the grid's context range, +-64 tokens). A 128-token bin is not enough:
+    the grid's contexts sit at one end of a bin, the replay's spread over it."""
+    gs, rs, per_n = [], [], {}
+    for n in sorted(set(grid.num_decode_seqs) & set(replay.num_decode_seqs)):
+        g, r = grid[grid.num_decode_seqs == n], replay[replay.num_decode_seqs == n]
+        if len(g) < 10 or len(r) < 10:
+            continue
+        b, a = np.polyfit(r.decode_ctx_sum.to_numpy(float), r[col].to_numpy(float), 1)
+        near = r[r.decode_ctx_sum.between(g.decode_ctx_sum.min() - 64, g.decode_ctx_sum.max() + 64)]
+        if len(near) < 10:
+            continue
+        gr = (g[col] / (a + b * g.decode_ctx_sum)).to_numpy(float)
+        rr = (near[col] / (a + b * near.decode_ctx_sum)).to_numpy(float)
+        gs.append(gr)
+        rs.append(rr)
+        per_n[int(n)] = {"ratio": round(float(np.median(gr) / np.median(rr)), 4), "grid_n": len(gr),
+                         "replay_n": len(rr)}
+    if not gs:
+        return {"sequence_counts": 0}
+    k = len(gs)
+
+    def stat(parts: list[np.ndarray]) -> float:
+        return float(np.median(np.concatenate(parts[:k])) / np.median(np.concatenate(parts[k:])))
+
+    return {"ratio": round(stat([*gs, *rs]), 4), "ci95": _interval(stat, [*gs, *rs], rng, n_boot),
+            "sequence_counts": k, "per_n": per_n}
+
+
+def binned_ratio(grid: pd.DataFrame, replay: pd.DataFrame, col: str, rng: np.random.Generator,
+                 n_boot: int = 1000) -> dict[str, Any]:
+    """Median over the shared (n, 128-token context bin) keys of median(grid) / median(replay), with a bootstrap
+    95% interval (shown beside the adjusted ratio: the simple composition match, and why it is not enough)."""
     keys = sorted(k for k in set(grid.key) & set(replay.key)
                   if (grid.key == k).sum() >= MIN_N and (replay.key == k).sum() >= MIN_N)
     if not keys:
         return {"keys": 0}
-    g = {k: grid.loc[grid.key == k, col].to_numpy(float) for k in keys}
-    rp = {k: replay.loc[replay.key == k, col].to_numpy(float) for k in keys}
+    parts = [grid.loc[grid.key == k, col].to_numpy(float) for k in keys]
+    parts += [replay.loc[replay.key == k, col].to_numpy(float) for k in keys]
+    n = len(keys)
 
-    def stat(pick: Any) -> float:
-        return float(np.median([np.median(pick(g[k])) / np.median(pick(rp[k])) for k in keys]))
+    def stat(ps: list[np.ndarray]) -> float:
+        return float(np.median([np.median(ps[i]) / np.median(ps[n + i]) for i in range(n)]))
 
-    point = stat(lambda a: a)
-    boots = [stat(lambda a: a[rng.integers(0, len(a), len(a))]) for _ in range(n_boot)]
-    lo, hi = np.percentile(boots, [2.5, 97.5])
-    per_key = {f"{k[0]}x{k[1] * CTX_BIN}": round(float(np.median(g[k]) / np.median(rp[k])), 4) for k in keys}
-    return {"ratio": round(point, 4), "ci95": [round(float(lo), 4), round(float(hi), 4)], "keys": len(keys),
-            "grid_n": int(sum(len(v) for v in g.values())), "replay_n": int(sum(len(v) for v in rp.values())),
+    per_key = {f"{k[0]}x{k[1] * CTX_BIN}": round(float(np.median(parts[i]) / np.median(parts[n + i])), 4)
+               for i, k in enumerate(keys)}
+    return {"ratio": round(stat(parts), 4), "ci95": _interval(stat, parts, rng, n_boot), "keys": n,
             "per_key": per_key}
 
 
@@ -140,35 +178,40 @@ def analyze(args: argparse.Namespace) -> None:
     out: Path = args.out
     d = decode_only(pd.read_parquet(out / "iterations.parquet"))
     rng = np.random.default_rng(0)
-    starts = sorted(d.start.unique())
-    res: dict[str, Any] = {"on": {}, "off": {}, "level": {}}
+    starts = sorted(int(s) for s in d.start.unique())
+    res: dict[str, Any] = {"on": {}, "off": {}, "binned": {}, "level": {}}
+
+    def part(s: int, kind: str) -> pd.DataFrame:
+        return d[(d.start == s) & (d.kind == kind)]
+
     for s in starts:
         one = d[(d.start == s) & (d.num_decode_seqs == 1)]
-        res["level"][int(s)] = {k: round(float(one.loc[one.kind == k, "engine_elapsed_ms"].median()), 3)
-                                for k in ("grid", "replay")}
+        res["level"][s] = {k: round(float(one.loc[one.kind == k, "engine_elapsed_ms"].median()), 3)
+                           for k in ("grid", "replay")}
         for col in TIMES:
-            res["on"].setdefault(col, {})[int(s)] = ratio(d[(d.start == s) & (d.kind == "grid")],
-                                                          d[(d.start == s) & (d.kind == "replay")], col, rng)
+            res["on"].setdefault(col, {})[s] = adjusted_ratio(part(s, "grid"), part(s, "replay"), col, rng)
+            res["binned"].setdefault(col, {})[s] = binned_ratio(part(s, "grid"), part(s, "replay"), col, rng)
     for col in TIMES:
         for i in starts:
             for j in starts:
                 if i != j:
-                    res["off"].setdefault(col, {})[f"{i}/{j}"] = ratio(d[(d.start == i) & (d.kind == "grid")],
-                                                                       d[(d.start == j) & (d.kind == "replay")],
-                                                                       col, rng, n_boot=300)
+                    res["off"].setdefault(col, {})[f"{i}/{j}"] = adjusted_ratio(part(i, "grid"), part(j, "replay"),
+                                                                                col, rng, n_boot=300)
     (out / "results.json").write_text(json.dumps(res, indent=1))
     print("decode-only, one sequence: median engine core ms per start (grid / replay):")
     for s, v in res["level"].items():
         print(f"  start {s}: {v['grid']:.3f} / {v['replay']:.3f}")
     for col in TIMES:
-        print(f"{col}: median over shared compositions of grid / replay")
+        print(f"{col}: grid / replay at equal decode sequences and context (adjusted; binned beside)")
         for s, v in res["on"][col].items():
-            if v.get("keys"):
-                print(f"  same start {s}: {v['ratio']:.3f} [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}] "
-                      f"({v['keys']} compositions, {v['grid_n']} grid / {v['replay_n']} replay iterations)")
-        off = [v["ratio"] for v in res["off"][col].values() if v.get("keys")]
+            if v.get("sequence_counts"):
+                b = res["binned"][col][s]
+                per_n = ", ".join(f"n={n}: {x['ratio']:.3f}" for n, x in v["per_n"].items())
+                print(f"  same start {s}: {v['ratio']:.3f} [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}] ({per_n}); "
+                      f"binned {b.get('ratio', float('nan')):.3f}")
+        off = [v["ratio"] for v in res["off"][col].values() if v.get("sequence_counts")]
         if off:
-            print(f"  other starts: {min(off):.3f} to {max(off):.3f} over {len(off)} pairs")
+            print(f"  grid of one start / replay of another: {min(off):.3f} to {max(off):.3f} over {len(off)} pairs")
 
 
 def main() -> None:
@@ -180,6 +223,7 @@ def main() -> None:
     r.add_argument("--rounds", type=int, default=6)
     r.add_argument("--rate", type=float, default=3.0, help="the traces' Poisson rate, req/s")
     r.add_argument("--count", type=int, default=30, help="requests per trace")
+    r.add_argument("--tier", type=int, default=0, help="the CPU ladder's model (0 cpu-tiny, 1 cpu-small, 2 cpu-base)")
     r.set_defaults(func=run)
     a = sub.add_parser("analyze")
     a.add_argument("out", type=Path)

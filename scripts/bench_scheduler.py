@@ -114,15 +114,17 @@ def estimate_priorities(
 class Bench:
     """One engine start and the harness's request driver (harness/drivers/batch.py `Drive`)."""
 
-    def __init__(self, max_num_seqs: int, requests: list[WorkloadRequest], policy: str = "priority") -> None:
-        """`policy`: the engine's scheduling_policy (`priority` for this bench; `fcfs` as `profile replay`)."""
+    def __init__(self, max_num_seqs: int, requests: list[WorkloadRequest], policy: str = "priority",
+                 tier: int = 0) -> None:
+        """`policy`: the engine's scheduling_policy (`priority` for this bench; `fcfs` as `profile replay`);
+        `tier`: the CPU ladder's model (0 = cpu-tiny)."""
         from harness.drivers.plan import SweepOptions
         from harness.drivers.replay import plan_replay, replay_spec
         from harness.drivers.session import engine_settings, sampling_of, start_engine, warm_up
         from harness.engine.vllm_engine import VllmEngine
 
         data: dict[str, Any] = {
-            "device": "cpu", "axes": {"tier": [0], "top_k": [0], "blocks": [128]}, "max_num_seqs": max_num_seqs,
+            "device": "cpu", "axes": {"tier": [tier], "top_k": [0], "blocks": [128]}, "max_num_seqs": max_num_seqs,
             "engine": {"scheduling_policy": policy},
         }
         self.spec = replay_spec(data, requests)
@@ -141,10 +143,10 @@ class Bench:
 
         _, prompts, _ = plan_replay(self.spec, requests, "bench")
         inflight = [
-            InFlight(r.request_id, prompts[r.index].token_ids, r.new_tokens, prompts[r.index].prompt_id,
+            InFlight(r.request_id, p.token_ids, r.new_tokens, p.prompt_id,
                      arrival_s=r.arrival_s, sampling=self.sampling, workload_arrival_s=r.arrival_s,
                      priority=(priorities or {}).get(r.request_id, 0))
-            for r in requests
+            for r, p in zip(requests, prompts, strict=True)  # plan_replay: one prompt per request, in order
         ]
         d = Drive(self.engine, inflight, policy=policy, solo=solo).run()
         self.last = d  # its iterations: d.iteration_rows(common)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
+import json
 import random
+from pathlib import Path
 from types import ModuleType
 
 import pandas as pd
@@ -41,11 +44,13 @@ def test_drift_is_small_for_an_interleaved_order_and_large_for_a_sorted_one() ->
 
 
 def _iterations(start: int, kind: str, scale: float, rng: random.Random) -> list[dict[str, object]]:
-    """Decode-only iterations of 1 and 2 sequences at two context sums, time = scale x (1 + ctx/1000) x noise,
-    plus one prefill iteration (never compared)."""
+    """Decode-only iterations of 1 and 2 sequences: time = scale x n x (1 + context/1000) x noise. The grid's
+    contexts sit low in their 128-token bin (as an episode's do), the replay's spread over the range; plus one
+    prefill iteration (never compared)."""
     rows: list[dict[str, object]] = []
-    for n, ctx in ((1, 300), (2, 700)):
-        for _ in range(20):
+    for n, (lo, hi) in ((1, (256, 300)), (2, (640, 700))):
+        for _ in range(30):
+            ctx = rng.randint(lo, hi) if kind == "grid" else rng.randint(lo - 40, hi + 60)
             t = scale * n * (1 + ctx / 1000) * rng.uniform(0.97, 1.03)
             rows.append({"start": start, "kind": kind, "num_prefill_seqs": 0, "num_decode_seqs": n,
                          "decode_ctx_sum": ctx, "composition_mismatch": False, "engine_elapsed_ms": t,
@@ -55,24 +60,20 @@ def _iterations(start: int, kind: str, scale: float, rng: random.Random) -> list
     return rows
 
 
-def test_grid_replay_ratio_separates_the_grid_from_the_engine_start(tmp_path: object) -> None:
-    """Start 0 runs at speed 1, start 1 at 1.3; in each the grid is 1.1x the replay: the same-start ratio finds
-    1.1, the cross-start ratios move with the starts' speeds."""
-    from pathlib import Path
-
+def test_grid_replay_ratio_separates_the_grid_from_the_engine_start(tmp_path: Path) -> None:
+    """Start 0 runs at speed 1, start 1 at 1.3; in each the grid is 1.1x the replay at equal context: the
+    same-start ratio finds 1.1, the cross-start ratios move with the starts' speeds."""
     bench = load_script("bench_grid_replay")
     rng = random.Random(0)
     rows = [*_iterations(0, "grid", 1.1, rng), *_iterations(0, "replay", 1.0, rng),
             *_iterations(1, "grid", 1.43, rng), *_iterations(1, "replay", 1.3, rng)]
-    out = Path(str(tmp_path))
-    pd.DataFrame(rows).to_parquet(out / "iterations.parquet")
-    bench.analyze(type("A", (), {"out": out})())
-    import json
-
-    res = json.loads((out / "results.json").read_text())
+    pd.DataFrame(rows).to_parquet(tmp_path / "iterations.parquet")
+    bench.analyze(argparse.Namespace(out=tmp_path))
+    res = json.loads((tmp_path / "results.json").read_text())
     for s in ("0", "1"):
         on = res["on"]["engine_elapsed_ms"][s]
-        assert on["keys"] == 2 and on["ci95"][0] < 1.1 < on["ci95"][1] and abs(on["ratio"] - 1.1) < 0.02
+        assert on["sequence_counts"] == 2 and on["ci95"][0] < 1.1 < on["ci95"][1] and abs(on["ratio"] - 1.1) < 0.02
+        assert set(on["per_n"]) == {"1", "2"}
     off = res["off"]["engine_elapsed_ms"]
     assert abs(off["0/1"]["ratio"] - 1.1 / 1.3) < 0.03 and abs(off["1/0"]["ratio"] - 1.43) < 0.04
     assert res["level"]["1"]["replay"] > res["level"]["0"]["replay"] * 1.2

@@ -96,12 +96,13 @@ def no_engine(monkeypatch: pytest.MonkeyPatch) -> None:
 class _Sweep:
     """A `profile sweep` subprocess in its own process group, its output in files."""
 
-    def __init__(self, tmp_path: Path, *args: str, resume: Path | None = None) -> None:
-        """A new run `tmp_path/results/run` with these flags, or `--resume` of the run folder `resume`."""
+    def __init__(self, tmp_path: Path, *args: str, resume: Path | None = None, tag: str = "") -> None:
+        """A new run `tmp_path/results/run` with these flags, or `--resume` of the run folder `resume`; its output
+        goes to tmp_path/TAG.stdout and .stderr (TAG: `run` or `resume` unless given)."""
         self.run = resume or tmp_path / "results" / "run"
         self.samples = self.run / "samples"
         where = ["--resume", str(resume)] if resume else ["--out", str(self.run.parent), "--name", self.run.name]
-        tag = "resume" if resume else "run"
+        tag = tag or ("resume" if resume else "run")
         self._stdout = tmp_path / f"{tag}.stdout"
         self._stderr = tmp_path / f"{tag}.stderr"
         env = {**os.environ, "COLUMNS": "200"}
@@ -216,16 +217,25 @@ def _assert_interrupted(sweep: _Sweep, n_at_signal: int, engine: list[psutil.Pro
 
 
 @pytest.mark.slow
-def test_kill_9_then_ctrl_c_then_resume_measures_every_point_once(tmp_path: Path) -> None:
-    """kill -9 at a random moment; --resume discards the half-written files; Ctrl-C (SIGINT to the harness
-    alone, so it must shut its engine down itself) stops the resumed run; a second --resume completes it."""
-    sweep = _Sweep(tmp_path, *SMALL, "--text-tokens", "32,64", "--top-k", "0,1,2,5,10,50")  # 12 points
+def test_kill_9_sigterm_and_ctrl_c_then_resume_measures_every_point_once(tmp_path: Path) -> None:
+    """Three ways a sweep ends early, each followed by --resume, on one run (four engine starts in all):
+    1. kill -9 of the harness alone at a random moment (what the OOM killer does): its orphaned engine core and
+       worker die within seconds (the watchdog, harness/engine/reaper.py) and the run stays resumable;
+    2. --resume discards the half-written files; SIGTERM to the whole process group (what systemd's stop sends)
+       kills the engine core too, and that reads as an interruption, not as failed points;
+    3. --resume again; Ctrl-C (SIGINT to the harness alone, so it must shut its engine down itself) stops it;
+    4. a last --resume completes the run, every point exactly once."""
+    # 18 points: room for three interruptions, each after at least one more point, with points left over
+    sweep = _Sweep(tmp_path, *SMALL, "--text-tokens", "32,48,64", "--top-k", "0,1,2,5,10,50")
     sweep.wait_for_points(1)
+    engine = sweep.engine_processes()
+    assert any("EngineCore" in " ".join(p.cmdline()) for p in engine)
     delay = random.uniform(0.0, 0.5)  # a random moment: mid-request, mid-write or between points
-    print(f"SIGKILL {delay:.3f} s after the first point landed")
+    print(f"SIGKILL to the harness {delay:.3f} s after the first point landed")
     time.sleep(delay)
-    sweep.kill()
-    assert sweep.proc.returncode == -signal.SIGKILL
+    os.kill(sweep.proc.pid, signal.SIGKILL)
+    assert sweep.proc.wait(timeout=30) == -signal.SIGKILL
+    assert not _gone(engine, timeout_s=15), "the engine outlived a kill -9 of the harness"
     run = sweep.run
     assert json.loads((run / "manifest.json").read_text())["status"] == "running"  # the kill left it so
     before = {p.stem: p.stat().st_mtime_ns for p in sweep.samples.glob("*.parquet")}
@@ -239,54 +249,36 @@ def test_kill_9_then_ctrl_c_then_resume_measures_every_point_once(tmp_path: Path
     (run / "prompts" / f"{missing}.parquet").write_bytes((run / "prompts" / f"{some}.parquet").read_bytes())
     partial = sorted(str(p.relative_to(run)) for p in run.rglob("*.tmp")) + [f"prompts/{missing}.parquet"]
 
-    resumed = _Sweep(tmp_path, "--quiet", resume=run)
-    resumed.wait_for_points(len(before) + 1)
+    termed = _Sweep(tmp_path, "--quiet", resume=run, tag="sigterm")
+    termed.wait_for_points(len(before) + 1)
+    engine = termed.engine_processes()
+    n_at_signal = len(termed.done())
+    os.killpg(termed.proc.pid, signal.SIGTERM)
+    done = _assert_interrupted(termed, n_at_signal, engine)
+    for rel in partial:
+        assert f"discarded unfinished write {rel}" in termed.stderr
+    assert f"({len(before)} already done)" in termed.stderr
+    assert not (run / "samples" / f"{missing}.parquet.tmp").exists()
+
+    resumed = _Sweep(tmp_path, "--quiet", resume=run, tag="sigint")
+    resumed.wait_for_points(len(done) + 1)
     engine = resumed.engine_processes()
     assert any("EngineCore" in " ".join(p.cmdline()) for p in engine)
     n_at_signal = len(resumed.done())
-    resumed.proc.send_signal(signal.SIGINT)  # in a terminal Ctrl-C reaches the engine core too: see below
+    resumed.proc.send_signal(signal.SIGINT)  # in a terminal Ctrl-C reaches the engine core too: as SIGTERM above
+    assert f"({len(done)} already done)" in resumed.stderr
     done = _assert_interrupted(resumed, n_at_signal, engine)
-    for rel in partial:
-        assert f"discarded unfinished write {rel}" in resumed.stderr
-    assert f"({len(before)} already done)" in resumed.stderr
-    assert not (run / "samples" / f"{missing}.parquet.tmp").exists()
 
     proc = run_profile("sweep", "--resume", str(run), "--quiet")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     assert f"({len(done)} already done)" in proc.stderr
-    assert "status: complete; points done 12, failed 0" in proc.stdout
+    assert "status: complete; points done 18, failed 0" in proc.stdout
     _assert_every_point_exactly_once(run)
     # the points finished before the kill were kept, not measured again
     assert {p.stem: p.stat().st_mtime_ns for p in sweep.samples.glob("*.parquet") if p.stem in before} == before
     m = json.loads((run / "manifest.json").read_text())
-    assert m["resumed_at"] and len(m["engine_starts"]) == 3
-
-
-@pytest.mark.slow
-def test_sigterm_to_the_process_group_is_an_interruption_not_failures(tmp_path: Path) -> None:
-    """SIGTERM to the whole process group (what systemd's stop sends; a terminal's Ctrl-C does the same with
-    SIGINT): the engine core dies of it too, and that must read as an interruption, not as failed points."""
-    sweep = _Sweep(tmp_path, *SMALL, "--text-tokens", "32,64", "--top-k", "0,1,2,5,10,50")
-    sweep.wait_for_points(1)
-    engine = sweep.engine_processes()
-    n_at_signal = len(sweep.done())
-    os.killpg(sweep.proc.pid, signal.SIGTERM)
-    _assert_interrupted(sweep, n_at_signal, engine)
-
-
-@pytest.mark.slow
-def test_the_engine_dies_with_the_harness_after_a_kill_9_of_the_harness_alone(tmp_path: Path) -> None:
-    """What the OOM killer does: SIGKILL to the harness's pid only. Its engine core and worker are orphaned; the
-    harness's watchdog (harness/engine/reaper.py) sees its pipe close and stops them, within seconds."""
-    sweep = _Sweep(tmp_path, *SMALL, "--text-tokens", "32,64", "--top-k", "0,1,2,5,10,50")
-    sweep.wait_for_points(1)
-    engine = sweep.engine_processes()
-    assert any("EngineCore" in " ".join(p.cmdline()) for p in engine)
-    os.kill(sweep.proc.pid, signal.SIGKILL)
-    assert sweep.proc.wait(timeout=30) == -signal.SIGKILL
-    assert not _gone(engine, timeout_s=15), "the engine outlived a kill -9 of the harness"
-    assert json.loads((sweep.run / "manifest.json").read_text())["status"] == "running"  # resumable as before
+    assert m["resumed_at"] and len(m["engine_starts"]) == 4
 
 
 # --- fault 3: failing points ----------------------------------------------------------------------------------
