@@ -12,6 +12,7 @@ sequences), or the engine start each was measured on (whose speed moves by tens 
   - grid set: one episode per (B, L) in B = 1, 2, 4 and L = 128, 384: B requests of L prompt tokens added at once,
     32 new tokens each (what `batch_points.episode_requests` sends, without a joiner);
   - trace: `count` requests, prompts 64-512 tokens, 8-48 new tokens, Poisson arrivals at `rate` req/s;
+  - with `--heavy-rate`, a third segment: the same mix at that rate (load on against off, in the same start);
 - composition = decode-only iterations: decode sequences and their context sum;
 - the ratio grid / replay at equal decode sequences and equal context (`adjusted_ratio`: each iteration over a
   line fitted to the replay's times against context, per sequence count), of the engine core's own time
@@ -58,23 +59,31 @@ def _bench_class() -> Any:
 Segments = dict[tuple[int, int, str, int], list[WorkloadRequest]]
 
 
-def workloads(starts: int, rounds: int, rate: float, count: int) -> Segments:
+def _trace(seed: str, first_index: int, rate: float, count: int) -> list[WorkloadRequest]:
+    rng = random.Random(seed)
+    t, reqs = 0.0, []
+    for i in range(count):
+        t += rng.expovariate(rate)
+        reqs.append(WorkloadRequest(first_index + i, t, rng.randint(*TRACE_PROMPT), rng.randint(*TRACE_NEW)))
+    return reqs
+
+
+def workloads(starts: int, rounds: int, rate: float, count: int, heavy_rate: float = 0.0) -> Segments:
     """Every segment's requests, keyed (start, round, kind, episode); request indices unique over the run (a
-    distinct prompt each)."""
-    out: dict[tuple[int, int, str, int], list[WorkloadRequest]] = {}
+    distinct prompt each). Kinds: grid, replay (Poisson at `rate`) and, with `heavy_rate` > 0, heavy (the same
+    request mix at that rate)."""
+    out: Segments = {}
     index = 0
     for s in range(starts):
         for r in range(rounds):
             for e, (b, length) in enumerate((b, length) for b in GRID_B for length in GRID_L):
                 out[(s, r, "grid", e)] = [WorkloadRequest(index + i, 0.0, length, GRID_NEW) for i in range(b)]
                 index += b
-            rng = random.Random(f"trace:{s}:{r}")
-            t, reqs = 0.0, []
-            for i in range(count):
-                t += rng.expovariate(rate)
-                reqs.append(WorkloadRequest(index + i, t, rng.randint(*TRACE_PROMPT), rng.randint(*TRACE_NEW)))
+            out[(s, r, "replay", 0)] = _trace(f"trace:{s}:{r}", index, rate, count)
             index += count
-            out[(s, r, "replay", 0)] = reqs
+            if heavy_rate > 0:
+                out[(s, r, "heavy", 0)] = _trace(f"heavy:{s}:{r}", index, heavy_rate, count)
+                index += count
     return out
 
 
@@ -82,7 +91,7 @@ def run(args: argparse.Namespace) -> None:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     Bench = _bench_class()
-    segs = workloads(args.starts, args.rounds, args.rate, args.count)
+    segs = workloads(args.starts, args.rounds, args.rate, args.count, args.heavy_rate)
     everything = [r for reqs in segs.values() for r in reqs]
     frames, starts = [], []
     for s in range(args.starts):
@@ -92,7 +101,8 @@ def run(args: argparse.Namespace) -> None:
         starts.append({"start": s, "engine_start_s": bench.start_s, "effective": bench.effective})
         try:
             for r in range(args.rounds):
-                kinds = ["grid", "replay"] if (s + r) % 2 == 0 else ["replay", "grid"]
+                kinds = ["grid", "replay", "heavy"] if args.heavy_rate > 0 else ["grid", "replay"]
+                kinds = kinds[(s + r) % len(kinds):] + kinds[: (s + r) % len(kinds)]  # rotate: spread drift
                 for kind in kinds:
                     for (s2, r2, k2, e), reqs in segs.items():
                         if (s2, r2, k2) != (s, r, kind):
@@ -179,7 +189,7 @@ def analyze(args: argparse.Namespace) -> None:
     d = decode_only(pd.read_parquet(out / "iterations.parquet"))
     rng = np.random.default_rng(0)
     starts = sorted(int(s) for s in d.start.unique())
-    res: dict[str, Any] = {"on": {}, "off": {}, "binned": {}, "level": {}}
+    res: dict[str, Any] = {"on": {}, "off": {}, "binned": {}, "level": {}, "load": {}}
 
     def part(s: int, kind: str) -> pd.DataFrame:
         return d[(d.start == s) & (d.kind == kind)]
@@ -187,10 +197,12 @@ def analyze(args: argparse.Namespace) -> None:
     for s in starts:
         one = d[(d.start == s) & (d.num_decode_seqs == 1)]
         res["level"][s] = {k: round(float(one.loc[one.kind == k, "engine_elapsed_ms"].median()), 3)
-                           for k in ("grid", "replay")}
+                           for k in sorted(set(one.kind))}
         for col in TIMES:
             res["on"].setdefault(col, {})[s] = adjusted_ratio(part(s, "grid"), part(s, "replay"), col, rng)
             res["binned"].setdefault(col, {})[s] = binned_ratio(part(s, "grid"), part(s, "replay"), col, rng)
+            if len(part(s, "heavy")):
+                res["load"].setdefault(col, {})[s] = adjusted_ratio(part(s, "heavy"), part(s, "replay"), col, rng)
     for col in TIMES:
         for i in starts:
             for j in starts:
@@ -198,9 +210,9 @@ def analyze(args: argparse.Namespace) -> None:
                     res["off"].setdefault(col, {})[f"{i}/{j}"] = adjusted_ratio(part(i, "grid"), part(j, "replay"),
                                                                                 col, rng, n_boot=300)
     (out / "results.json").write_text(json.dumps(res, indent=1))
-    print("decode-only, one sequence: median engine core ms per start (grid / replay):")
+    print("decode-only, one sequence: median engine core ms per start")
     for s, v in res["level"].items():
-        print(f"  start {s}: {v['grid']:.3f} / {v['replay']:.3f}")
+        print(f"  start {s}: " + ", ".join(f"{k} {x:.3f}" for k, x in v.items()))
     for col in TIMES:
         print(f"{col}: grid / replay at equal decode sequences and context (adjusted; binned beside)")
         for s, v in res["on"][col].items():
@@ -209,6 +221,11 @@ def analyze(args: argparse.Namespace) -> None:
                 per_n = ", ".join(f"n={n}: {x['ratio']:.3f}" for n, x in v["per_n"].items())
                 print(f"  same start {s}: {v['ratio']:.3f} [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}] ({per_n}); "
                       f"binned {b.get('ratio', float('nan')):.3f}")
+        for s, v in res["load"].get(col, {}).items():
+            if v.get("sequence_counts"):
+                per_n = ", ".join(f"n={n}: {x['ratio']:.3f}" for n, x in v["per_n"].items())
+                print(f"  heavy / replay, start {s}: {v['ratio']:.3f} [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}] "
+                      f"({per_n})")
         off = [v["ratio"] for v in res["off"][col].values() if v.get("sequence_counts")]
         if off:
             print(f"  grid of one start / replay of another: {min(off):.3f} to {max(off):.3f} over {len(off)} pairs")
@@ -223,6 +240,8 @@ def main() -> None:
     r.add_argument("--rounds", type=int, default=6)
     r.add_argument("--rate", type=float, default=3.0, help="the traces' Poisson rate, req/s")
     r.add_argument("--count", type=int, default=30, help="requests per trace")
+    r.add_argument("--heavy-rate", type=float, default=0.0,
+                   help="also a trace of the same mix at this rate per round (req/s; 0: none): load on and off")
     r.add_argument("--tier", type=int, default=0, help="the CPU ladder's model (0 cpu-tiny, 1 cpu-small, 2 cpu-base)")
     r.set_defaults(func=run)
     a = sub.add_parser("analyze")
