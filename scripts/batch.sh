@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The batch-level job (issue 13) on the embedded default: the batch grid (scripts/batch_spec.toml) on the CPU
-# ladder, two Poisson replays the model never trains on (light: about one request in flight; heavy: most
-# iterations hold >= 4 sequences), the iteration model, the feature-set study and the validation.
+# ladder, a training replay (traffic: the iteration model learns from it beside the grid; docs/simulate.md, "What
+# the iteration model trains on"), two Poisson replays the model never trains on (light: about one request in
+# flight; heavy: most iterations hold >= 4 sequences), the iteration model, the feature-set study and the
+# validation.
 # Idempotent like main.sh: finished runs are reused (--name), unfinished ones resumed.
 #   OUT=... bash scripts/batch.sh        (main.sh runs it when WITH_BATCH=1 and adds it to the report)
 set -euo pipefail
@@ -20,9 +22,10 @@ replay() {  # name rate count seed: resume an unfinished replay, skip a finished
   fi
 }
 "$bin/profile" sweep --spec scripts/batch_spec.toml --out "$out" --name batch-default
+replay replay-train 6 80 3
 replay replay-light 2 40 1
 replay replay-heavy 20 80 2
-"$bin/estimate" train "$out/batch-default" --target iteration --out models/batch-iteration
+"$bin/estimate" train "$out/batch-default" "$out/replay-train" --target iteration --out models/batch-iteration
 "$bin/estimate" batch "$out/batch-default"
 "$bin/estimate" validate "$out/replay-light" --model models/batch-iteration
 "$bin/estimate" validate "$out/replay-heavy" --model models/batch-iteration
