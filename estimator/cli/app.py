@@ -321,6 +321,9 @@ def validate(
         typer.echo("  by iteration kind: " + ", ".join(
             f"{k} ({int(v['iterations'])}): MAPE {v['mape_pct']:.1f}%, mean signed {v['signed_pct']:+.1f}%"
             for k, v in result.by_kind.items()))
+        if result.intervals:
+            typer.echo("  95% bootstrap intervals (iterations / requests resampled): " + ", ".join(
+                f"{k} [{lo:.1f}, {hi:.1f}]" for k, (lo, hi) in result.intervals.items()))
         write_json(result, folder / "validation.json")
         rows.to_parquet(folder / "iterations.parquet", index=False)
         typer.echo(f"wrote {folder / 'validation.json'} and {folder / 'iterations.parquet'}")

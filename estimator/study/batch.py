@@ -16,7 +16,7 @@ ones along the measured schedule (the queue wait before its first iteration is k
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -199,6 +199,25 @@ class ValidationResult(_Record):
     method: str
     # per iteration kind (prefill-only, mixed, decode-only): iterations, MAPE % and mean signed error %
     by_kind: dict[str, dict[str, float]] = {}
+    # bootstrap 95% intervals [low, high] of iteration_mape_pct, ttft_mape_pct, e2e_mape_pct and the decode-only
+    # mean signed error (decode_only_signed_pct): iterations or requests resampled independently, so the
+    # correlation between neighbouring iterations of a run is not in them; an interval over seeds is wider
+    intervals: dict[str, list[float]] = {}
+
+
+def _interval(stat: Callable[..., float], *arrays: np.ndarray, n_boot: int = 1000) -> list[float]:
+    """Bootstrap 95% percentile interval of stat(*arrays), rows resampled together (seeded: reproducible)."""
+    rng = np.random.default_rng(0)
+    n = len(arrays[0])
+    if n < 2:
+        return []
+    values = [stat(*(a[idx] for a in arrays)) for idx in (rng.integers(0, n, n) for _ in range(n_boot))]
+    low, high = np.percentile(values, [2.5, 97.5])
+    return [float(low), float(high)]
+
+
+def _signed(y: np.ndarray, p: np.ndarray) -> float:
+    return float(np.mean((p - y) / y) * 100.0)
 
 
 def _by_kind(out: pd.DataFrame) -> dict[str, dict[str, float]]:
@@ -211,7 +230,7 @@ def _by_kind(out: pd.DataFrame) -> dict[str, dict[str, float]]:
             result[kind] = {
                 "iterations": float(len(sub)),
                 "mape_pct": _mape(y, p),
-                "signed_pct": float(np.mean((p - y) / y) * 100.0),
+                "signed_pct": _signed(y, p),
             }
     return result
 
@@ -279,6 +298,10 @@ def validate_iterations(model_dir: Path, runs: Sequence[Path]) -> tuple[Validati
         for b, sub in out.groupby(np.minimum(out["num_prefill_seqs"] + out["num_decode_seqs"], 16))
     }
     ttft = e2e = None
+    intervals = {"iteration_mape_pct": _interval(_mape, y, pred)}
+    decode = iteration_kind(out) == KINDS[2]
+    if decode.any():
+        intervals["decode_only_signed_pct"] = _interval(_signed, y[decode], pred[decode])
     req = itset.requests
     if len(req) and {"first_iteration", "last_iteration", "ttft_ms", "e2e_ms"} <= set(req.columns):
         diff = out.assign(_d=out["latency_ms"] - out["predicted_ms"])
@@ -302,6 +325,8 @@ def validate_iterations(model_dir: Path, runs: Sequence[Path]) -> tuple[Validati
         if t_meas:
             ttft = _mape(np.asarray(t_meas), np.asarray(t_pred))
             e2e = _mape(np.asarray(e_meas), np.asarray(e_pred))
+            intervals["ttft_mape_pct"] = _interval(_mape, np.asarray(t_meas), np.asarray(t_pred))
+            intervals["e2e_mape_pct"] = _interval(_mape, np.asarray(e_meas), np.asarray(e_pred))
     result = ValidationResult(
         model=str(model_dir),
         runs=[r.run_id for r in itset.runs],
@@ -315,6 +340,7 @@ def validate_iterations(model_dir: Path, runs: Sequence[Path]) -> tuple[Validati
         e2e_mape_pct=e2e,
         mape_by_batch_size=by_batch,
         by_kind=_by_kind(out),
+        intervals={k: v for k, v in intervals.items() if v},
         method=__doc__.split("`validate_iterations`: ", 1)[1].strip() if __doc__ else "",
     )
     return result, out[

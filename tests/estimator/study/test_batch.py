@@ -109,6 +109,12 @@ def test_cli_batch_and_validate(batch_run: Path, tmp_path: Path) -> None:
     assert set(kinds) <= {"prefill-only", "mixed", "decode-only"} and "decode-only" in kinds
     assert sum(k["iterations"] for k in kinds.values()) == v["iterations"]
     assert all(abs(k["signed_pct"]) <= k["mape_pct"] + 1e-9 for k in kinds.values())
+    iv = v["intervals"]
+    assert set(iv) == {"iteration_mape_pct", "ttft_mape_pct", "e2e_mape_pct", "decode_only_signed_pct"}
+    for key in ("iteration_mape_pct", "ttft_mape_pct", "e2e_mape_pct"):
+        assert iv[key][0] < v[key] < iv[key][1], key
+    assert iv["decode_only_signed_pct"][0] < kinds["decode-only"]["signed_pct"] < iv["decode_only_signed_pct"][1]
+    assert "95% bootstrap intervals" in result.output
 
 
 def test_validation_refuses_a_training_run_or_its_workload(tmp_path: Path) -> None:
