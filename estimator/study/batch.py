@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict
 from estimator.data.iterations import load_iteration_runs, with_derived
 from estimator.errors import EstimatorError
 from estimator.model.iteration import IterationEstimator
-from estimator.study.intervals import corrected_t_interval, decide
+from estimator.study.intervals import bootstrap_interval, corrected_t_interval, decide
 
 _TOTALS = ["prefill_tokens", "num_decode_seqs"]
 _CONTEXT = [*_TOTALS, "decode_ctx_sum", "prefill_ctx_sum"]
@@ -205,15 +205,11 @@ class ValidationResult(_Record):
     intervals: dict[str, list[float]] = {}
 
 
-def _interval(stat: Callable[..., float], *arrays: np.ndarray, n_boot: int = 1000) -> list[float]:
-    """Bootstrap 95% percentile interval of stat(*arrays), rows resampled together (seeded: reproducible)."""
-    rng = np.random.default_rng(0)
-    n = len(arrays[0])
-    if n < 2:
-        return []
-    values = [stat(*(a[idx] for a in arrays)) for idx in (rng.integers(0, n, n) for _ in range(n_boot))]
-    low, high = np.percentile(values, [2.5, 97.5])
-    return [float(low), float(high)]
+def _interval(stat: Callable[[np.ndarray, np.ndarray], float], y: np.ndarray, p: np.ndarray) -> list[float]:
+    """Bootstrap 95% interval of stat(measured, predicted), rows resampled independently (each its own group in
+    `bootstrap_interval`); [] where it cannot be computed."""
+    iv = bootstrap_interval(lambda idx: stat(y[idx], p[idx]), np.arange(len(y)), n_boot=1000)
+    return [iv.low, iv.high] if np.isfinite(iv.low) and np.isfinite(iv.high) else []
 
 
 def _signed(y: np.ndarray, p: np.ndarray) -> float:
