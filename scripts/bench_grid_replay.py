@@ -56,7 +56,7 @@ def _bench_class() -> Any:
     return module.Bench
 
 
-Segments = dict[tuple[int, int, str, int], list[WorkloadRequest]]
+Segments = dict[tuple[int, int, str], list[list[WorkloadRequest]]]  # (start, round, kind) -> its episodes
 
 
 def _trace(seed: str, first_index: int, rate: float, count: int) -> list[WorkloadRequest]:
@@ -69,20 +69,22 @@ def _trace(seed: str, first_index: int, rate: float, count: int) -> list[Workloa
 
 
 def workloads(starts: int, rounds: int, rate: float, count: int, heavy_rate: float = 0.0) -> Segments:
-    """Every segment's requests, keyed (start, round, kind, episode); request indices unique over the run (a
-    distinct prompt each). Kinds: grid, replay (Poisson at `rate`) and, with `heavy_rate` > 0, heavy (the same
+    """Every segment's episodes (one each for a trace), keyed (start, round, kind); request indices unique over the
+    run (a distinct prompt each). Kinds: grid, replay (Poisson at `rate`) and, with `heavy_rate` > 0, heavy (the same
     request mix at that rate)."""
     out: Segments = {}
     index = 0
     for s in range(starts):
         for r in range(rounds):
-            for e, (b, length) in enumerate((b, length) for b in GRID_B for length in GRID_L):
-                out[(s, r, "grid", e)] = [WorkloadRequest(index + i, 0.0, length, GRID_NEW) for i in range(b)]
+            episodes = []
+            for b, length in ((b, length) for b in GRID_B for length in GRID_L):
+                episodes.append([WorkloadRequest(index + i, 0.0, length, GRID_NEW) for i in range(b)])
                 index += b
-            out[(s, r, "replay", 0)] = _trace(f"trace:{s}:{r}", index, rate, count)
+            out[(s, r, "grid")] = episodes
+            out[(s, r, "replay")] = [_trace(f"trace:{s}:{r}", index, rate, count)]
             index += count
             if heavy_rate > 0:
-                out[(s, r, "heavy", 0)] = _trace(f"heavy:{s}:{r}", index, heavy_rate, count)
+                out[(s, r, "heavy")] = [_trace(f"heavy:{s}:{r}", index, heavy_rate, count)]
                 index += count
     return out
 
@@ -92,7 +94,7 @@ def run(args: argparse.Namespace) -> None:
     out.mkdir(parents=True, exist_ok=True)
     Bench = _bench_class()
     segs = workloads(args.starts, args.rounds, args.rate, args.count, args.heavy_rate)
-    everything = [r for reqs in segs.values() for r in reqs]
+    everything = [r for episodes in segs.values() for reqs in episodes for r in reqs]
     frames, starts = [], []
     for s in range(args.starts):
         bench = Bench(8, everything, policy="fcfs", tier=args.tier)
@@ -104,9 +106,7 @@ def run(args: argparse.Namespace) -> None:
                 kinds = ["grid", "replay", "heavy"] if args.heavy_rate > 0 else ["grid", "replay"]
                 kinds = kinds[(s + r) % len(kinds):] + kinds[: (s + r) % len(kinds)]  # rotate: spread drift
                 for kind in kinds:
-                    for (s2, r2, k2, e), reqs in segs.items():
-                        if (s2, r2, k2) != (s, r, kind):
-                            continue
+                    for e, reqs in enumerate(segs[(s, r, kind)]):
                         bench.drive(reqs)
                         rows = bench.last.iteration_rows({"start": s, "round": r, "kind": kind, "episode": e})
                         frames.append(pd.DataFrame(rows))

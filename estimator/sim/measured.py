@@ -206,10 +206,10 @@ def iteration_gaps(run_dir: Path) -> pd.DataFrame:
     """Per iteration of a replay, the three parts of its wall time kept apart (ms): `engine_elapsed_ms` (the engine
     core's own), `outside_core_ms` (the rest of the step call: output processing and IPC; negative where the core's
     iteration overlapped the caller's previous call, as the engine core in its own process runs ahead), and
-    `gap_before_ms` (the
-    harness's share before it: from the previous iteration's end to this one's start while the engine held
-    requests), with `batch_size` and `checkpoint_before`. Runs recorded before the harness wrote `gap_before_ms`
-    get it from consecutive iterations, kept only where a request was in flight at the previous end (not idle)."""
+    `gap_before_ms` (the harness's share before it: from the previous iteration's end to this one's start while
+    the engine held requests), with `batch_size` and `checkpoint_before`. Runs recorded before the harness wrote
+    `gap_before_ms` get it from consecutive iterations, kept only where a request was in flight at the previous end
+    (not idle)."""
     manifest = read_manifest(run_dir)
     if manifest.get("kind") != "replay":
         raise EstimatorError(f"{run_dir}: not a replay run (the gaps are the harness's, measured in replays)")
