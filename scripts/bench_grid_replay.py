@@ -40,7 +40,7 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from traffic.workload import WorkloadRequest  # noqa: E402
+from contract.request import Request  # noqa: E402
 
 GRID_B, GRID_L, GRID_NEW = (1, 2, 4), (128, 384), 32
 TRACE_PROMPT, TRACE_NEW = (64, 512), (8, 48)
@@ -56,15 +56,15 @@ def _bench_class() -> Any:
     return module.Bench
 
 
-Segments = dict[tuple[int, int, str], list[list[WorkloadRequest]]]  # (start, round, kind) -> its episodes
+Segments = dict[tuple[int, int, str], list[list[Request]]]  # (start, round, kind) -> its episodes
 
 
-def _trace(seed: str, first_index: int, rate: float, count: int) -> list[WorkloadRequest]:
+def _trace(seed: str, first_index: int, rate: float, count: int) -> list[Request]:
     rng = random.Random(seed)
     t, reqs = 0.0, []
     for i in range(count):
         t += rng.expovariate(rate)
-        reqs.append(WorkloadRequest(first_index + i, t, rng.randint(*TRACE_PROMPT), rng.randint(*TRACE_NEW)))
+        reqs.append(Request.numbered(first_index + i, t, rng.randint(*TRACE_PROMPT), rng.randint(*TRACE_NEW)))
     return reqs
 
 
@@ -78,7 +78,7 @@ def workloads(starts: int, rounds: int, rate: float, count: int, heavy_rate: flo
         for r in range(rounds):
             episodes = []
             for b, length in ((b, length) for b in GRID_B for length in GRID_L):
-                episodes.append([WorkloadRequest(index + i, 0.0, length, GRID_NEW) for i in range(b)])
+                episodes.append([Request.numbered(index + i, 0.0, length, GRID_NEW) for i in range(b)])
                 index += b
             out[(s, r, "grid")] = episodes
             out[(s, r, "replay")] = [_trace(f"trace:{s}:{r}", index, rate, count)]

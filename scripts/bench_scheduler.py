@@ -47,18 +47,18 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from contract.policy import Decision, Held  # noqa: E402
+from contract.request import Declared, Request  # noqa: E402
 from estimator.model.iteration import IterationEstimator  # noqa: E402
 from estimator.report.sections.scheduling import ANCHORS, attainment_figure  # noqa: E402
 from estimator.sim.policies import EstimateAdmitPolicy, EstimatePolicy  # noqa: E402
-from estimator.sim.scheduler import Arrival, simulate  # noqa: E402
+from estimator.sim.scheduler import simulate  # noqa: E402
 from estimator.sim.workload import (  # noqa: E402
     Overheads,
     engine_config_from_manifest,
     iteration_fn,
     run_workload,
 )
-from traffic.policy import Arriving, Decision, Held  # noqa: E402
-from traffic.workload import WorkloadRequest  # noqa: E402
 
 SHORT, LONG = ((32, 96), (4, 12)), ((768, 1024), (48, 64))
 POLICIES = ("fcfs", "prompt", "estimate", "estimate-admit", "oracle")
@@ -66,7 +66,7 @@ CONFIG = {"tier": 0, "top_k": 0, "blocks": 128}  # the engine config the bench r
 TARGET = 0.9
 
 
-def bimodal(rate: float, count: int, seed: int) -> list[WorkloadRequest]:
+def bimodal(rate: float, count: int, seed: int) -> list[Request]:
     """70% short, 30% long requests (lengths depend on the seed only), Poisson arrivals at `rate`: the seed's
     unit-rate gaps divided by `rate`, so every rate replays the same requests in the same order."""
     lengths, gaps = random.Random(f"bimodal:{seed}"), random.Random(f"gaps:{seed}")
@@ -75,7 +75,7 @@ def bimodal(rate: float, count: int, seed: int) -> list[WorkloadRequest]:
         if i:
             t += gaps.expovariate(1.0) / rate
         (p_lo, p_hi), (n_lo, n_hi) = SHORT if lengths.random() < 0.7 else LONG
-        out.append(WorkloadRequest(i, round(t, 6), lengths.randint(p_lo, p_hi), lengths.randint(n_lo, n_hi)))
+        out.append(Request.numbered(i, round(t, 6), lengths.randint(p_lo, p_hi), lengths.randint(n_lo, n_hi)))
     return out
 
 
@@ -92,18 +92,18 @@ class Static:
     def start(self, engine: Mapping[str, Any], config: Mapping[str, Any]) -> None:
         pass
 
-    def decide(self, request: Arriving, held: Sequence[Held]) -> Decision:
+    def decide(self, request: Declared, held: Sequence[Held]) -> Decision:
         return Decision(priority=self.priorities[request.request_id])
 
 
 def estimate_priorities(
-    reqs: list[WorkloadRequest], model: IterationEstimator, config: dict[str, Any], engine: Any
+    reqs: list[Request], model: IterationEstimator, config: dict[str, Any], engine: Any
 ) -> tuple[list[int], float]:
     """Each request's predicted latency alone (µs, the estimate policy's priority) and the mean cost (µs)."""
     fn = iteration_fn(model, config)
     out, t0 = [], time.perf_counter()
     for r in reqs:
-        run = simulate([Arrival(r.request_id, 0.0, r.text_tokens, r.new_tokens)], engine, fn)
+        run = simulate([r.declaring(arrival_s=0.0, priority=None)], engine, fn)
         out.append(round(run.requests[0].token_times_s[-1] * 1e6))
     return out, (time.perf_counter() - t0) / len(reqs) * 1e6
 
@@ -114,7 +114,7 @@ def estimate_priorities(
 class Bench:
     """One engine start and the harness's request driver (harness/drivers/batch.py `Drive`)."""
 
-    def __init__(self, max_num_seqs: int, requests: list[WorkloadRequest], policy: str = "priority",
+    def __init__(self, max_num_seqs: int, requests: list[Request], policy: str = "priority",
                  tier: int = 0) -> None:
         """`policy`: the engine's scheduling_policy (`priority` for this bench; `fcfs` as `profile replay`);
         `tier`: the CPU ladder's model (0 = cpu-tiny)."""
@@ -136,16 +136,15 @@ class Bench:
         warm_up(self.engine, self.cutter, self.plan, [self.point])
         self.sampling = sampling_of(self.spec, self.point)
 
-    def drive(self, requests: list[WorkloadRequest], policy: Any = None, solo: bool = False,
+    def drive(self, requests: list[Request], policy: Any = None, solo: bool = False,
               priorities: Mapping[str, int] | None = None) -> pd.DataFrame:
         from harness.drivers.batch import Drive, InFlight
         from harness.drivers.replay import plan_replay
 
         _, prompts, _ = plan_replay(self.spec, requests, "bench")
         inflight = [
-            InFlight(r.request_id, p.token_ids, r.new_tokens, p.prompt_id,
-                     arrival_s=r.arrival_s, sampling=self.sampling, workload_arrival_s=r.arrival_s,
-                     priority=(priorities or {}).get(r.request_id, 0))
+            InFlight(r.declaring(priority=(priorities or {}).get(r.request_id, 0)), p.token_ids, p.prompt_id,
+                     start_s=r.arrival_s, sampling=self.sampling, workload_clock=True)
             for r, p in zip(requests, prompts, strict=True)  # plan_replay: one prompt per request, in order
         ]
         d = Drive(self.engine, inflight, policy=policy, solo=solo).run()
@@ -246,7 +245,7 @@ def slo_of(alone: pd.DataFrame, scale: float) -> dict[str, dict[str, float]]:
 
 
 def choose_scale(model: IterationEstimator, setup: dict[str, Any], alone: pd.DataFrame,
-                 sets: Mapping[int, list[WorkloadRequest]], mult: float) -> float:
+                 sets: Mapping[int, list[Request]], mult: float) -> float:
     """SCALE_RULE, from the replica alone (no policy's measured result is looked at)."""
     for scale in SCALES:
         rows = simulated(model, {**setup, "slo": slo_of(alone, scale)}, sets, [mult], policies=("fcfs",),
@@ -383,7 +382,7 @@ def analyze(args: argparse.Namespace) -> None:
 
 
 
-def simulated(model: IterationEstimator, setup: Mapping[str, Any], sets: Mapping[int, list[WorkloadRequest]],
+def simulated(model: IterationEstimator, setup: Mapping[str, Any], sets: Mapping[int, list[Request]],
               mults: list[float], policies: Sequence[str] = ("fcfs", "estimate", "estimate, preemptive"),
               quiet: bool = False) -> list[dict[str, Any]]:
     """SIMULATED, not measured: the same traces in the replica under FCFS, the estimate policy as vLLM runs it

@@ -21,12 +21,12 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from contract.workload import LengthDist, generate_workload  # noqa: E402
 from estimator.data.runs import read_manifest  # noqa: E402
 from estimator.model.iteration import IterationEstimator  # noqa: E402
 from estimator.sim.measured import cdf_plot  # noqa: E402
 from estimator.sim.validation import ci_text, save_validation, validate_simulation  # noqa: E402
 from estimator.sim.workload import Overheads, capacity_curve, engine_config_from_manifest, run_workload  # noqa: E402
-from traffic.workload import LengthDist, generate_workload  # noqa: E402
 
 
 def speed(args: argparse.Namespace) -> None:

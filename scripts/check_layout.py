@@ -9,7 +9,8 @@ module, including the ones inside functions (a lazy import still ties two module
 package's parent (`estimator/__init__.py`) is implicit in Python and is not an edge here. A private name is one
 with a leading underscore that is not a dunder (`_fail`, not `__version__`); borrowing one means `from m import
 _name`, or `m._name` where `m` is a project module bound by an import. Exit 1 on a cycle, a module over the line
-limit, a borrowed private name or an import against the harness's folder order (LAYERS).
+limit, a borrowed private name, an import against the harness's folder order (LAYERS), an import between the
+harness and the estimator, or a contract module that imports anything but the standard library and the contract.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("harness", "estimator")
+PACKAGES = ("contract", "harness", "estimator")
+# The two halves meet only through results files and the contract beneath both: neither imports the other.
+HALVES = ("harness", "estimator")
 # What each harness folder may import of the others (its own folder and the package root always): run data at the
 # bottom, then telemetry, then the engine, the drivers, and the CLI on top.
 LAYERS = {
@@ -116,6 +119,38 @@ def layer_violations(graph: dict[str, set[str]]) -> list[str]:
     return bad
 
 
+def top_level_imports(path: Path) -> set[str]:
+    """The top-level names of every absolute import in `path` (`numpy` for `import numpy.linalg`)."""
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        if isinstance(node, ast.Import):
+            out.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            out.add(node.module.split(".")[0])
+    return out
+
+
+def contract_violations(modules: dict[str, Path]) -> list[str]:
+    """`module -> name` for each import of a contract module outside the standard library and the contract."""
+    allowed = set(sys.stdlib_module_names) | {"contract", "__future__"}
+    return [
+        f"{m} -> {name}"
+        for m, p in sorted(modules.items())
+        if m == "contract" or m.startswith("contract.")
+        for name in sorted(top_level_imports(p) - allowed)
+    ]
+
+
+def halves_crossed(graph: dict[str, set[str]]) -> list[str]:
+    """`a -> b` for each import from one half (harness, estimator) into the other."""
+    return [
+        f"{m} -> {t}"
+        for m, targets in sorted(graph.items())
+        for t in sorted(targets)
+        if m.split(".")[0] in HALVES and t.split(".")[0] in HALVES and m.split(".")[0] != t.split(".")[0]
+    ]
+
+
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     """Strongly connected components with more than one module (Tarjan, iterative)."""
     index: dict[str, int] = {}
@@ -191,10 +226,18 @@ def main(argv: list[str] | None = None) -> int:
     against = layer_violations(graph)
     for edge in against:
         print(f"import against the folder order: {edge}")
+    crossed = halves_crossed(graph)
+    for edge in crossed:
+        print(f"import between the harness and the estimator: {edge}")
+    impure = contract_violations(modules)
+    for edge in impure:
+        print(f"contract imports beyond the standard library: {edge}")
     if not borrowed and not against:
         print("no private name borrowed across modules; harness folders import one way "
               "(rundata, telemetry < engine < drivers < cli)")
-    bad += len(borrowed) + len(against)
+    if not crossed and not impure:
+        print("harness and estimator meet only through contract (standard library only) and results files")
+    bad += len(borrowed) + len(against) + len(crossed) + len(impure)
     print("__main__ blocks: " + (", ".join(main_guards(modules)) or "none"))
     return 1 if bad else 0
 

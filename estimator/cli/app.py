@@ -224,6 +224,7 @@ def predict(
     ] = False,
 ) -> None:
     """Predict prefill ms, decode ms per step (first/median/last) and whole-request ms for one request."""
+    from contract.request import Request
     from estimator.model.predict import PredictSpec, predict_report
 
     def go() -> None:
@@ -239,9 +240,7 @@ def predict(
             PredictSpec,
             model=model,
             config=config,
-            text_tokens=text_tokens,
-            new_tokens=new_tokens,
-            text=text,
+            request=Request.make("predict", 0.0, text_tokens, new_tokens, prompt=text),
             allow_unseen=allow_unseen,
         )
         report = predict_report(spec)

@@ -108,6 +108,7 @@ def simulate(
 ) -> None:
     """Predict a workload from its arrivals: queueing, TTFT, TPOT, end-to-end per request (vLLM's benchmark
     definitions), with a replica of vLLM's v1 scheduler and the iteration model."""
+    from contract.workload import LengthDist, WorkloadError, generate_workload, read_workload
     from estimator.model.iteration import IterationEstimator
     from estimator.sim import measured as meas
     from estimator.sim.workload import (
@@ -119,7 +120,6 @@ def simulate(
         slo_attainment,
         summarize,
     )
-    from traffic.workload import LengthDist, WorkloadError, generate_workload, read_workload
 
     def go() -> None:
         if policy not in ("fcfs", "priority"):

@@ -6,8 +6,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import Field
+from pydantic import ConfigDict, field_validator
 
+from contract.request import Request
 from estimator.errors import EstimatorError
 from estimator.model.estimator import LatencyEstimator
 from estimator.model.meta import StrictModel
@@ -16,30 +17,41 @@ MAX_TOKENS = 262_144  # beyond any served context window; a larger ask is an inp
 
 
 class PredictSpec(StrictModel):
-    """What `estimate predict` asks: one request under one config."""
+    """What `estimate predict` asks: one request (the contract's: its prompt tokens and text, and the tokens it
+    generates, `output_tokens`) under one config."""
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
 
     model: Path
     config: dict[str, int | float | str]
-    text_tokens: int = Field(gt=0, le=MAX_TOKENS)
-    new_tokens: int = Field(ge=1, le=MAX_TOKENS)
-    text: str | None = None
+    request: Request
     allow_unseen: bool = False
+
+    @field_validator("request")
+    @classmethod
+    def _lengths(cls, r: Request) -> Request:
+        if not 0 < r.text_tokens <= MAX_TOKENS:
+            raise ValueError(f"text_tokens must be in 1..{MAX_TOKENS}, got {r.text_tokens}")
+        if not 1 <= r.output_tokens <= MAX_TOKENS:
+            raise ValueError(f"new_tokens must be in 1..{MAX_TOKENS}, got {r.output_tokens}")
+        return r
 
 
 def predict_report(spec: PredictSpec) -> dict[str, Any]:
     """Prefill ms, decode ms per step (first/median/last, exact) and whole-request ms of one request."""
     est = LatencyEstimator.load(spec.model)
     config = est.complete_config(spec.config)
-    if est.variant == "embedding" and spec.text is None:
+    r = spec.request
+    if est.variant == "embedding" and r.prompt is None:
         raise EstimatorError("this model uses the embedding variant: pass the prompt with --text")
-    req = est.predict_request(config, spec.text_tokens, spec.new_tokens, spec.text, allow_unseen=spec.allow_unseen)
-    steps = est.decode_positions(config, spec.text_tokens, spec.new_tokens, spec.text, allow_unseen=spec.allow_unseen)
+    req = est.predict_request(config, r.text_tokens, r.output_tokens, r.prompt, allow_unseen=spec.allow_unseen)
+    steps = est.decode_positions(config, r.text_tokens, r.output_tokens, r.prompt, allow_unseen=spec.allow_unseen)
     return {
         "model": str(spec.model),
         "variant": est.variant,
         "config": config,
-        "text_tokens": spec.text_tokens,
-        "new_tokens": spec.new_tokens,
+        "text_tokens": r.text_tokens,
+        "new_tokens": r.output_tokens,
         "prefill_ms": req.prefill_ms,
         "decode_steps": req.decode_steps,
         "decode_first_ms": float(steps[0]) if len(steps) else None,

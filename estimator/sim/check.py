@@ -17,9 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
+from contract.request import Request
 from estimator.data.runs import read_manifest, read_parquet_folder, served_requests
 from estimator.errors import EstimatorError
-from estimator.sim.scheduler import Arrival, simulate
+from estimator.sim.scheduler import simulate
 from estimator.sim.workload import engine_config_from_manifest
 
 
@@ -63,7 +64,7 @@ def replica_agreement(run_dir: Path, allowance_s: float = 0.01) -> Agreement:
             pos = position.get(int(r.first_iteration))
             if pos is not None:
                 seen = min(seen, float(start[pos]))
-            arrivals.append(Arrival(str(r.request_id), seen, int(r.text_tokens), int(r.new_tokens)))
+            arrivals.append(Request.make(str(r.request_id), seen, int(r.text_tokens), int(r.new_tokens)))
         windows = list(zip(start.tolist(), end.tolist(), strict=True))
         run = simulate(arrivals, engine, lambda *_: 1.0, measured_windows=windows, keep_steps=True)
         for row, step in zip(it.itertuples(), run.steps, strict=False):

@@ -15,12 +15,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from contract.request import Request
+from contract.workload import WorkloadError, read_workload
 from estimator.data.runs import read_manifest, read_parquet_folder, served_requests
 from estimator.errors import EstimatorError
 from estimator.model.iteration import IterationEstimator
 from estimator.sim.scheduler import EngineConfig
 from estimator.sim.workload import METRICS, STATS, Overheads, engine_config_from_manifest, run_workload
-from traffic.workload import WorkloadError, WorkloadRequest, read_workload
 
 
 @dataclass
@@ -30,7 +31,7 @@ class MeasuredRun:
     path: Path
     kind: str  # "replay" or "serve-bench"
     manifest: dict[str, Any]
-    workload: list[WorkloadRequest]
+    workload: list[Request]
     engine: EngineConfig
     requests: pd.DataFrame  # request_id, ttft_ms, tpot_ms, e2e_ms (+ queue_ms for replays)
     config: dict[str, Any]

@@ -1,6 +1,6 @@
-"""Scheduling by predicted latency: the `estimate` and `estimate-admit` arrival policies (traffic/policy.py).
+"""Scheduling by predicted latency: the `estimate` and `estimate-admit` arrival policies (contract/policy.py).
 
-Registered in pyproject.toml under `traffic.policy.ENTRY_POINT_GROUP`, so the harness's replay finds them by name
+Registered in pyproject.toml under `contract.policy.ENTRY_POINT_GROUP`, so the harness's replay finds them by name
 (`profile replay --policy estimate --policy-model MODEL`) without importing the estimator.
 
 - `estimate`: priority = the request's predicted end-to-end latency alone (µs): the request by itself through the
@@ -20,11 +20,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from contract.policy import Decision, Held
+from contract.request import Declared, Request
 from estimator.errors import EstimatorError
 from estimator.model.iteration import IterationEstimator
-from estimator.sim.scheduler import Arrival, EngineConfig, InEngine, IterationFn, SimulationError, simulate
+from estimator.sim.scheduler import EngineConfig, InEngine, IterationFn, SimulationError, simulate
 from estimator.sim.workload import Overheads, engine_config_from_manifest, iteration_fn
-from traffic.policy import Arriving, Decision, Held
 
 
 def parse_slo(entries: Sequence[str]) -> list[tuple[int, float, float]]:
@@ -44,6 +45,14 @@ def parse_slo(entries: Sequence[str]) -> list[tuple[int, float, float]]:
     if min(lo for lo, _, _ in out) != 0:
         raise EstimatorError("the SLO classes must start at MIN_PROMPT 0 (every request needs one)")
     return sorted(out)
+
+
+def as_predicted(declared: Declared, arrival_s: float, priority: int | None = None) -> Request:
+    """A declared request as the replica runs it for a prediction: arriving at `arrival_s` on the replica's clock,
+    generating its declared `max_tokens` (what a policy can know of its length)."""
+    d = declared
+    return Request.make(d.request_id, arrival_s, d.text_tokens, d.max_tokens,
+                        priority=priority if priority is not None else d.priority)
 
 
 class EstimatePolicy:
@@ -71,15 +80,15 @@ class EstimatePolicy:
             raise EstimatorError(f"policy {self.name}: start() was not called with the engine's settings")
         return self.engine, self.fn
 
-    def alone_us(self, request: Arriving) -> int:
-        """The request's predicted end-to-end latency alone (µs)."""
+    def alone_us(self, request: Declared) -> int:
+        """The request's predicted end-to-end latency alone (µs), for its declared `max_tokens` outputs (a policy
+        never sees the true length)."""
         engine, fn = self._bound()
         o = self.overheads
-        run = simulate([Arrival(request.request_id, 0.0, request.prompt_tokens, request.output_tokens)], engine, fn,
-                       o.iteration_ms, o.sequence_ms)
+        run = simulate([as_predicted(request, 0.0)], engine, fn, o.iteration_ms, o.sequence_ms)
         return round(run.requests[0].token_times_s[-1] * 1e6 + o.request_ms * 1e3)
 
-    def decide(self, request: Arriving, held: Sequence[Held]) -> Decision:
+    def decide(self, request: Declared, held: Sequence[Held]) -> Decision:
         return Decision(priority=self.alone_us(request))
 
 
@@ -92,21 +101,21 @@ class EstimateAdmitPolicy(EstimatePolicy):
         super().__init__(model, config)
         self.slo = parse_slo(slo)
 
-    def limits_ms(self, prompt_tokens: int, output_tokens: int) -> tuple[float, float]:
-        """(TTFT, end-to-end) limits of a request's class, ms."""
-        _, ttft, tpot = [c for c in self.slo if c[0] <= prompt_tokens][-1]
-        return ttft, ttft + tpot * max(output_tokens - 1, 0)
+    def limits_ms(self, text_tokens: int, max_tokens: int) -> tuple[float, float]:
+        """(TTFT, end-to-end) limits of a request's class, ms, for `max_tokens` outputs."""
+        _, ttft, tpot = [c for c in self.slo if c[0] <= text_tokens][-1]
+        return ttft, ttft + tpot * max(max_tokens - 1, 0)
 
-    def predict_ms(self, request: Arriving, priority: int, held: Sequence[Held]) -> tuple[float, float]:
-        """The request's predicted TTFT and end-to-end latency (ms) if admitted now."""
+    def predict_ms(self, request: Declared, priority: int, held: Sequence[Held]) -> tuple[float, float]:
+        """The request's predicted TTFT and end-to-end latency (ms) if admitted now (each request generating its
+        declared `max_tokens`)."""
         engine, fn = self._bound()
         o = self.overheads
         state = [
-            InEngine(Arrival(h.request_id, -h.arrived_s_ago, h.prompt_tokens, h.output_tokens, h.priority),
-                     h.computed_tokens, h.outputs, h.running)
-            for h in held if h.outputs < h.output_tokens
+            InEngine(as_predicted(h.request, -h.arrived_s_ago, h.priority), h.computed_tokens, h.outputs, h.running)
+            for h in held if h.outputs < h.request.max_tokens
         ]
-        new = Arrival(request.request_id, 0.0, request.prompt_tokens, request.output_tokens, priority)
+        new = as_predicted(request, 0.0, priority)
         try:
             run = simulate([new], engine, fn, o.iteration_ms, o.sequence_ms, in_engine=state)
         except SimulationError as exc:
@@ -114,10 +123,10 @@ class EstimateAdmitPolicy(EstimatePolicy):
         times = run.requests[0].token_times_s
         return times[0] * 1e3 + o.request_ms, times[-1] * 1e3 + o.request_ms
 
-    def decide(self, request: Arriving, held: Sequence[Held]) -> Decision:
+    def decide(self, request: Declared, held: Sequence[Held]) -> Decision:
         priority = self.alone_us(request)
         ttft, e2e = self.predict_ms(request, priority, held)
-        lim_ttft, lim_e2e = self.limits_ms(request.prompt_tokens, request.output_tokens)
+        lim_ttft, lim_e2e = self.limits_ms(request.text_tokens, request.max_tokens)
         if ttft > lim_ttft:
             return Decision(priority, False, f"predicted TTFT {ttft:.0f} ms > SLO {lim_ttft:.0f} ms")
         if e2e > lim_e2e:

@@ -36,6 +36,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+from contract.request import EngineLimits, Request
+
 Policy = Literal["fcfs", "priority"]
 
 
@@ -44,16 +46,10 @@ class SimulationError(ValueError):
 
 
 @dataclass(frozen=True)
-class EngineConfig:
-    """The scheduler settings of one engine (as read back from a running engine: `effective` in a manifest)."""
+class EngineConfig(EngineLimits):
+    """The scheduler settings of one engine: its limits (contract/request.py `EngineLimits`, as read back from a
+    running engine) and its scheduling policy."""
 
-    max_num_seqs: int
-    max_num_batched_tokens: int
-    block_size: int
-    num_blocks: int
-    max_model_len: int
-    enable_chunked_prefill: bool = True
-    long_prefill_token_threshold: int = 0
     policy: Policy = "fcfs"
     # NOT vLLM: with the priority policy, a waiting request of higher priority than a running one takes its place
     # when max_num_seqs is reached (the running one is preempted by recompute). vLLM 0.32 does not do this
@@ -66,17 +62,6 @@ class EngineConfig:
                 raise SimulationError(f"engine config: {name} must be >= 1, got {getattr(self, name)}")
         if self.policy not in ("fcfs", "priority"):
             raise SimulationError(f"engine config: policy must be fcfs or priority, got {self.policy!r}")
-
-
-@dataclass(frozen=True)
-class Arrival:
-    """One request as the engine receives it: arrival (s on the simulation's clock), lengths, priority."""
-
-    request_id: str
-    arrival_s: float
-    prompt_tokens: int
-    output_tokens: int
-    priority: int = 0
 
 
 @dataclass(frozen=True)
@@ -97,22 +82,22 @@ class Step:
 class RequestTrace:
     """What happened to one request in the replica (engine-side times, s)."""
 
-    arrival: Arrival
+    request: Request
     first_scheduled_s: float | None = None
     token_times_s: list[float] = field(default_factory=list)
     preemptions: int = 0
 
     @property
     def finished(self) -> bool:
-        return len(self.token_times_s) >= self.arrival.output_tokens
+        return len(self.token_times_s) >= self.request.output_tokens
 
 
 @dataclass(frozen=True)
 class InEngine:
-    """A request the engine already holds when the simulation starts (time 0): its arrival (arrival_s <= 0),
+    """A request the engine already holds when the simulation starts (time 0): the request (arrival_s <= 0),
     prompt tokens already computed, outputs already returned, and whether it is running or still waiting."""
 
-    arrival: Arrival
+    request: Request
     computed_tokens: int = 0
     outputs: int = 0
     running: bool = False
@@ -125,7 +110,7 @@ IterationFn = Callable[[int, float, int, int, int], float]
 class _Req:
     __slots__ = ("a", "computed", "outputs", "blocks", "order", "trace", "sampled_since_start")
 
-    def __init__(self, a: Arrival, order: int, trace: RequestTrace) -> None:
+    def __init__(self, a: Request, order: int, trace: RequestTrace) -> None:
         self.a, self.order, self.trace = a, order, trace
         self.computed = 0
         self.outputs = 0
@@ -134,7 +119,7 @@ class _Req:
 
     @property
     def num_tokens(self) -> int:
-        return self.a.prompt_tokens + self.outputs
+        return self.a.text_tokens + self.outputs
 
     def preempt(self) -> int:
         """Preemption by recompute (`Scheduler._preempt_request`): drop the KV cache and the computed tokens;
@@ -145,7 +130,7 @@ class _Req:
         return freed
 
     def key(self) -> tuple[int, float, int]:
-        return (self.a.priority, self.a.arrival_s, self.order)
+        return (self.a.priority or 0, self.a.arrival_s, self.order)
 
     def __lt__(self, other: _Req) -> bool:  # the waiting heap's order (Request.__lt__)
         return self.key() < other.key()
@@ -192,7 +177,7 @@ class SimulationRun:
 
 
 def simulate(
-    arrivals: Sequence[Arrival],
+    arrivals: Sequence[Request],
     config: EngineConfig,
     iteration_ms: IterationFn,
     iteration_overhead_ms: float = 0.0,
@@ -217,14 +202,14 @@ def simulate(
     ordered = sorted(range(len(arrivals)), key=lambda i: (arrivals[i].arrival_s, i))
     traces = [RequestTrace(a) for a in arrivals]
     for a in arrivals:
-        if a.prompt_tokens < 1 or a.output_tokens < 1:
+        if a.text_tokens < 1 or a.output_tokens < 1:
             raise SimulationError(f"request {a.request_id}: prompt and output lengths must be >= 1")
-        if a.prompt_tokens + a.output_tokens > config.max_model_len:
+        if a.text_tokens + a.output_tokens > config.max_model_len:
             raise SimulationError(
-                f"request {a.request_id}: {a.prompt_tokens} + {a.output_tokens} tokens exceed max_model_len "
+                f"request {a.request_id}: {a.text_tokens} + {a.output_tokens} tokens exceed max_model_len "
                 f"{config.max_model_len}"
             )
-        if -(-(a.prompt_tokens + a.output_tokens) // bs) > config.num_blocks:
+        if -(-(a.text_tokens + a.output_tokens) // bs) > config.num_blocks:
             raise SimulationError(
                 f"request {a.request_id}: needs more KV blocks than the engine has ({config.num_blocks} of {bs})"
             )
@@ -232,8 +217,8 @@ def simulate(
     running: list[_Req] = []
     free = config.num_blocks
     for k, h in enumerate(in_engine):
-        r = _Req(h.arrival, -len(in_engine) + k, RequestTrace(h.arrival))
-        r.computed = min(h.computed_tokens, h.arrival.prompt_tokens + h.outputs)
+        r = _Req(h.request, -len(in_engine) + k, RequestTrace(h.request))
+        r.computed = min(h.computed_tokens, h.request.text_tokens + h.outputs)
         r.outputs = h.outputs
         r.sampled_since_start = h.outputs > 0
         if h.running:

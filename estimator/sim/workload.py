@@ -28,10 +28,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from contract.request import EngineLimits, Request
 from estimator.errors import EstimatorError
 from estimator.model.iteration import IterationEstimator
-from estimator.sim.scheduler import Arrival, EngineConfig, IterationFn, SimulationError, SimulationRun, simulate
-from traffic.workload import WorkloadRequest
+from estimator.sim.scheduler import EngineConfig, IterationFn, SimulationError, SimulationRun, simulate
 
 SERVING_FILE = "serving.json"
 METRICS = ("ttft_ms", "tpot_ms", "e2e_ms")
@@ -75,23 +75,11 @@ def engine_config_from_manifest(manifest: dict[str, Any], policy: str = "fcfs") 
     """The replica's settings from a run's last engine start (`engine_starts[-1].effective`, or a serve-bench
     run's `engine`)."""
     eff = manifest.get("engine") or ((manifest.get("engine_starts") or [{}])[-1].get("effective") or {})
-    missing = [
-        k
-        for k in ("max_num_seqs", "max_num_batched_tokens", "block_size", "num_gpu_blocks", "max_model_len")
-        if not eff.get(k)
-    ]
+    missing = EngineLimits.missing(eff)
     if missing:
         raise EstimatorError(f"the run's manifest does not record the engine's {', '.join(missing)}")
-    return EngineConfig(
-        max_num_seqs=int(eff["max_num_seqs"]),
-        max_num_batched_tokens=int(eff["max_num_batched_tokens"]),
-        block_size=int(eff["block_size"]),
-        num_blocks=int(eff["num_gpu_blocks"]),
-        max_model_len=int(eff["max_model_len"]),
-        enable_chunked_prefill=bool(eff.get("enable_chunked_prefill", True)),
-        long_prefill_token_threshold=int(eff.get("long_prefill_token_threshold") or 0),
-        policy="priority" if policy == "priority" else "fcfs",
-    )
+    limits = EngineLimits.from_effective(eff)
+    return EngineConfig(**asdict(limits), policy="priority" if policy == "priority" else "fcfs")
 
 
 def iteration_fn(model: IterationEstimator, config: dict[str, Any], scale: float = 1.0) -> IterationFn:
@@ -105,14 +93,11 @@ def iteration_fn(model: IterationEstimator, config: dict[str, Any], scale: float
     return ms
 
 
-def arrivals_of(requests: Sequence[WorkloadRequest], priorities: Sequence[int] | None = None) -> list[Arrival]:
+def arrivals_of(requests: Sequence[Request], priorities: Sequence[int] | None = None) -> list[Request]:
     """The replica's arrivals; each priority from `priorities`, else the workload's own `priority`, else 0."""
-    return [
-        Arrival(
-            r.request_id, r.arrival_s, r.text_tokens, r.new_tokens, priorities[i] if priorities else (r.priority or 0)
-        )
-        for i, r in enumerate(requests)
-    ]
+    if priorities is None:
+        return list(requests)
+    return [r.declaring(priority=priorities[i]) for i, r in enumerate(requests)]
 
 
 def request_frame(run: SimulationRun, overheads: Overheads) -> pd.DataFrame:
@@ -120,7 +105,7 @@ def request_frame(run: SimulationRun, overheads: Overheads) -> pd.DataFrame:
     rows = []
     extra = overheads.request_ms
     for tr in run.requests:
-        a = tr.arrival
+        a = tr.request
         times = tr.token_times_s
         ttft = (times[0] - a.arrival_s) * 1e3 + extra
         e2e = (times[-1] - a.arrival_s) * 1e3 + extra
@@ -128,9 +113,9 @@ def request_frame(run: SimulationRun, overheads: Overheads) -> pd.DataFrame:
             {
                 "request_id": a.request_id,
                 "arrival_s": a.arrival_s,
-                "prompt_tokens": a.prompt_tokens,
+                "prompt_tokens": a.text_tokens,
                 "output_tokens": a.output_tokens,
-                "priority": a.priority,
+                "priority": a.priority or 0,
                 "queue_ms": ((tr.first_scheduled_s or a.arrival_s) - a.arrival_s) * 1e3,
                 "ttft_ms": ttft,
                 "tpot_ms": (e2e - ttft) / (a.output_tokens - 1) if a.output_tokens > 1 else math.nan,
@@ -165,7 +150,7 @@ def _stat(v: np.ndarray, stat: str) -> float:
 
 
 def run_workload(
-    requests: Sequence[WorkloadRequest],
+    requests: Sequence[Request],
     engine: EngineConfig,
     model: IterationEstimator,
     config: dict[str, Any],
@@ -208,8 +193,8 @@ def goodput(rates: Sequence[float], attainment: Sequence[float], target: float =
 
 def capacity_curve(
     rates: Sequence[float],
-    make_requests: Callable[[float], Sequence[WorkloadRequest]],
-    simulate_one: Callable[[Sequence[WorkloadRequest]], pd.DataFrame],
+    make_requests: Callable[[float], Sequence[Request]],
+    simulate_one: Callable[[Sequence[Request]], pd.DataFrame],
     slo_ttft_ms: float | None,
     slo_tpot_ms: float | None,
 ) -> pd.DataFrame:

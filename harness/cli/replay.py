@@ -15,11 +15,11 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from contract.request import Request
 from harness.rundata.spec import SpecError, build_spec, model_config, resolve_model
 from harness.rundata.store import RunStore, StoreError
 from harness.rundata.workload import (
     LengthDist,
-    WorkloadRequest,
     generate_workload,
     read_workload,
     write_trace,
@@ -65,7 +65,7 @@ def model_context(data: dict[str, Any]) -> int:
 
 
 def generated(rate: float | None, count: int | None, seed: int, text_dist: str, new_dist: str,
-               context: int, burstiness: float = 1.0) -> tuple[list[WorkloadRequest], dict[str, Any]]:
+               context: int, burstiness: float = 1.0) -> tuple[list[Request], dict[str, Any]]:
     if rate is None or count is None:
         raise SpecError("give a workload: --workload FILE, or --rate R and --count N to generate one")
     texts, news = LengthDist.parse(text_dist, "text-tokens-dist"), LengthDist.parse(new_dist, "new-tokens-dist")

@@ -25,31 +25,33 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from contract.policy import ArrivalPolicy, Held, PolicyError
+from contract.request import Request
 from harness.engine.vllm_engine import EngineError, MeasurementError, VllmEngine, client_lag_marks
 from harness.telemetry.sources import join_snapshots
-from traffic.policy import ArrivalPolicy, Arriving, Held, PolicyError
 
 IDLE_POLL_S = 0.05  # longest sleep while waiting for the next arrival (a stop request is seen this fast)
 
 
 @dataclass
 class InFlight:
-    """One request to drive. `arrival_s`: seconds after the drive starts; or None and `after_tokens`: added once
-    the first request added has returned that many tokens (a prompt joining mid-decode)."""
+    """One request to drive: the contract request (what its client declared, and the true output length the engine
+    is asked for: `ignore_eos` with `max_tokens = request.output_tokens`), its prompt's token ids, and when to add
+    it: `start_s` seconds after the drive starts; or None and `after_tokens`: added once the first request added
+    has returned that many tokens (a prompt joining mid-decode). `workload_clock`: record the request's own
+    `arrival_s` (a replay's) as its arrival, rather than when the drive added it."""
 
-    request_id: str
+    request: Request
     token_ids: list[int]
-    new_tokens: int
     prompt_id: str
-    arrival_s: float | None = 0.0
+    start_s: float | None = 0.0
     after_tokens: int | None = None
     sampling: dict[str, Any] = field(default_factory=dict)
-    workload_arrival_s: float | None = None  # the arrival time to record (a replay's own); default arrival_s
-    priority: int = 0  # vLLM's priority policy (engine scheduling_policy="priority"): lower runs first
+    workload_clock: bool = False
 
     @property
-    def text_tokens(self) -> int:
-        return len(self.token_ids)
+    def request_id(self) -> str:
+        return self.request.request_id
 
 
 @dataclass
@@ -72,8 +74,8 @@ class _State:
         return len(self.token_t)
 
     def held(self, now: float) -> Held:
-        return Held(self.req.request_id, self.req.text_tokens, self.req.new_tokens, self.priority,
-                    now - self.arrival_t, self.prefilled, self.tokens, self.first_iteration is not None)
+        return Held(self.req.request.declared, self.priority, now - self.arrival_t, self.prefilled, self.tokens,
+                    self.first_iteration is not None)
 
 
 @dataclass
@@ -135,7 +137,7 @@ class Drive:
     brings the finished-but-not-checkpointed requests to `flush_every` (0: only when idle); the replay writes
     its files there. Iteration indices start at `iteration_offset`.
 
-    `policy` (traffic/policy.py) decides each request's priority at its arrival, from what the engine holds then,
+    `policy` (contract/policy.py) decides each request's priority at its arrival, from what the engine holds then,
     or rejects it: a rejected request is recorded as such (`rejected`) and never sent to the engine. The decision
     is timed per request. `solo`: each request is sent only when the engine is idle (its latency alone; arrival =
     when it was sent).
@@ -173,17 +175,17 @@ class Drive:
         llm = self.engine.llm_engine
         details = self.engine.collect_iteration_details()
         settings = self.engine.settings
-        timed = sorted((r for r in self.requests if r.arrival_s is not None), key=lambda r: r.arrival_s or 0.0)
-        triggered = [r for r in self.requests if r.arrival_s is None]
+        timed = sorted((r for r in self.requests if r.start_s is not None), key=lambda r: r.start_s or 0.0)
+        triggered = [r for r in self.requests if r.start_s is None]
         pc = time.perf_counter
 
         def add(req: InFlight, arrival_t: float) -> None:
-            priority, decision_us, rejected = req.priority, None, None
+            priority, decision_us, rejected = req.request.priority or 0, None, None
             if self.policy is not None:
                 now = pc()
                 held = [s.held(now) for s in self.states.values() if not s.finished]
                 try:
-                    decision = self.policy.decide(Arriving(req.request_id, req.text_tokens, req.new_tokens), held)
+                    decision = self.policy.decide(req.request.declared, held)
                 except Exception as e:
                     raise PolicyError(f"policy {self.policy.name} on {req.request_id}: {e}") from e
                 decision_us = (pc() - now) * 1e6
@@ -191,7 +193,7 @@ class Drive:
                 if not decision.admit:
                     rejected = decision.reason or "rejected by the policy"
             if rejected is None:
-                params = SamplingParams(**settings.sampling_params(req.new_tokens, req.sampling))
+                params = SamplingParams(**settings.sampling_params(req.request.output_tokens, req.sampling))
                 extra = {"priority": priority} if priority else {}  # FCFS: vLLM's own call, unchanged
                 llm.add_request(req.request_id, TokensPrompt(prompt_token_ids=req.token_ids), params, **extra)
             st = _State(req, len(self.states), arrival_t, pc(), priority=priority, decision_us=decision_us,
@@ -215,8 +217,8 @@ class Drive:
                 if self.solo and i_timed < len(timed) and not llm.has_unfinished_requests():
                     add(timed[i_timed], now)
                     i_timed += 1
-                while not self.solo and i_timed < len(timed) and self.t0 + (timed[i_timed].arrival_s or 0.0) <= now:
-                    add(timed[i_timed], self.t0 + (timed[i_timed].arrival_s or 0.0))
+                while not self.solo and i_timed < len(timed) and self.t0 + (timed[i_timed].start_s or 0.0) <= now:
+                    add(timed[i_timed], self.t0 + (timed[i_timed].start_s or 0.0))
                     i_timed += 1
                 if triggered:
                     first = next(iter(self.states.values()), None)
@@ -235,7 +237,7 @@ class Drive:
                         self.checkpoint(self)
                         self.unflushed = 0
                     if i_timed < len(timed) and not self.solo:
-                        self._wait_until(self.t0 + (timed[i_timed].arrival_s or 0.0))
+                        self._wait_until(self.t0 + (timed[i_timed].start_s or 0.0))
                     continue
                 if self.stop():
                     break
@@ -304,7 +306,7 @@ class Drive:
         decode: list[tuple[str, int]] = []
         emitted_ids = set()
         for st, out in emitted:
-            rid, n_prompt = st.req.request_id, st.req.text_tokens
+            rid, n_prompt = st.req.request_id, len(st.req.token_ids)
             emitted_ids.add(rid)
             n = len(out.outputs[0].token_ids)
             if n > st.tokens:
@@ -340,7 +342,7 @@ class Drive:
             ]
             for st in sorted(waiting, key=lambda s: s.order):
                 # a chunk that ends the prompt returns a token: an unseen chunk leaves at least one
-                take = min(hidden, st.req.text_tokens - st.prefilled - 1)
+                take = min(hidden, len(st.req.token_ids) - st.prefilled - 1)
                 if take <= 0:
                     continue
                 prefill.append((st.req.request_id, take, st.prefilled))
@@ -357,16 +359,16 @@ class Drive:
 
     @staticmethod
     def _check(st: _State, out: Any) -> None:
-        rid, req = st.req.request_id, st.req
+        rid, sent, asked = st.req.request_id, len(st.req.token_ids), st.req.request.output_tokens
         received = len(out.prompt_token_ids or [])
         cached = int(out.num_cached_tokens or 0)
         generated = len(out.outputs[0].token_ids)
-        if received != req.text_tokens:
-            raise MeasurementError(f"{rid}: engine received {received} prompt tokens, {req.text_tokens} sent")
+        if received != sent:
+            raise MeasurementError(f"{rid}: engine received {received} prompt tokens, {sent} sent")
         if cached:
             raise MeasurementError(f"{rid}: {cached} prompt tokens came from the prefix cache; expected 0")
-        if generated != req.new_tokens:
-            raise MeasurementError(f"{rid}: engine generated {generated} tokens, {req.new_tokens} asked")
+        if generated != asked:
+            raise MeasurementError(f"{rid}: engine generated {generated} tokens, {asked} asked")
 
     # --- tables -----------------------------------------------------------------------------------------
 
@@ -388,11 +390,11 @@ class Drive:
                 {
                     **common,
                     "request_id": req.request_id,
-                    "arrival_s": req.workload_arrival_s if req.workload_arrival_s is not None else a - self.t0,
+                    "arrival_s": req.request.arrival_s if req.workload_clock else a - self.t0,
                     "arrival_t_s": a,
                     "add_lag_ms": (st.added_t - a) * 1e3 if st.rejected is None else nan,
-                    "text_tokens": req.text_tokens,
-                    "new_tokens": req.new_tokens,
+                    "text_tokens": len(req.token_ids),
+                    "new_tokens": req.request.output_tokens,
                     "prompt_id": req.prompt_id,
                     "first_iteration": first,
                     "last_iteration": st.last_iteration if st.last_iteration is not None else -1,

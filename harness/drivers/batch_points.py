@@ -20,6 +20,7 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 
+from contract.request import Request
 from harness.drivers.batch import Drive, InFlight, iterations_frame, requests_frame
 from harness.engine.vllm_engine import EngineError, MeasurementError, VllmEngine
 from harness.rundata.prompts import Prompt, PromptSource
@@ -65,12 +66,12 @@ def episode_requests(spec: SweepSpec, point: Point, prompts: list[Prompt], rep: 
     """One episode's requests: B at once, then the joiner (if any) after half the tokens."""
     b, join = _shape(point)
     n = spec.max_new_tokens
-    reqs = [InFlight(f"{point.point_id}-{rep}-{i}", prompts[i].token_ids, n, prompts[i].prompt_id, 0.0,
-                     sampling=sampling) for i in range(b)]
+    reqs = [InFlight(Request.make(f"{point.point_id}-{rep}-{i}", 0.0, len(prompts[i].token_ids), n),
+                     prompts[i].token_ids, prompts[i].prompt_id, 0.0, sampling=sampling) for i in range(b)]
     if join:
         j = prompts[b]
-        reqs.append(InFlight(f"{point.point_id}-{rep}-join", j.token_ids, n - n // 2, j.prompt_id, None,
-                             after_tokens=n // 2, sampling=sampling))
+        reqs.append(InFlight(Request.make(f"{point.point_id}-{rep}-join", 0.0, len(j.token_ids), n - n // 2),
+                             j.token_ids, j.prompt_id, None, after_tokens=n // 2, sampling=sampling))
     return reqs
 
 
@@ -115,8 +116,8 @@ class BatchPass:
         p = max(self.points, key=lambda q: (_shape(q)[0], -q.text_tokens))
         reqs = episode_requests(self.spec, p, self.prompts[p.point_id][0], 0, self.sampling(p))
         for r in reqs:
-            r.request_id = f"warmup-{r.request_id}"
-            r.new_tokens = min(r.new_tokens, 2)
+            r.request = r.request.declaring(request_id=f"warmup-{r.request_id}")
+            r.request = r.request.generating(min(r.request.output_tokens, 2))
             r.after_tokens = 1 if r.after_tokens is not None else None
         Drive(self.engine, reqs).run()
 

@@ -270,7 +270,7 @@ class _EnginePass:
                     **point.axes,
                     "model": model,
                     "phase": "prefill" if s.step_index == 0 else "decode",
-                    "text_tokens": rec.prompt_tokens,
+                    "text_tokens": rec.received_tokens,
                     "position": s.kv_tokens if s.kv_tokens is not None else point.text_tokens + s.step_index,
                     "step_index": s.step_index,
                     "latency_ms": s.latency_ms,

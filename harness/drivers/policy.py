@@ -8,21 +8,20 @@ request is not preempted by an arrival (vLLM issue #40004; VLLM_NOTES.md).
 - `file`: the workload's own `priority` values;
 - `oracle`: the request's end-to-end latency measured alone (µs), from a solo run of the same workload
   (`profile replay --solo`): an upper reference no scheduler has;
-- `estimate`, `estimate-admit`: decided at arrival by a policy installed under traffic.policy's entry-point group
+- `estimate`, `estimate-admit`: decided at arrival by a policy installed under contract.policy's entry-point group
   (the estimator's: shortest predicted latency first; with admission, a request whose predicted TTFT or
   end-to-end latency on the engine's current state misses its SLO is rejected). The harness finds them by name.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from contract.policy import ArrivalPolicy, PolicyError, load_registered
+from contract.request import Request
 from harness.rundata.spec import SpecError
 from harness.rundata.store import RunStore
-from harness.rundata.workload import WorkloadRequest
-from traffic.policy import ArrivalPolicy, PolicyError, load_registered
 
 STATIC = ("fcfs", "prompt", "file", "oracle")
 LIVE = ("estimate", "estimate-admit")
@@ -30,30 +29,30 @@ POLICIES = STATIC + LIVE
 
 
 def apply_policy(
-    policy: str, data: dict[str, Any], workload: list[WorkloadRequest], oracle_run: Path | None = None
-) -> list[WorkloadRequest]:
+    policy: str, data: dict[str, Any], workload: list[Request], oracle_run: Path | None = None
+) -> list[Request]:
     """The workload with each request's priority under a static `policy` (none for `fcfs` and the live ones,
     which decide at arrival), and the engine's scheduling policy set in `data` for every policy but `fcfs`."""
     if policy not in POLICIES:
         raise SpecError(f"--policy must be one of {', '.join(POLICIES)}, got {policy!r}")
     if policy == "fcfs":
-        return [replace(r, priority=None) for r in workload]
+        return [r.declaring(priority=None) for r in workload]
     if policy == "file":
         missing = [r.index + 1 for r in workload if r.priority is None]
         if missing:
             raise SpecError(f"--policy file: workload line {missing[0]} has no priority")
         out = workload
     elif policy == "prompt":
-        out = [replace(r, priority=r.text_tokens) for r in workload]
+        out = [r.declaring(priority=r.text_tokens) for r in workload]
     elif policy == "oracle":
         alone = solo_latencies_us(oracle_run)
         unmeasured = [r.request_id for r in workload if r.request_id not in alone]
         if unmeasured:
             raise SpecError(f"--oracle-run {oracle_run}: no finished request {unmeasured[0]} (run the same workload "
                             "with profile replay --solo)")
-        out = [replace(r, priority=alone[r.request_id]) for r in workload]
+        out = [r.declaring(priority=alone[r.request_id]) for r in workload]
     else:
-        out = [replace(r, priority=None) for r in workload]
+        out = [r.declaring(priority=None) for r in workload]
     data["engine"] = {**(data.get("engine") or {}), "scheduling_policy": "priority"}
     return out
 

@@ -21,6 +21,8 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 
+from contract.policy import ArrivalPolicy, PolicyError
+from contract.request import Request
 from harness import __version__
 from harness.drivers.batch import Drive, InFlight, iterations_frame, requests_frame
 from harness.drivers.plan import Plan, SweepOptions, plan_sweep, prompt_sources
@@ -39,10 +41,9 @@ from harness.engine.vllm_engine import EngineError, MeasurementError, VllmEngine
 from harness.rundata.prompts import Prompt, PromptSource
 from harness.rundata.spec import SpecError, SweepSpec, build_spec
 from harness.rundata.store import RunStore, StoreError, check_writable, utc_now
-from harness.rundata.workload import WorkloadRequest, check_context, parse_workload, write_workload
+from harness.rundata.workload import check_context, parse_workload, write_workload
 from harness.telemetry.sampler import TelemetrySampler
 from harness.telemetry.sources import nvml_device_count, open_source, telemetry_frame
-from traffic.policy import ArrivalPolicy, PolicyError
 
 WORKLOAD_NAME = "workload.jsonl"
 KIND = "replay"
@@ -75,7 +76,7 @@ class ReplayResult:
     error: str | None = None
 
 
-def replay_spec(data: dict[str, Any], workload: list[WorkloadRequest]) -> SweepSpec:
+def replay_spec(data: dict[str, Any], workload: list[Request]) -> SweepSpec:
     """A sweep spec of one engine config for a workload: the flags' single-valued axes, `text_tokens` = the
     longest prompt (the token budget must hold it), and `max_new_tokens` unused (2: each request has its own)."""
     data = {**data, "axes": {**(data.get("axes") or {}), "text_tokens": [max(r.text_tokens for r in workload)]}}
@@ -88,7 +89,7 @@ def replay_spec(data: dict[str, Any], workload: list[WorkloadRequest]) -> SweepS
 
 
 def plan_replay(
-    spec: SweepSpec, workload: list[WorkloadRequest], where: str
+    spec: SweepSpec, workload: list[Request], where: str
 ) -> tuple[Plan, list[Prompt], PromptSource]:
     """Check the workload against the model and cut every request's prompt, before any engine starts.
 
@@ -123,14 +124,14 @@ def finished_ids(store: RunStore) -> set[str]:
     return set(table.column("request_id").to_pylist()) if table is not None else set()
 
 
-def resume_plan(workload: list[WorkloadRequest], done: set[str]) -> tuple[list[WorkloadRequest], float]:
+def resume_plan(workload: list[Request], done: set[str]) -> tuple[list[Request], float]:
     """The requests still to run and the workload time at which the new segment starts (its first unfinished
     arrival; each request then arrives at its original offset from it)."""
     todo = [r for r in workload if r.request_id not in done]
     return todo, (todo[0].arrival_s if todo else 0.0)
 
 
-def run_replay(spec: SweepSpec | None, workload: list[WorkloadRequest] | None, options: ReplayOptions,
+def run_replay(spec: SweepSpec | None, workload: list[Request] | None, options: ReplayOptions,
                report: Reporter) -> ReplayResult:
     """Run a workload (or, with options.resume_dir, the unfinished rest of a replay run). Bad input fails with
     SpecError/StoreError before a run folder is written or an engine started."""
@@ -211,7 +212,7 @@ class _Segment:
     """One engine start replaying `todo` (arrival offsets from `base`), writing its tables at checkpoints."""
 
     def __init__(self, plan: Plan, store: RunStore, prompts: list[Prompt], cutter: PromptSource,
-                 todo: list[WorkloadRequest], base: float, options: ReplayOptions, source: Any,
+                 todo: list[Request], base: float, options: ReplayOptions, source: Any,
                  report: Reporter) -> None:
         self.plan, self.store, self.prompts, self.todo, self.base = plan, store, prompts, todo, base
         self.cutter = cutter
@@ -258,9 +259,8 @@ class _Segment:
             }
             sampling = sampling_of(spec, point)
             requests = [
-                InFlight(r.request_id, self.prompts[r.index].token_ids, r.new_tokens, self.prompts[r.index].prompt_id,
-                         arrival_s=r.arrival_s - self.base, sampling=sampling, workload_arrival_s=r.arrival_s,
-                         priority=r.priority or 0)
+                InFlight(r, self.prompts[r.index].token_ids, self.prompts[r.index].prompt_id,
+                         start_s=r.arrival_s - self.base, sampling=sampling, workload_clock=True)
                 for r in self.todo
             ]
             if self.options.policy is not None:

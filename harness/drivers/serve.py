@@ -35,6 +35,7 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 
+from contract.request import Request
 from harness import __version__
 from harness.drivers.plan import SweepOptions
 from harness.drivers.replay import plan_replay
@@ -43,7 +44,7 @@ from harness.engine.reaper import Reaper, descendants, stop_processes
 from harness.rundata.prompts import FALLBACK_TOKENIZER
 from harness.rundata.spec import SpecError, SweepSpec
 from harness.rundata.store import RunStore, check_writable, utc_now
-from harness.rundata.workload import WorkloadRequest, write_trace, write_workload
+from harness.rundata.workload import write_trace, write_workload
 from harness.telemetry.sources import open_source
 
 KIND = "serve-bench"
@@ -255,7 +256,7 @@ def client_command(
     ]
 
 
-def requests_from_client(detail: dict[str, Any], workload: list[WorkloadRequest]) -> pd.DataFrame:
+def requests_from_client(detail: dict[str, Any], workload: list[Request]) -> pd.DataFrame:
     """One row per request from the client's detailed results, matched to the workload by order (the client
     keeps the trace's order in its arrays). Failed requests are kept with `ok` false."""
     n = len(detail.get("ttfts") or [])
@@ -316,7 +317,7 @@ def parse_metrics(text: str) -> dict[str, Any]:
 
 
 def run_serve_bench(
-    spec: SweepSpec, workload: list[WorkloadRequest], options: ServeOptions, report: Reporter
+    spec: SweepSpec, workload: list[Request], options: ServeOptions, report: Reporter
 ) -> ServeResult:
     """Serve `workload` on a live server under vLLM's client, into a new run folder. Bad input fails with
     SpecError before a folder is written or a server started."""

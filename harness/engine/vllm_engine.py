@@ -72,8 +72,11 @@ class StepRecord:
 
 @dataclass
 class RequestRecord:
+    """What one timed request came back with: its steps, and the prompt tokens the engine received (a count the
+    engine reports, checked against the request's; not a declaration), cached and generated."""
+
     steps: list[StepRecord]
-    prompt_tokens: int
+    received_tokens: int
     cached_tokens: int
     generated_tokens: int
 
@@ -415,7 +418,7 @@ class VllmEngine:
         for st in steps:
             st.prefill_iterations = prefill_iterations
         mark_client_lag(steps, self.settings.mode)
-        return RequestRecord(steps=steps, prompt_tokens=received, cached_tokens=cached, generated_tokens=generated)
+        return RequestRecord(steps=steps, received_tokens=received, cached_tokens=cached, generated_tokens=generated)
 
     def _prefill_chunks(
         self, calls: list[tuple[float, float, int]], prompt_len: int, iterations: int

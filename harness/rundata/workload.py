@@ -1,4 +1,4 @@
-"""Replay workloads for the harness: the shared format and generator of `traffic.workload`, with its problems
+"""Replay workloads for the harness: the shared format and generator of `contract.workload`, with its problems
 raised as the harness's `SpecError` (one line, exit 2 at the CLI)."""
 
 from __future__ import annotations
@@ -8,15 +8,14 @@ from contextlib import contextmanager
 from functools import wraps
 from typing import Any, TypeVar
 
+from contract import workload as _contract
+from contract.workload import KEYS, trace_record, write_trace, write_workload
+from contract.workload import LengthDist as _LengthDist
 from harness.rundata.spec import SpecError
-from traffic import workload as _traffic
-from traffic.workload import KEYS, WorkloadRequest, trace_record, write_trace, write_workload
-from traffic.workload import LengthDist as _LengthDist
 
 __all__ = [
     "KEYS",
     "LengthDist",
-    "WorkloadRequest",
     "check_context",
     "generate_workload",
     "parse_workload",
@@ -33,7 +32,7 @@ T = TypeVar("T")
 def _as_spec_error() -> Iterator[None]:
     try:
         yield
-    except _traffic.WorkloadError as e:
+    except _contract.WorkloadError as e:
         raise SpecError(str(e)) from None
 
 
@@ -46,14 +45,14 @@ def _spec_errors(fn: Callable[..., T]) -> Callable[..., T]:
     return wrapped
 
 
-parse_workload = _spec_errors(_traffic.parse_workload)
-read_workload = _spec_errors(_traffic.read_workload)
-check_context = _spec_errors(_traffic.check_context)
-generate_workload = _spec_errors(_traffic.generate_workload)
+parse_workload = _spec_errors(_contract.parse_workload)
+read_workload = _spec_errors(_contract.read_workload)
+check_context = _spec_errors(_contract.check_context)
+generate_workload = _spec_errors(_contract.generate_workload)
 
 
 class LengthDist(_LengthDist):
-    """`traffic.workload.LengthDist` whose `parse` raises SpecError."""
+    """`contract.workload.LengthDist` whose `parse` raises SpecError."""
 
     @classmethod
     def parse(cls, text: str, name: str) -> _LengthDist:

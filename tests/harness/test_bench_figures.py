@@ -85,7 +85,7 @@ def test_grid_replay_segments_have_distinct_prompts_and_fixed_shapes() -> None:
     indices = [r.index for episodes in segs.values() for reqs in episodes for r in reqs]
     assert len(indices) == len(set(indices))
     grid = segs[(1, 2, "grid")][5]  # B = 4, L = 384
-    assert [(r.arrival_s, r.text_tokens, r.new_tokens) for r in grid] == [(0.0, 384, 32)] * 4
+    assert [(r.arrival_s, r.text_tokens, r.output_tokens) for r in grid] == [(0.0, 384, 32)] * 4
     (trace,) = segs[(0, 0, "replay")]
     assert len(trace) == 10 and all(b.arrival_s > a.arrival_s for a, b in zip(trace, trace[1:], strict=False))
     assert segs[(0, 0, "replay")] != segs[(1, 0, "replay")]

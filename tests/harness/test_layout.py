@@ -62,3 +62,24 @@ def test_imports_against_the_folder_order_are_found() -> None:
         "harness.rundata.store -> harness.drivers.sweep",
         "harness.telemetry.sampler -> harness.engine.vllm_engine",
     ]
+
+
+def test_the_contract_imports_only_the_standard_library(tmp_path: Path) -> None:
+    check = _checker()
+    ok = _module(tmp_path, "import json\nfrom dataclasses import dataclass\nfrom contract.request import Request\n")
+    bad = tmp_path / "bad.py"
+    bad.write_text("import numpy as np\nfrom harness.rundata.spec import SpecError\nimport os.path\n")
+    mods = {"contract.ok": ok, "contract.bad": bad, "harness.x": bad}  # a harness module may import numpy
+    assert check.contract_violations(mods) == ["contract.bad -> harness", "contract.bad -> numpy"]
+
+
+def test_an_import_between_the_halves_is_found() -> None:
+    check = _checker()
+    graph = {
+        "harness.drivers.batch": {"contract.policy", "harness.engine.vllm_engine"},
+        "estimator.sim.policies": {"contract.policy", "harness.drivers.batch"},
+        "harness.cli.app": {"estimator.cli"},
+        "contract.policy": {"contract.request"},
+    }
+    assert check.halves_crossed(graph) == ["estimator.sim.policies -> harness.drivers.batch",
+                                           "harness.cli.app -> estimator.cli"]

@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from contract.policy import Held, load_registered, registered
+from contract.request import Declared, Request
 from estimator.errors import EstimatorError
 from estimator.model.iteration import ITERATION_FORMAT, TERMS, IterationConfigFit, IterationEstimator, IterationMeta
 from estimator.sim.policies import EstimateAdmitPolicy, EstimatePolicy, parse_slo
-from estimator.sim.scheduler import Arrival, EngineConfig, InEngine, simulate
-from traffic.policy import Arriving, Held, load_registered, registered
+from estimator.sim.scheduler import EngineConfig, InEngine, simulate
 
 ENGINE = {"max_num_seqs": 1, "max_num_batched_tokens": 2048, "block_size": 16, "num_gpu_blocks": 1000,
           "max_model_len": 4096}
@@ -36,22 +37,22 @@ def flat(*_: object) -> float:
 
 def test_the_replica_continues_what_the_engine_holds() -> None:
     eng = EngineConfig(max_num_seqs=1, max_num_batched_tokens=2048, block_size=16, num_blocks=100, max_model_len=4096)
-    held = [InEngine(Arrival("h", -1.0, 100, 10), computed_tokens=100 + 3, outputs=4, running=True)]
-    run = simulate([Arrival("new", 0.0, 50, 2)], eng, flat, in_engine=held)
+    held = [InEngine(Request.make("h", -1.0, 100, 10), computed_tokens=100 + 3, outputs=4, running=True)]
+    run = simulate([Request.make("new", 0.0, 50, 2)], eng, flat, in_engine=held)
     # h has 6 tokens left (one iteration each), then the new request: prefill + one decode
     assert run.requests[0].first_scheduled_s == pytest.approx(0.06)
     assert run.requests[0].token_times_s == pytest.approx([0.07, 0.08])
-    waiting = [InEngine(Arrival("w", -0.5, 100, 3), running=False)]
-    run = simulate([Arrival("new", 0.0, 50, 1)], eng, flat, in_engine=held + waiting)
+    waiting = [InEngine(Request.make("w", -0.5, 100, 3), running=False)]
+    run = simulate([Request.make("new", 0.0, 50, 1)], eng, flat, in_engine=held + waiting)
     assert run.requests[0].token_times_s == pytest.approx([0.06 + 0.03 + 0.01])  # behind h, then w (FCFS)
 
 
 def test_estimate_orders_by_predicted_latency_alone(model: Path) -> None:
     policy = EstimatePolicy(model)
     with pytest.raises(EstimatorError, match="start"):
-        policy.decide(Arriving("a", 10, 5), [])
+        policy.decide(Declared("a", 0.0, 10, 5), [])
     policy.start(ENGINE, {**CONFIG, "model": "cpu-tiny"})
-    short, long = policy.decide(Arriving("a", 10, 5), []), policy.decide(Arriving("b", 10, 50), [])
+    short, long = policy.decide(Declared("a", 0.0, 10, 5), []), policy.decide(Declared("b", 0.0, 10, 50), [])
     assert (short.priority, long.priority) == (50_000, 500_000)  # µs: 5 and 50 iterations of 10 ms
     assert short.admit and long.admit
 
@@ -61,13 +62,14 @@ def test_estimate_admit_rejects_what_would_miss_its_slo_and_says_why(model: Path
     policy.start(ENGINE, CONFIG)
     assert policy.limits_ms(10, 5) == (100.0, 180.0)
     assert policy.limits_ms(600, 5) == (400.0, 480.0)
-    assert policy.decide(Arriving("a", 10, 5), []).admit  # alone: TTFT 10 ms
-    busy = [Held("h", 10, 20, 0, 0.1, 10, 1, True)]  # 19 more iterations ahead of it with max_num_seqs 1
-    d = policy.decide(Arriving("a", 10, 5), busy)
+    assert policy.decide(Declared("a", 0.0, 10, 5), []).admit  # alone: TTFT 10 ms
+    # 19 more iterations ahead of it with max_num_seqs 1
+    busy = [Held(Declared("h", -0.1, 10, 20), 0, 0.1, 10, 1, True)]
+    d = policy.decide(Declared("a", 0.0, 10, 5), busy)
     assert not d.admit and "predicted TTFT 200 ms > SLO 100 ms" in d.reason
     assert d.priority == 50_000  # it keeps the estimate policy's priority
-    assert policy.decide(Arriving("b", 600, 5), busy).admit  # the long class's SLO allows it
-    assert policy.predict_ms(Arriving("a", 10, 5), 0, busy) == pytest.approx((200.0, 240.0))
+    assert policy.decide(Declared("b", 0.0, 600, 5), busy).admit  # the long class's SLO allows it
+    assert policy.predict_ms(Declared("a", 0.0, 10, 5), 0, busy) == pytest.approx((200.0, 240.0))
 
 
 def test_slo_entries_are_checked() -> None:
@@ -81,7 +83,7 @@ def test_the_estimator_registers_its_policies_for_the_harness(model: Path) -> No
     assert {"estimate", "estimate-admit"} <= set(registered())
     policy = load_registered("estimate-admit", {"model": str(model), "slo": ["0:100:20"]})
     assert isinstance(policy, EstimateAdmitPolicy)
-    from traffic.policy import PolicyError
+    from contract.policy import PolicyError
 
     with pytest.raises(PolicyError, match="no iteration model"):
         load_registered("estimate", {"model": str(model.parent / "missing")})

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from estimator.sim.scheduler import Arrival, EngineConfig, SimulationError, simulate
+from contract.request import Request
+from estimator.sim.scheduler import EngineConfig, SimulationError, simulate
 
 
 def engine(**kw: object) -> EngineConfig:
@@ -23,7 +24,7 @@ def flat(ms: float = 10.0):  # noqa: ANN201
 
 
 def test_one_request_alone_is_one_prefill_then_decodes() -> None:
-    run = simulate([Arrival("a", 0.5, 100, 4)], engine(), flat(10.0), keep_steps=True)
+    run = simulate([Request.make("a", 0.5, 100, 4)], engine(), flat(10.0), keep_steps=True)
     assert run.iterations == 4
     assert run.steps[0].prefill == (("a", 100, 0),) and run.steps[0].decode == ()
     assert [s.decode for s in run.steps[1:]] == [(("a", 101),), (("a", 102),), (("a", 103),)]
@@ -33,7 +34,7 @@ def test_one_request_alone_is_one_prefill_then_decodes() -> None:
 
 
 def test_token_budget_chunks_the_second_prompt_and_running_goes_first() -> None:
-    arrivals = [Arrival("a", 0.0, 1500, 3), Arrival("b", 0.0, 1000, 2)]
+    arrivals = [Request.make("a", 0.0, 1500, 3), Request.make("b", 0.0, 1000, 2)]
     run = simulate(arrivals, engine(), flat(), keep_steps=True)
     assert run.steps[0].prefill == (("a", 1500, 0), ("b", 548, 0))
     # next: a decodes (running first), b's remaining 452 tokens prefill; b samples its first token at its end
@@ -43,14 +44,14 @@ def test_token_budget_chunks_the_second_prompt_and_running_goes_first() -> None:
 
 
 def test_without_chunked_prefill_a_prompt_longer_than_the_budget_waits() -> None:
-    arrivals = [Arrival("a", 0.0, 1500, 2), Arrival("b", 0.0, 1000, 2)]
+    arrivals = [Request.make("a", 0.0, 1500, 2), Request.make("b", 0.0, 1000, 2)]
     run = simulate(arrivals, engine(enable_chunked_prefill=False), flat(), keep_steps=True)
     assert run.steps[0].prefill == (("a", 1500, 0),)
     assert run.steps[1].prefill == (("b", 1000, 0),) and run.steps[1].decode == (("a", 1501),)
 
 
 def test_max_num_seqs_queues_the_rest() -> None:
-    arrivals = [Arrival("a", 0.0, 10, 5), Arrival("b", 0.0, 10, 5)]
+    arrivals = [Request.make("a", 0.0, 10, 5), Request.make("b", 0.0, 10, 5)]
     run = simulate(arrivals, engine(max_num_seqs=1), flat(10.0))
     a, b = run.requests
     assert b.first_scheduled_s == pytest.approx(a.token_times_s[-1])
@@ -59,7 +60,7 @@ def test_max_num_seqs_queues_the_rest() -> None:
 
 def test_kv_exhaustion_preempts_the_last_running_request_by_recompute() -> None:
     # 3 blocks of 16 tokens: a and b (16-token prompts) admitted; growing past 1 block each needs a third and fourth
-    arrivals = [Arrival("a", 0.0, 16, 20), Arrival("b", 0.0, 16, 20)]
+    arrivals = [Request.make("a", 0.0, 16, 20), Request.make("b", 0.0, 16, 20)]
     run = simulate(arrivals, engine(num_blocks=3), flat(), keep_steps=True)
     a, b = run.requests
     assert b.preemptions >= 1 and a.preemptions == 0
@@ -70,12 +71,12 @@ def test_kv_exhaustion_preempts_the_last_running_request_by_recompute() -> None:
 
 def test_priority_orders_the_waiting_queue_and_preempts_the_lowest() -> None:
     arrivals = [
-        Arrival("x", 0.0, 10, 3, priority=0),
-        Arrival("late", 0.0, 10, 3, priority=5),
-        Arrival("urgent", 0.0, 10, 3, priority=-1),
+        Request.make("x", 0.0, 10, 3, priority=0),
+        Request.make("late", 0.0, 10, 3, priority=5),
+        Request.make("urgent", 0.0, 10, 3, priority=-1),
     ]
     run = simulate(arrivals, engine(max_num_seqs=1, policy="priority"), flat())
-    firsts = {t.arrival.request_id: t.first_scheduled_s for t in run.requests}
+    firsts = {t.request.request_id: t.first_scheduled_s for t in run.requests}
     assert firsts["urgent"] < firsts["x"] < firsts["late"]
     fcfs = simulate(arrivals, engine(max_num_seqs=1), flat())
     assert [t.first_scheduled_s for t in fcfs.requests] == sorted(t.first_scheduled_s for t in fcfs.requests)
@@ -83,7 +84,7 @@ def test_priority_orders_the_waiting_queue_and_preempts_the_lowest() -> None:
 
 def test_preemptive_priority_is_simulated_only_when_asked() -> None:
     # one slot; a long low-priority request is running when an urgent one arrives
-    arrivals = [Arrival("slow", 0.0, 10, 50, priority=9), Arrival("urgent", 0.05, 10, 2, priority=0)]
+    arrivals = [Request.make("slow", 0.0, 10, 50, priority=9), Request.make("urgent", 0.05, 10, 2, priority=0)]
     as_vllm = simulate(arrivals, engine(max_num_seqs=1, policy="priority"), flat(10.0))
     assert as_vllm.requests[1].first_scheduled_s == pytest.approx(as_vllm.requests[0].token_times_s[-1])
     pre = simulate(arrivals, engine(max_num_seqs=1, policy="priority", preemptive_priority=True), flat(10.0))
@@ -93,10 +94,12 @@ def test_preemptive_priority_is_simulated_only_when_asked() -> None:
 
 
 def test_long_prefill_threshold_only_with_company() -> None:
-    alone = simulate([Arrival("a", 0.0, 1000, 2)], engine(long_prefill_token_threshold=256), flat(), keep_steps=True)
+    alone = simulate(
+        [Request.make("a", 0.0, 1000, 2)], engine(long_prefill_token_threshold=256), flat(), keep_steps=True
+    )
     assert alone.steps[0].prefill == (("a", 1000, 0),)
     two = simulate(
-        [Arrival("a", 0.0, 1000, 2), Arrival("b", 0.0, 100, 2)],
+        [Request.make("a", 0.0, 1000, 2), Request.make("b", 0.0, 100, 2)],
         engine(long_prefill_token_threshold=256),
         flat(),
         keep_steps=True,
@@ -106,21 +109,22 @@ def test_long_prefill_threshold_only_with_company() -> None:
 
 def test_idle_engine_jumps_to_the_next_arrival_and_overhead_adds_per_iteration() -> None:
     run = simulate(
-        [Arrival("a", 0.0, 10, 2), Arrival("b", 5.0, 10, 2)], engine(), flat(10.0), iteration_overhead_ms=2.0
+        [Request.make("a", 0.0, 10, 2), Request.make("b", 5.0, 10, 2)], engine(), flat(10.0), iteration_overhead_ms=2.0
     )
     assert run.requests[1].first_scheduled_s == 5.0
     assert run.requests[1].token_times_s == pytest.approx([5.012, 5.024])
 
 
 def test_sequence_overhead_grows_with_the_batch() -> None:
-    arrivals = [Arrival("a", 0.0, 10, 2), Arrival("b", 0.0, 10, 2)]
+    arrivals = [Request.make("a", 0.0, 10, 2), Request.make("b", 0.0, 10, 2)]
     run = simulate(arrivals, engine(), flat(10.0), iteration_overhead_ms=1.0, sequence_overhead_ms=0.5)
     assert run.requests[0].token_times_s == pytest.approx([0.012, 0.024])  # 10 + 1 + 2 x 0.5 ms per iteration
 
 
 def test_measured_windows_set_the_clock() -> None:
     run = simulate(
-        [Arrival("a", 0.0, 10, 3)], engine(), flat(10.0), measured_windows=[(0.1, 0.2), (0.3, 0.35)], keep_steps=True
+        [Request.make("a", 0.0, 10, 3)], engine(), flat(10.0), measured_windows=[(0.1, 0.2), (0.3, 0.35)],
+        keep_steps=True,
     )
     assert [(s.t_start_s, s.t_end_s) for s in run.steps[:2]] == [(0.1, 0.2), (0.3, 0.35)]
     assert run.requests[0].token_times_s[2] == pytest.approx(0.36)  # past the windows: the model's 10 ms
@@ -129,16 +133,16 @@ def test_measured_windows_set_the_clock() -> None:
 @pytest.mark.parametrize(
     ("arrival", "config", "message"),
     [
-        (Arrival("a", 0.0, 4000, 200), {}, "exceed max_model_len"),
-        (Arrival("a", 0.0, 100, 100), {"num_blocks": 5}, "more KV blocks"),
-        (Arrival("a", 0.0, 0, 1), {}, "must be >= 1"),
+        (Request.make("a", 0.0, 4000, 200), {}, "exceed max_model_len"),
+        (Request.make("a", 0.0, 100, 100), {"num_blocks": 5}, "more KV blocks"),
+        (Request.make("a", 0.0, 0, 1), {}, "must be >= 1"),
     ],
 )
-def test_bad_requests_fail_with_one_line(arrival: Arrival, config: dict[str, int], message: str) -> None:
+def test_bad_requests_fail_with_one_line(arrival: Request, config: dict[str, int], message: str) -> None:
     with pytest.raises(SimulationError, match=message):
         simulate([arrival], engine(**config), flat())
 
 
 def test_bad_engine_config_fails() -> None:
     with pytest.raises(SimulationError, match="max_num_seqs must be >= 1"):
-        simulate([Arrival("a", 0.0, 1, 1)], engine(max_num_seqs=0), flat())
+        simulate([Request.make("a", 0.0, 1, 1)], engine(max_num_seqs=0), flat())

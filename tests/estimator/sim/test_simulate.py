@@ -11,11 +11,11 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
+from contract.workload import LengthDist, generate_workload, write_workload
 from estimator.cli import app
 from estimator.model.iteration import ITERATION_FORMAT, TERMS, IterationConfigFit, IterationEstimator, IterationMeta
 from estimator.sim.measured import compare, fit_overheads, load_measured, paired
 from estimator.sim.workload import Overheads, goodput, run_workload
-from traffic.workload import LengthDist, generate_workload, write_workload
 
 EFFECTIVE = {
     "max_num_seqs": 16,

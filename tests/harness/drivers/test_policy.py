@@ -7,12 +7,13 @@ from pathlib import Path
 
 import pytest
 
+from contract.request import Request
 from harness.drivers.policy import apply_policy
 from harness.rundata.spec import SpecError
-from harness.rundata.workload import WorkloadRequest, parse_workload
+from harness.rundata.workload import parse_workload
 from tests.conftest import load_script
 
-REQS = [WorkloadRequest(0, 0.0, 500, 8), WorkloadRequest(1, 0.1, 40, 8, priority=7), WorkloadRequest(2, 0.2, 90, 3)]
+REQS = [Request.numbered(0, 0.0, 500, 8), Request.numbered(1, 0.1, 40, 8, priority=7), Request.numbered(2, 0.2, 90, 3)]
 
 
 def test_fcfs_sets_no_priorities_and_keeps_the_default_policy() -> None:
@@ -32,7 +33,7 @@ def test_prompt_policy_puts_short_prompts_first() -> None:
 def test_file_policy_needs_every_priority() -> None:
     with pytest.raises(SpecError, match="line 1 has no priority"):
         apply_policy("file", {}, REQS)
-    given = [WorkloadRequest(r.index, r.arrival_s, r.text_tokens, r.new_tokens, None, 5 - r.index) for r in REQS]
+    given = [r.declaring(priority=5 - r.index) for r in REQS]
     data: dict = {}
     assert [r.priority for r in apply_policy("file", data, given)] == [5, 4, 3]
     assert data["engine"]["scheduling_policy"] == "priority"
@@ -41,9 +42,11 @@ def test_file_policy_needs_every_priority() -> None:
 
 
 def test_every_policy_keeps_the_arrivals_and_lengths() -> None:
-    key = [(r.request_id, r.arrival_s, r.text_tokens, r.new_tokens) for r in REQS]
+    def key(reqs: list[Request]) -> list[tuple[str, float, int, int]]:
+        return [(r.request_id, r.arrival_s, r.text_tokens, r.output_tokens) for r in reqs]
+
     for policy in ("fcfs", "prompt"):
-        assert [(r.request_id, r.arrival_s, r.text_tokens, r.new_tokens) for r in apply_policy(policy, {}, REQS)] == key
+        assert key(apply_policy(policy, {}, REQS)) == key(REQS)
 
 
 def test_workload_priority_is_an_integer() -> None:
@@ -75,7 +78,7 @@ def test_bench_traces_are_shared_by_policies_and_estimate_orders_by_predicted_la
     )
     prio, cost_us = bench.estimate_priorities(a, IterationEstimator(meta), {"tier": 0}, engine)
     assert cost_us > 0
-    longest = max(range(len(a)), key=lambda i: a[i].text_tokens * 0.1 + a[i].new_tokens * 5.5)
+    longest = max(range(len(a)), key=lambda i: a[i].text_tokens * 0.1 + a[i].output_tokens * 5.5)
     assert prio[longest] == max(prio)  # the longest predicted request goes last
 
 
@@ -187,7 +190,7 @@ def test_bench_rates_scale_one_trace_and_goodput_interpolates_the_crossing() -> 
 
     bench = load_script("bench_scheduler")
     slow, fast = bench.bimodal(2.0, 30, 4), bench.bimodal(6.0, 30, 4)
-    assert [(r.text_tokens, r.new_tokens) for r in slow] == [(r.text_tokens, r.new_tokens) for r in fast]
+    assert [(r.text_tokens, r.output_tokens) for r in slow] == [(r.text_tokens, r.output_tokens) for r in fast]
     assert [round(r.arrival_s / 3, 6) for r in slow] == pytest.approx([r.arrival_s for r in fast], abs=2e-6)
     # attainment 1.0, 0.95, 0.7 at 2, 4, 6 req/s: 90% is crossed at 4 + 2 * (0.95 - 0.9) / (0.95 - 0.7)
     assert bench.goodput([2, 4, 6], [1.0, 0.95, 0.7]) == (pytest.approx(4.4), False)

@@ -9,8 +9,8 @@ import pandas as pd
 import psutil
 import pytest
 
+from contract.request import Request
 from harness.drivers.serve import parse_metrics, requests_from_client, server_command
-from harness.rundata.workload import WorkloadRequest
 from tests.conftest import run_profile
 
 
@@ -104,7 +104,7 @@ def test_client_results_become_request_rows() -> None:
         "start_times": [100.0, 100.5],
         "errors": ["", "boom"],
     }
-    rows = requests_from_client(detail, [WorkloadRequest(0, 0.0, 10, 3), WorkloadRequest(1, 0.5, 12, 4)])
+    rows = requests_from_client(detail, [Request.numbered(0, 0.0, 10, 3), Request.numbered(1, 0.5, 12, 4)])
     first = rows.iloc[0]
     assert first["ttft_ms"] == pytest.approx(100) and first["tpot_ms"] == pytest.approx(200)
     assert first["token_times_ms"] == pytest.approx([100, 300, 500]) and first["ok"]

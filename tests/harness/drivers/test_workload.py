@@ -16,11 +16,12 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
+from contract.request import Request
 from harness.cli.app import app
 from harness.drivers.replay import resume_plan
 from harness.engine.settings import EngineSettings
 from harness.rundata.spec import SpecError
-from harness.rundata.workload import LengthDist, WorkloadRequest, generate_workload, parse_workload, write_workload
+from harness.rundata.workload import LengthDist, generate_workload, parse_workload, write_workload
 
 runner = CliRunner()
 
@@ -33,7 +34,7 @@ def test_generator_is_deterministic_for_a_seed(tmp_path: Path) -> None:
     arrivals = [r.arrival_s for r in a]
     assert arrivals[0] == 0 and arrivals == sorted(arrivals)
     assert 5 < arrivals[-1] < 15  # 199 gaps of mean 1/20 s
-    assert all(r.text_tokens >= 1 and 1 <= r.new_tokens <= 64 and r.text_tokens + r.new_tokens <= 1024 for r in a)
+    assert all(r.text_tokens >= 1 and 1 <= r.output_tokens <= 64 and r.text_tokens + r.output_tokens <= 1024 for r in a)
     assert max(r.text_tokens for r in a) > 500  # the lognormal tail is there, clipped to the context
     f1, f2 = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     for f in (f1, f2):
@@ -80,7 +81,7 @@ def _refuse(*args: Any, **kwargs: Any) -> None:
 
 
 def test_resume_plan_keeps_relative_arrivals() -> None:
-    w = [WorkloadRequest(i, t, 8, 2) for i, t in enumerate([0.0, 0.5, 1.25, 2.0])]
+    w = [Request.numbered(i, t, 8, 2) for i, t in enumerate([0.0, 0.5, 1.25, 2.0])]
     todo, base = resume_plan(w, {"req-00000", "req-00002"})
     assert [r.request_id for r in todo] == ["req-00001", "req-00003"]
     assert base == 0.5 and [r.arrival_s - base for r in todo] == [0.0, 1.5]
@@ -228,7 +229,7 @@ def test_fake_replay_chunks_ctrl_c_and_resume(tmp_path: Path, monkeypatch: pytes
 
 
 def test_write_workload_round_trips(tmp_path: Path) -> None:
-    w = [WorkloadRequest(0, 0.0, 8, 2), WorkloadRequest(1, 0.25, 16, 3, "some text")]
+    w = [Request.numbered(0, 0.0, 8, 2), Request.numbered(1, 0.25, 16, 3, prompt="some text")]
     write_workload(tmp_path / "w.jsonl", w)
     assert parse_workload((tmp_path / "w.jsonl").read_text()) == w
 

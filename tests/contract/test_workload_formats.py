@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from traffic.workload import (
+from contract.workload import (
     TRACE_CHUNK_TOKENS,
     LengthDist,
     WorkloadError,
@@ -32,8 +32,8 @@ def test_trace_round_trip_keeps_arrivals_and_lengths(tmp_path: Path) -> None:
     assert len(ids) == len(set(ids))
     assert all(len(x["hash_ids"]) == -(-x["input_length"] // TRACE_CHUNK_TOKENS) for x in lines)
     back = read_workload(tmp_path / "t.jsonl", allow_trace=True)
-    assert [(r.arrival_s, r.text_tokens, r.new_tokens) for r in back] == [
-        (r.arrival_s, r.text_tokens, r.new_tokens) for r in reqs
+    assert [(r.arrival_s, r.text_tokens, r.output_tokens) for r in back] == [
+        (r.arrival_s, r.text_tokens, r.output_tokens) for r in reqs
     ]
 
 

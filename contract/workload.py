@@ -2,8 +2,10 @@
 
 Two formats, told apart by their keys:
 - the project's: `{"arrival_s": 0.25, "text_tokens": 512, "new_tokens": 64}`, optionally `"prompt"` (text, cut to
-  `text_tokens` with the model's tokenizer) and `"priority"` (an integer, lower runs first: `profile replay --policy
-  file`);
+  `text_tokens` with the model's tokenizer), `"priority"` (an integer, lower runs first: `profile replay --policy
+  file`), `"max_tokens"` (the cap the client declares, >= `new_tokens`; default `new_tokens`) and `"client_class"`
+  (a label the client sends). `new_tokens` is the true output length: what the engine generates (`ignore_eos`, the
+  trace's stand-in for an EOS) and what no scheduling policy sees (contract/request.py);
 - vLLM's timed trace, as `vllm bench serve --dataset-name timed_trace` replays it (vllm/benchmarks/datasets/
   datasets.py `TimedTrace`): `{"timestamp": 0.25, "input_length": 512, "output_length": 64, "hash_ids": [...]}`,
   `timestamp` in seconds, `hash_ids` one id per 16-token chunk (shared ids make shared prefixes).
@@ -20,7 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-KEYS = {"arrival_s", "text_tokens", "new_tokens", "prompt", "priority"}
+from contract.request import Request
+
+KEYS = {"arrival_s", "text_tokens", "new_tokens", "prompt", "priority", "max_tokens", "client_class"}
 TRACE_KEYS = {"timestamp", "input_length", "output_length", "hash_ids"}
 TRACE_CHUNK_TOKENS = 16  # vllm bench serve's --timed-trace-chunk-hash-size default
 
@@ -29,32 +33,24 @@ class WorkloadError(ValueError):
     """A workload file or generator argument that cannot be used; the message is one line."""
 
 
-@dataclass(frozen=True)
-class WorkloadRequest:
-    """One request of a workload. `index` is its 0-based place in the file (line `index + 1`)."""
-
-    index: int
-    arrival_s: float
-    text_tokens: int
-    new_tokens: int
-    prompt: str | None = None
-    priority: int | None = None  # vLLM's priority policy: lower runs first (profile replay --policy file)
-
-    @property
-    def request_id(self) -> str:
-        return f"req-{self.index:05d}"
-
-    def record(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "arrival_s": self.arrival_s,
-            "text_tokens": self.text_tokens,
-            "new_tokens": self.new_tokens,
-        }
-        if self.prompt is not None:
-            out["prompt"] = self.prompt
-        if self.priority is not None:
-            out["priority"] = self.priority
-        return out
+def workload_record(request: Request) -> dict[str, Any]:
+    """One line of the project's workload format. `max_tokens` and `client_class` are written only where they say
+    more than the old format did (a cap above the true length, a class), so an old workload is written back
+    byte for byte."""
+    out: dict[str, Any] = {
+        "arrival_s": request.arrival_s,
+        "text_tokens": request.text_tokens,
+        "new_tokens": request.output_tokens,
+    }
+    if request.prompt is not None:
+        out["prompt"] = request.prompt
+    if request.priority is not None:
+        out["priority"] = request.priority
+    if request.max_tokens != request.output_tokens:
+        out["max_tokens"] = request.max_tokens
+    if request.client_class is not None:
+        out["client_class"] = request.client_class
+    return out
 
 
 def _positive_int(line: int, data: dict[str, Any], key: str, where: str) -> int:
@@ -80,7 +76,7 @@ def _objects(text: str, where: str) -> Iterator[tuple[int, dict[str, Any]]]:
         yield n, data
 
 
-def parse_workload(text: str, where: str = "workload", allow_trace: bool = False) -> list[WorkloadRequest]:
+def parse_workload(text: str, where: str = "workload", allow_trace: bool = False) -> list[Request]:
     """Parse JSONL text into requests; any problem is a one-line WorkloadError naming the line (1-based).
 
     Blank lines are skipped (they keep their line numbers). Arrival times must be finite, >= 0 and not
@@ -90,7 +86,7 @@ def parse_workload(text: str, where: str = "workload", allow_trace: bool = False
     first = next((line for line in text.splitlines() if line.strip()), "")
     if allow_trace and first.lstrip().startswith("{") and '"timestamp"' in first:
         return _parse_trace(text, where)
-    out: list[WorkloadRequest] = []
+    out: list[Request] = []
     previous = 0.0
     for n, data in _objects(text, where):
         unknown = sorted(set(data) - KEYS)
@@ -115,15 +111,25 @@ def parse_workload(text: str, where: str = "workload", allow_trace: bool = False
         priority = data.get("priority")
         if priority is not None and (not isinstance(priority, int) or isinstance(priority, bool)):
             raise WorkloadError(f"{where} line {n}: priority must be an integer (lower runs first), got {priority!r}")
-        out.append(WorkloadRequest(n - 1, float(arrival), text_tokens, new_tokens, prompt, priority))
+        max_tokens = _positive_int(n, data, "max_tokens", where) if "max_tokens" in data else new_tokens
+        if max_tokens < new_tokens:
+            raise WorkloadError(
+                f"{where} line {n}: max_tokens {max_tokens} is below new_tokens {new_tokens} (the tokens the request "
+                "generates cannot exceed the cap its client declares)"
+            )
+        client_class = data.get("client_class")
+        if client_class is not None and (not isinstance(client_class, str) or not client_class.strip()):
+            raise WorkloadError(f"{where} line {n}: client_class must be a non-empty label, got {client_class!r}")
+        out.append(Request.numbered(n - 1, float(arrival), text_tokens, new_tokens, max_tokens=max_tokens,
+                                    client_class=client_class, prompt=prompt, priority=priority))
     if not out:
         raise WorkloadError(f"{where}: no requests")
     return out
 
 
-def _parse_trace(text: str, where: str) -> list[WorkloadRequest]:
+def _parse_trace(text: str, where: str) -> list[Request]:
     """vLLM's timed-trace JSONL (see the module docstring) as requests, arrivals from the first timestamp."""
-    out: list[WorkloadRequest] = []
+    out: list[Request] = []
     previous: float | None = None
     start = 0.0
     for n, data in _objects(text, where):
@@ -143,24 +149,24 @@ def _parse_trace(text: str, where: str) -> list[WorkloadRequest]:
         previous = float(stamp)
         text_tokens = _positive_int(n, data, "input_length", where)
         new_tokens = _positive_int(n, data, "output_length", where)
-        out.append(WorkloadRequest(n - 1, round(float(stamp) - start, 6), text_tokens, new_tokens))
+        out.append(Request.numbered(n - 1, round(float(stamp) - start, 6), text_tokens, new_tokens))
     if not out:
         raise WorkloadError(f"{where}: no requests")
     return out
 
 
-def trace_record(request: WorkloadRequest, hash_offset: int) -> dict[str, Any]:
+def trace_record(request: Request, hash_offset: int) -> dict[str, Any]:
     """One timed-trace line for `vllm bench serve`: distinct hash ids per request (no shared prefix)."""
     chunks = -(-request.text_tokens // TRACE_CHUNK_TOKENS)
     return {
         "timestamp": request.arrival_s,
         "input_length": request.text_tokens,
-        "output_length": request.new_tokens,
+        "output_length": request.output_tokens,
         "hash_ids": list(range(hash_offset, hash_offset + chunks)),
     }
 
 
-def write_trace(path: Path, requests: list[WorkloadRequest]) -> None:
+def write_trace(path: Path, requests: list[Request]) -> None:
     """Write requests as vLLM's timed trace (one object per line, in order; prompts are not carried)."""
     lines, offset = [], 0
     for r in requests:
@@ -170,7 +176,7 @@ def write_trace(path: Path, requests: list[WorkloadRequest]) -> None:
     path.write_text("".join(lines), encoding="utf-8")
 
 
-def read_workload(path: Path, allow_trace: bool = False) -> list[WorkloadRequest]:
+def read_workload(path: Path, allow_trace: bool = False) -> list[Request]:
     """Read and check a workload file (see parse_workload)."""
     try:
         text = path.read_text(encoding="utf-8")
@@ -181,19 +187,19 @@ def read_workload(path: Path, allow_trace: bool = False) -> list[WorkloadRequest
     return parse_workload(text, f"workload {path}", allow_trace)
 
 
-def check_context(requests: list[WorkloadRequest], context: int, where: str = "workload") -> None:
+def check_context(requests: list[Request], context: int, where: str = "workload") -> None:
     """Refuse a request that does not fit the model's context (prompt + new tokens)."""
     for r in requests:
-        if r.text_tokens + r.new_tokens > context:
+        if r.text_tokens + r.output_tokens > context:
             raise WorkloadError(
-                f"{where} line {r.index + 1}: text_tokens {r.text_tokens} + new_tokens {r.new_tokens} exceeds the "
+                f"{where} line {r.index + 1}: text_tokens {r.text_tokens} + new_tokens {r.output_tokens} exceeds the "
                 f"model's context ({context} tokens)"
             )
 
 
-def write_workload(path: Path, requests: list[WorkloadRequest]) -> None:
+def write_workload(path: Path, requests: list[Request]) -> None:
     """Write requests as JSONL (one object per line, in order)."""
-    path.write_text("".join(json.dumps(r.record()) + "\n" for r in requests), encoding="utf-8")
+    path.write_text("".join(json.dumps(workload_record(r)) + "\n" for r in requests), encoding="utf-8")
 
 
 # --- generation ---------------------------------------------------------------------------------------------
@@ -247,7 +253,7 @@ def generate_workload(
     new_dist: LengthDist,
     context: int,
     burstiness: float = 1.0,
-) -> list[WorkloadRequest]:
+) -> list[Request]:
     """`count` requests arriving at `rate` requests/s on average (the first at 0 s), lengths drawn from the
     distributions and clipped so prompt + new tokens fit `context`. Deterministic for a seed.
 
@@ -270,5 +276,5 @@ def generate_workload(
             t += rng.expovariate(rate) if burstiness == 1.0 else rng.gammavariate(burstiness, 1.0 / (rate * burstiness))
         text_tokens = min(text_dist.draw(rng), context - 1)
         new_tokens = min(new_dist.draw(rng), context - text_tokens)
-        out.append(WorkloadRequest(i, round(t, 6), text_tokens, new_tokens))
+        out.append(Request.numbered(i, round(t, 6), text_tokens, new_tokens))
     return out

@@ -1,8 +1,9 @@
 """Scheduling policies at arrival: the contract between whoever drives an engine and whoever decides.
 
-A driver (the harness's replay loop) calls `ArrivalPolicy.decide` when a request arrives, with what the engine
-holds at that moment; the policy answers the request's priority (vLLM's priority policy: lower runs first) and
-whether to admit it at all. A rejected request is answered as rejected and recorded, never lost.
+A driver (the harness's replay loop) calls `ArrivalPolicy.decide` when a request arrives, with what its client
+declared (contract/request.py `Declared`: never the true output length) and what the engine holds at that moment;
+the policy answers the request's priority (vLLM's priority policy: lower runs first) and whether to admit it at all.
+A rejected request is answered as rejected and recorded, never lost.
 
 Policies that need a trained model live with the model (the estimator registers them under the entry-point group
 `ENTRY_POINT_GROUP` in pyproject.toml), so the harness finds them by name without importing the estimator: the two
@@ -16,6 +17,8 @@ from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any, Protocol
 
+from contract.request import Declared
+
 ENTRY_POINT_GROUP = "llm_latency_profiler.policies"
 
 
@@ -24,24 +27,13 @@ class PolicyError(ValueError):
 
 
 @dataclass(frozen=True)
-class Arriving:
-    """The request that just arrived."""
-
-    request_id: str
-    prompt_tokens: int
-    output_tokens: int
-
-
-@dataclass(frozen=True)
 class Held:
-    """A request the engine already holds at the decision: admitted, not finished.
+    """A request the engine already holds at the decision: admitted, not finished. `request`: what its client
+    declared (never the true output length); `arrived_s_ago`: seconds since it arrived; `computed_tokens`: prompt
+    tokens already in the KV cache (0 while it waits); `outputs`: tokens it has returned; `running`: scheduled at
+    least once (else still waiting)."""
 
-    `arrived_s_ago`: seconds since it arrived; `computed_tokens`: prompt tokens already in the KV cache (0 while
-    it waits); `outputs`: tokens it has returned; `running`: scheduled at least once (else still waiting)."""
-
-    request_id: str
-    prompt_tokens: int
-    output_tokens: int
+    request: Declared
     priority: int
     arrived_s_ago: float
     computed_tokens: int
@@ -65,7 +57,7 @@ class ArrivalPolicy(Protocol):
 
     def start(self, engine: Mapping[str, Any], config: Mapping[str, Any]) -> None: ...
 
-    def decide(self, request: Arriving, held: Sequence[Held]) -> Decision: ...
+    def decide(self, request: Declared, held: Sequence[Held]) -> Decision: ...
 
 
 def registered() -> list[str]:
