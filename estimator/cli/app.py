@@ -24,6 +24,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help text is plain: a "[default: ...]" or "[engine]" in it is printed, not parsed
 )
 
 
@@ -140,7 +141,9 @@ def compare(
     runs: RunsArg,
     out: Annotated[Path | None, typer.Option(help="Output folder [default: <first run>/compare].")] = None,
     variant: Annotated[
-        list[str] | None, typer.Option(help="Variants to compare (repeatable) [default: all five].")
+        list[str] | None,
+        typer.Option(help="Variants to compare (repeatable) [default: all six: tokens, buckets, poly, embedding, "
+                     "residual, blocks]."),
     ] = None,
     references: Annotated[bool, typer.Option(help="Also fit the closed-form and random-forest references.")] = True,
     seed: Annotated[int, typer.Option(help="Seed for the by-prompt split, subsampling and the models.")] = 0,

@@ -103,7 +103,7 @@ def simulate(
             "iterations against batch size, and each request's add lag); saved as MODEL_DIR/serving.json."
         ),
     ] = None,
-    no_overheads: Annotated[bool, typer.Option(help="Ignore MODEL_DIR/serving.json.")] = False,
+    no_overheads: Annotated[bool, typer.Option("--no-overheads", help="Ignore MODEL_DIR/serving.json.")] = False,
     out: Annotated[Path | None, typer.Option(help="Folder for requests.csv, summary.json, cdf.png, curve.csv.")] = None,
 ) -> None:
     """Predict a workload from its arrivals: queueing, TTFT, TPOT, end-to-end per request (vLLM's benchmark

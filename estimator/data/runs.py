@@ -16,10 +16,11 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from contract.manifest import READABLE_VERSIONS
+from contract.manifest import SCHEMA_VERSION as SCHEMA_VERSION  # the newest results schema (the contract's)
 from estimator.errors import EstimatorError
 
-SCHEMA_VERSION = 2  # the newest results schema this estimator reads
-SCHEMA_VERSIONS: tuple[int, ...] = (1, 2)  # every version it reads
+SCHEMA_VERSIONS: tuple[int, ...] = READABLE_VERSIONS  # every version this estimator reads
 DEFAULT_AXES: tuple[str, ...] = ("tier", "top_k", "blocks")
 REQUIRED_SAMPLE_COLUMNS: tuple[str, ...] = (
     "point_id",

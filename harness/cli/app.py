@@ -60,6 +60,7 @@ app = _App(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help text is plain: a "[default: ...]" or "[engine]" in it is printed, not parsed
 )
 out = Console()
 if not out.is_terminal:  # logs and CI: wide enough for the summary table
@@ -135,7 +136,7 @@ def dtype_warnings(spec: SweepSpec) -> list[str]:
     from harness.engine.cpu_dtype import emulation_warning, machine_dtype_choice
 
     asked = [spec.engine["dtype"]] if "dtype" in spec.engine else []
-    asked += [v for a, t in spec.mapping.items() if t == "engine:dtype" for v in spec.axes.get(a, [])]
+    asked += [v for a in spec.mapping if str(spec.target(a)) == "engine:dtype" for v in spec.axes.get(a, [])]
     found = [emulation_warning(str(d), machine_dtype_choice()) for d in dict.fromkeys(map(str, asked))]
     return [w for w in found if w]
 

@@ -125,7 +125,7 @@ class BatchPass:
             written: Callable[[Point, dict[str, Any]], None]) -> BatchOutcome:
         """Run every episode; write a point when its last episode is done. Removes each point, written or failed,
         from `self.points`."""
-        found, max_seqs = self.engine.effective_value("engine:max_num_seqs")
+        found, max_seqs = self.engine.effective_value("engine", "max_num_seqs")
         failed = 0
         for p in list(self.points):
             b, join = _shape(p)
@@ -218,7 +218,7 @@ def run_batch_group(
 ) -> BatchOutcome:
     """The sweep's entry: run the batch points left in `remaining` on a started engine (removing each one as it is
     written or fails), adding written points to `done`."""
-    found, max_seqs = engine.effective_value("engine:max_num_seqs")
+    found, max_seqs = engine.effective_value("engine", "max_num_seqs")
 
     def common(point: Point) -> dict[str, Any]:
         return {"run_id": store.run_dir.name, "segment_id": point.point_id, "kind": "batch",
@@ -227,8 +227,7 @@ def run_batch_group(
                 "engine_mode": spec.engine_mode, "dtype": engine.dtype, "device": device}
 
     def sampling(point: Point) -> dict[str, Any]:
-        return {spec.mapping[a].split(":", 1)[1]: v for a, v in point.axes.items()
-                if spec.mapping[a].startswith("sampling:")}
+        return spec.sampling_of(point.axes)
 
     def written(point: Point, figures: dict[str, Any]) -> None:
         done.add(point.point_id)

@@ -21,6 +21,7 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 
+from contract.manifest import run_header
 from contract.policy import ArrivalPolicy, PolicyError
 from contract.request import Request
 from harness import __version__
@@ -29,7 +30,6 @@ from harness.drivers.plan import Plan, SweepOptions, plan_sweep, prompt_sources
 from harness.drivers.session import (
     engine_settings,
     environment,
-    git_info,
     sampling_of,
     start_engine,
     stop_on_signals,
@@ -159,33 +159,27 @@ def run_replay(spec: SweepSpec | None, workload: list[Request] | None, options: 
         store = None
     with open_source(0 if spec.device == "cuda" else None) as source:  # GPU: its NVML counters
         if store is None:
-            commit, dirty = git_info()
             store = RunStore.create(
                 options.out_root,
-                {
-                    "kind": KIND,
-                    "tool_version": __version__,
-                    "git_commit": commit,
-                    "git_dirty": dirty,
-                    "command": options.command,
-                    "spec": spec.model_dump(mode="json"),
-                    "replay": {"workload": WORKLOAD_NAME, "source": options.source, "flush_every": options.flush_every},
-                    "environment": environment(source.info, spec.device),
-                    "telemetry": {
+                run_header(
+                    KIND,
+                    tool_version=__version__,
+                    command=options.command,
+                    spec=spec.model_dump(mode="json"),
+                    environment=environment(source.info, spec.device),
+                    replay={"workload": WORKLOAD_NAME, "source": options.source, "flush_every": options.flush_every},
+                    telemetry={
                         "source": source.name,
                         "reason": f"{source.reason}; NVML sees {nvml_device_count()} GPU(s)",
                         "interval_ms": spec.telemetry_interval_ms,
                     },
-                    "engine_mode": spec.engine_mode,
-                    "started_at": utc_now(),
-                    "ended_at": None,
-                    "status": "running",
-                    "requests_total": len(workload),
-                    "requests_done": 0,
-                    "segments": [],
-                    "engine_starts": [],
-                    "models": {str(t): m.__dict__ for t, m in plan.models.items()},
-                },
+                    engine_mode=spec.engine_mode,
+                    requests_total=len(workload),
+                    requests_done=0,
+                    segments=[],
+                    engine_starts=[],
+                    models={str(t): m.__dict__ for t, m in plan.models.items()},
+                ),
                 run_id=options.run_id,
             )
             write_workload(store.run_dir / WORKLOAD_NAME, workload)

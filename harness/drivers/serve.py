@@ -35,11 +35,12 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 
+from contract.manifest import engine_record, run_header
 from contract.request import Request
 from harness import __version__
 from harness.drivers.plan import SweepOptions
 from harness.drivers.replay import plan_replay
-from harness.drivers.session import engine_settings, environment, git_info, stop_on_signals
+from harness.drivers.session import engine_settings, environment, stop_on_signals
 from harness.engine.reaper import Reaper, descendants, stop_processes
 from harness.rundata.prompts import FALLBACK_TOKENIZER
 from harness.rundata.spec import SpecError, SweepSpec
@@ -339,29 +340,23 @@ def run_serve_bench(
     args.setdefault("max_num_seqs", seqs.get(SERVING_CONTEXT(), 256))
     args.setdefault("block_size", settings.block_size)
     with open_source(0 if spec.device == "cuda" else None) as source:
-        commit, dirty = git_info()
         store = RunStore.create(
             options.out_root,
-            {
-                "kind": KIND,
-                "tool_version": __version__,
-                "git_commit": commit,
-                "git_dirty": dirty,
-                "command": options.command,
-                "spec": spec.model_dump(mode="json"),
-                "serve": {
+            run_header(
+                KIND,
+                tool_version=__version__,
+                command=options.command,
+                spec=spec.model_dump(mode="json"),
+                environment=environment(source.info, spec.device),
+                serve={
                     "workload": WORKLOAD_NAME,
                     "trace": TRACE_NAME,
                     "source": options.source,
                     "client": "vllm bench serve --dataset-name timed_trace --save-detailed (vllm.benchmarks.serve)",
                 },
-                "environment": environment(source.info, spec.device),
-                "engine_exceptions": settings.exceptions(budget),
-                "started_at": utc_now(),
-                "ended_at": None,
-                "status": "running",
-                "requests_total": len(workload),
-            },
+                engine_exceptions=settings.exceptions(budget),
+                requests_total=len(workload),
+            ),
             run_id=options.run_id,
         )
     run_dir = store.run_dir
@@ -413,18 +408,20 @@ def run_serve_bench(
             cache = metrics["cache_config"]
             max_len = next((m.get("max_model_len") for m in models.get("data", []) if m.get("max_model_len")), None)
             store.update_manifest(
-                engine={
-                    "source": "the server's command line, /metrics vllm:cache_config_info and /v1/models",
-                    "max_num_seqs": args.get("max_num_seqs"),
-                    "max_num_batched_tokens": args.get("max_num_batched_tokens"),
-                    "enable_chunked_prefill": True,
-                    "block_size": int(cache.get("block_size") or args.get("block_size") or 0) or None,
-                    "num_gpu_blocks": int(cache["num_gpu_blocks"]) if cache.get("num_gpu_blocks") else None,
-                    "max_model_len": max_len,
-                    "dtype": args.get("dtype") or settings.model_dtype(),
-                    "enable_prefix_caching": args.get("enable_prefix_caching"),
-                    "server_seconds_to_healthy": round(seconds, 2),
-                },
+                engine=engine_record(
+                    "the server's command line, /metrics vllm:cache_config_info and /v1/models",
+                    {
+                        "max_num_seqs": args.get("max_num_seqs"),
+                        "max_num_batched_tokens": args.get("max_num_batched_tokens"),
+                        "enable_chunked_prefill": True,
+                        "block_size": int(cache.get("block_size") or args.get("block_size") or 0) or None,
+                        "num_gpu_blocks": int(cache["num_gpu_blocks"]) if cache.get("num_gpu_blocks") else None,
+                        "max_model_len": max_len,
+                        "dtype": args.get("dtype") or settings.model_dtype(),
+                        "enable_prefix_caching": args.get("enable_prefix_caching"),
+                    },
+                    server_seconds_to_healthy=round(seconds, 2),
+                ),
                 server={
                     "port": port,
                     "command": server.cmd,

@@ -6,7 +6,7 @@
 - `warm_up`: untimed requests after a start;
 - `sampling_of`: a point's sampling parameters;
 - `record_engine_start`: one engine start in the run's manifest;
-- `environment` and `git_info`: what the run ran on and from which commit;
+- `environment`: what the run ran on (the commit is the manifest header's: contract/manifest.py);
 - `stop_on_signals`: SIGINT/SIGTERM become a flag the loops poll (a second Ctrl-C stops at once).
 """
 
@@ -16,11 +16,9 @@ import json
 import os
 import platform
 import signal
-import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from harness.drivers.plan import Plan, SweepOptions
@@ -71,14 +69,14 @@ def engine_settings(plan: Plan, point: Point, options: SweepOptions) -> EngineSe
     hf: dict[str, Any] = {}
     block_size = None
     for axis in engine_axes(spec):
-        target = spec.mapping[axis]
+        target = spec.target(axis)
         value = point.axes[axis]
-        if target == "engine:block_size":
+        if (target.kind, target.key) == ("engine", "block_size"):
             block_size = int(value)
-        elif target.startswith("engine:"):
-            kwargs[target.split(":", 1)[1]] = value
-        elif target.startswith("hf:"):
-            hf[target.split(":", 1)[1]] = value
+        elif target.kind == "engine":
+            kwargs[target.key] = value
+        elif target.kind == "hf":
+            hf[target.key] = value
     return EngineSettings(
         model_name=m.name,
         model_path=m.path,
@@ -101,9 +99,7 @@ def engine_settings(plan: Plan, point: Point, options: SweepOptions) -> EngineSe
 def sampling_of(spec: SweepSpec, point: Point) -> dict[str, Any]:
     """The point's sampling parameters (its `sampling:*` axes, e.g. {"top_k": 50}), as vLLM's SamplingParams
     names them."""
-    return {
-        spec.mapping[a].split(":", 1)[1]: v for a, v in point.axes.items() if spec.mapping[a].startswith("sampling:")
-    }
+    return spec.sampling_of(point.axes)
 
 
 @dataclass
@@ -131,15 +127,14 @@ def effective_mismatch(spec: SweepSpec, point: Point, engine: VllmEngine) -> str
     if dtype:
         return dtype
     for axis in engine_axes(spec):
-        target = spec.mapping[axis]
-        if target == "model":
+        target = spec.target(axis)
+        if target.kind == "model":
             continue
-        found, value = engine.effective_value(target)
+        found, value = engine.effective_value(target.kind, target.key)
         if found and value != point.axes[axis]:
-            key = target.partition(":")[2]
             return (
-                f"the running engine has {key} = {value!r}, but axis {axis} = {point.axes[axis]!r} asked for it "
-                f"({target}); vLLM or its platform changed it"
+                f"the running engine has {target.key} = {value!r}, but axis {axis} = {point.axes[axis]!r} asked for "
+                f"it ({target}); vLLM or its platform changed it"
             )
     return None
 
@@ -177,22 +172,6 @@ def record_engine_start(store: Any, entry: dict[str, Any], exceptions: list[dict
         engine_exceptions=exceptions,
         engine_starts=[*starts, entry],
     )
-
-
-def git_info() -> tuple[str | None, bool | None]:
-    root = Path(__file__).resolve().parents[2]
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5, check=True
-        ).stdout.strip()
-        dirty = bool(
-            subprocess.run(
-                ["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True, timeout=5, check=True
-            ).stdout.strip()
-        )
-        return commit, dirty
-    except (OSError, subprocess.SubprocessError):
-        return None, None
 
 
 def environment(source_info: dict[str, Any], device: str = "cpu") -> dict[str, Any]:

@@ -12,10 +12,11 @@ from typing import Any
 
 import pandas as pd
 
+from contract.manifest import run_header
 from harness import __version__
 from harness.drivers.measure import measure_group
 from harness.drivers.plan import Plan, Reporter, SweepOptions, plan_sweep, prompt_sources
-from harness.drivers.session import StopFlag, environment, git_info, stop_on_signals
+from harness.drivers.session import StopFlag, environment, stop_on_signals
 from harness.engine.log import LOG_NAME
 from harness.engine.vllm_engine import VllmEngine
 from harness.rundata.prompts import PromptSource
@@ -103,28 +104,23 @@ def open_store(
                 "with the same flags (or none: the saved spec is used)"
             )
         return store
-    commit, dirty = git_info()
     return RunStore.create(
         options.out_root,
-        {
-            "tool_version": __version__,
-            "git_commit": commit,
-            "git_dirty": dirty,
-            "command": options.command,
-            "spec": spec.model_dump(mode="json"),
-            "environment": env,
-            "telemetry": telemetry,
-            "engine_mode": spec.engine_mode,
-            "started_at": utc_now(),
-            "ended_at": None,
-            "status": "running",
-            "points_total": len(plan.points),
-            "points_done": 0,
-            "points_failed": 0,
-            "engine_starts": [],
-            "models": {str(t): m.__dict__ for t, m in plan.models.items()},
+        run_header(
+            "sweep",
+            tool_version=__version__,
+            command=options.command,
+            spec=spec.model_dump(mode="json"),
+            environment=env,
+            telemetry=telemetry,
+            engine_mode=spec.engine_mode,
+            points_total=len(plan.points),
+            points_done=0,
+            points_failed=0,
+            engine_starts=[],
+            models={str(t): m.__dict__ for t, m in plan.models.items()},
             **(extra or {}),
-        },
+        ),
         run_id=options.run_id,
     )
 

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from contract.manifest import engine_record
 from harness.engine.cpu_pinning import CpuPinning, plan_pinning
 from harness.engine.reaper import Reaper, descendants, stop_processes
 from harness.engine.settings import (
@@ -191,31 +192,33 @@ class VllmEngine:
         cfg = self._vllm_config()
         cache, sched, model, comp = cfg.cache_config, cfg.scheduler_config, cfg.model_config, cfg.compilation_config
         blocks = cache.num_gpu_blocks
-        return {
-            "source": "LLMEngine.vllm_config (KV-cache size and block size from the engine core's handshake)",
-            "block_size": cache.block_size,
-            "num_gpu_blocks": blocks,
-            "kv_cache_tokens": blocks * cache.block_size if blocks else None,
-            "kv_cache_memory_bytes": cache.kv_cache_memory_bytes,
-            "enable_prefix_caching": cache.enable_prefix_caching,
-            "max_num_seqs": sched.max_num_seqs,
-            "max_num_batched_tokens": sched.max_num_batched_tokens,
-            "enable_chunked_prefill": sched.enable_chunked_prefill,
-            "async_scheduling": sched.async_scheduling,
-            "compilation_mode": _plain(comp.mode),
-            "cudagraph_mode": _plain(comp.cudagraph_mode),
-            "cudagraph_capture_sizes": list(comp.cudagraph_capture_sizes or []),
-            "enforce_eager": model.enforce_eager,
-            "dtype": str(model.dtype).removeprefix("torch."),
-            "max_model_len": model.max_model_len,
-            "cpu_pinning": self._pins.record(),
-        }
+        return engine_record(
+            "LLMEngine.vllm_config (KV-cache size and block size from the engine core's handshake)",
+            {
+                "block_size": cache.block_size,
+                "num_gpu_blocks": blocks,
+                "enable_prefix_caching": cache.enable_prefix_caching,
+                "max_num_seqs": sched.max_num_seqs,
+                "max_num_batched_tokens": sched.max_num_batched_tokens,
+                "enable_chunked_prefill": sched.enable_chunked_prefill,
+                "dtype": str(model.dtype).removeprefix("torch."),
+                "max_model_len": model.max_model_len,
+            },
+            kv_cache_tokens=blocks * cache.block_size if blocks else None,
+            kv_cache_memory_bytes=cache.kv_cache_memory_bytes,
+            async_scheduling=sched.async_scheduling,
+            compilation_mode=_plain(comp.mode),
+            cudagraph_mode=_plain(comp.cudagraph_mode),
+            cudagraph_capture_sizes=list(comp.cudagraph_capture_sizes or []),
+            enforce_eager=model.enforce_eager,
+            cpu_pinning=self._pins.record(),
+        )
 
-    def effective_value(self, target: str) -> tuple[bool, Any]:
-        """(found, value) of an axis target ("engine:<EngineArgs field>" or "hf:<config key>") in the running
-        engine's config; an EngineArgs field is looked up by name on vLLM's sub-configs."""
+    def effective_value(self, kind: str, key: str) -> tuple[bool, Any]:
+        """(found, value) of an axis target (`kind` "engine" with an EngineArgs field, or "hf" with a config key:
+        harness/rundata/spec.py `Target`) in the running engine's config; an EngineArgs field is looked up by name
+        on vLLM's sub-configs."""
         cfg = self._vllm_config()
-        kind, _, key = target.partition(":")
         if kind == "hf":
             hf = cfg.model_config.hf_config
             return (True, getattr(hf, key)) if hasattr(hf, key) else (False, None)

@@ -36,6 +36,36 @@ class SpecError(ValueError):
     """A sweep spec or flag that cannot be used; the message is one line, shown to the user as is."""
 
 
+WHOLE_TARGETS = ("model", "prompt", "batch")  # targets that are a word
+KEYED_TARGETS = ("engine", "hf", "sampling")  # targets that name a key: "engine:block_size"
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where an axis goes, parsed once from its mapping text (the only parser of it): `kind` is one of
+    WHOLE_TARGETS or KEYED_TARGETS, and `key` the EngineArgs field, hf_overrides entry or SamplingParams field of
+    a keyed one ("" for a whole one)."""
+
+    kind: str
+    key: str = ""
+
+    @classmethod
+    def parse(cls, text: str) -> Target:
+        """A mapping text as a target; ValueError naming the forms when it is none of them."""
+        kind, sep, key = text.partition(":")
+        if (text in WHOLE_TARGETS) or (kind in KEYED_TARGETS and sep and key):
+            return cls(kind, key)
+        raise ValueError(f"'{text}' is not a target; expected model, prompt, batch, engine:X, hf:X or sampling:X")
+
+    @property
+    def restarts_engine(self) -> bool:
+        """A change of value needs a new engine (the model, an engine argument, an hf override)."""
+        return self.kind in ("model", "engine", "hf")
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.key}" if self.key else self.kind
+
+
 class SweepSpec(BaseModel):
     """Everything a sweep needs to know, validated. Lengths are in tokens."""
 
@@ -107,12 +137,14 @@ class SweepSpec(BaseModel):
                 raise ValueError(
                     f"axis '{name}' has no mapping; add mapping.{name} = 'engine:...', 'hf:...' or 'sampling:...'"
                 )
-            if target not in ("model", "prompt", "batch") and target.split(":")[0] not in ("engine", "hf", "sampling"):
+            try:
+                Target.parse(target)
+            except ValueError:
                 raise ValueError(
                     f"mapping for '{name}' is '{target}'; expected model, prompt, engine:X, hf:X or sampling:X"
-                )
+                ) from None
         for name in self.axes:  # one engine setting, one place: an [engine] entry would be silently overridden
-            kind, _, key = self.mapping[name].partition(":")
+            kind, key = self.target(name).kind, self.target(name).key
             if kind == "engine" and key in self.engine:
                 raise ValueError(
                     f"[engine] {key} = {self.engine[key]!r} contradicts axis '{name}' (mapped to engine:{key}, "
@@ -153,6 +185,14 @@ class SweepSpec(BaseModel):
     @property
     def requests_per_point(self) -> int:
         return self.reps + self.same_prompt_repeats
+
+    def target(self, axis: str) -> Target:
+        """Where `axis` goes (its mapping, parsed)."""
+        return Target.parse(self.mapping[axis])
+
+    def sampling_of(self, axes: dict[str, Any]) -> dict[str, Any]:
+        """The `sampling:*` axes among `axes` (a point's values) as SamplingParams fields, e.g. {"top_k": 50}."""
+        return {t.key: v for a, v in axes.items() if (t := self.target(a)).kind == "sampling"}
 
 
 def _check_plain(where: str, value: Any) -> None:
@@ -257,7 +297,7 @@ def _hash(obj: Any) -> str:
 
 def engine_axes(spec: SweepSpec) -> list[str]:
     """Axes whose change needs an engine restart (model, engine args, hf overrides)."""
-    return [a for a in spec.axes if spec.mapping[a] == "model" or spec.mapping[a].split(":")[0] in ("engine", "hf")]
+    return [a for a in spec.axes if spec.target(a).restarts_engine]
 
 
 def expand(spec: SweepSpec) -> list[Point]:

@@ -20,18 +20,17 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-SCHEMA_VERSION = 2
-READABLE_VERSIONS = (1, 2)  # version 2 only adds tables (iterations, requests): a version-1 sweep resumes as is
-TABLES = ("samples", "prompts", "telemetry", "iterations", "requests")
+# the schema's version, its readable versions, its tables and its clock belong to the contract; re-exported here
+from contract.manifest import READABLE_VERSIONS as READABLE_VERSIONS
+from contract.manifest import SCHEMA_VERSION as SCHEMA_VERSION
+from contract.manifest import TABLES as TABLES
+from contract.manifest import utc_now as utc_now
+
 WRITE_ORDER = ("prompts", "telemetry", "requests", "samples", "iterations")
 
 
 class StoreError(RuntimeError):
     """The results folder cannot be used (not a run, other schema, unwritable, disk full)."""
-
-
-def utc_now() -> str:
-    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
 def new_run_id() -> str:

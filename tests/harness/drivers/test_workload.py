@@ -166,8 +166,8 @@ class _FakeEngine:
     def effective_config(self) -> dict[str, Any]:
         return {"max_num_seqs": 128, "block_size": self.settings.block_size}
 
-    def effective_value(self, target: str) -> tuple[bool, Any]:
-        return (True, self.settings.block_size) if target == "engine:block_size" else (False, None)
+    def effective_value(self, kind: str, key: str) -> tuple[bool, Any]:
+        return (True, self.settings.block_size) if (kind, key) == ("engine", "block_size") else (False, None)
 
     def collect_iteration_details(self) -> list[Any]:
         return self._details

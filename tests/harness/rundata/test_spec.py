@@ -7,6 +7,7 @@ import pytest
 from harness.rundata.spec import (
     CPU_LADDER,
     SpecError,
+    Target,
     build_spec,
     expand,
     group_by_engine,
@@ -46,6 +47,19 @@ def test_extra_axis_with_mapping_restarts_engine_only_for_engine_targets() -> No
                                 "layers": [2, 4], "temperature": [0.0, 1.0]},
                        "mapping": {"layers": "hf:num_hidden_layers", "temperature": "sampling:temperature"}})
     assert len(group_by_engine(expand(spec))) == 2
+
+
+def test_targets_are_parsed_once_into_kind_and_key() -> None:
+    spec = build_spec({"axes": {"tier": [0], "temperature": [0.0, 1.0], "layers": [2]},
+                       "mapping": {"temperature": "sampling:temperature", "layers": "hf:num_hidden_layers"}})
+    assert spec.target("blocks") == Target("engine", "block_size") and str(spec.target("blocks")) == "engine:block_size"
+    assert spec.target("tier") == Target("model") and spec.target("tier").restarts_engine
+    assert not spec.target("temperature").restarts_engine and spec.target("layers").restarts_engine
+    assert spec.sampling_of({"top_k": 50, "temperature": 1.0, "tier": 0, "layers": 2}) == {"top_k": 50,
+                                                                                         "temperature": 1.0}
+    for bad in ("engine:", "engine", "gpu:x", "prompt:x", ""):
+        with pytest.raises(ValueError, match="is not a target"):
+            Target.parse(bad)
 
 
 @pytest.mark.parametrize(
