@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +67,7 @@ def run_header(
     kind: str,
     *,
     tool_version: str,
-    command: str,
+    command: Sequence[str],
     spec: Mapping[str, Any],
     environment: Mapping[str, Any],
     **sections: Any,
@@ -82,7 +82,7 @@ def run_header(
         raise ManifestError(f"section(s) {', '.join(clash)} would overwrite the manifest header")
     commit, dirty = git_info()
     head: dict[str, Any] = {} if kind == "sweep" else {"kind": kind}
-    head.update(tool_version=tool_version, git_commit=commit, git_dirty=dirty, command=command, spec=dict(spec),
+    head.update(tool_version=tool_version, git_commit=commit, git_dirty=dirty, command=list(command), spec=dict(spec),
                 environment=dict(environment), started_at=utc_now(), ended_at=None, status="running")
     return {**head, **sections}
 

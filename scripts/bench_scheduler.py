@@ -172,7 +172,7 @@ def run(args: argparse.Namespace) -> None:
     try:
         setup = json.loads(setup_file.read_text()) if setup_file.is_file() else {}
         if "capacity_rps" not in setup:
-            burst = [replace(r, arrival_s=0.0) for r in sets[0]]
+            burst = [r.declaring(arrival_s=0.0) for r in sets[0]]
             frame = bench.drive(burst)
             span = float((frame["arrival_t_s"] + frame["e2e_ms"] / 1e3).max() - frame["arrival_t_s"].min())
             setup["capacity_rps"] = len(frame) / span
@@ -208,7 +208,7 @@ def run(args: argparse.Namespace) -> None:
                 part = raw / f"{policy}-{mult:g}-{seed}.parquet"
                 if part.is_file():
                     continue
-                reqs = [replace(r, arrival_s=r.arrival_s / (mult * cap)) for r in sets[seed]]
+                reqs = [r.declaring(arrival_s=r.arrival_s / (mult * cap)) for r in sets[seed]]
                 live: Any = None
                 if policy == "prompt":
                     live = Static("prompt", {r.request_id: r.text_tokens for r in reqs})
@@ -394,7 +394,7 @@ def simulated(model: IterationEstimator, setup: Mapping[str, Any], sets: Mapping
     rows = []
     for mult in mults:
         for seed, base0 in sets.items():
-            base = [replace(r, arrival_s=r.arrival_s / (mult * cap)) for r in base0]
+            base = [r.declaring(arrival_s=r.arrival_s / (mult * cap)) for r in base0]
             prio, _ = estimate_priorities(base, model, CONFIG, engine)
             for name, eng, pr in (
                 ("fcfs", engine, [0] * len(base)),

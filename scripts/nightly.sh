@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The nightly latency regression job: sweep scripts/nightly_spec.toml on a real engine, train the estimator, compare
-# with the accepted baseline run, append to the history and write the report (python -m estimator.nightly).
+# with the accepted baseline run, append to the history and write the report (`estimate nightly`).
 # Exit codes: 0 no regression (the first night accepts itself as the baseline), 1 regression flagged,
 #             2 bad input, 3 the sweep failed or left failed points, 4 the job itself crashed.
 #   bash scripts/nightly.sh                       one night (state in nightly/: baseline.json, history.jsonl, ...)
@@ -20,4 +20,4 @@ args=(--spec "${NIGHTLY_SPEC:-scripts/nightly_spec.toml}" --state-dir "${NIGHTLY
 for a in ${NIGHTLY_PROFILE_ARGS:-}; do
   args+=("--profile-arg=$a")
 done
-exec .venv/bin/python -m estimator.nightly "${args[@]}" "$@"
+exec .venv/bin/estimate nightly "${args[@]}" "$@"

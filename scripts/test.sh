@@ -8,6 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh dev,ray  # setup.sh adds the build for this machine; ray: the Ray tests run in CI too
 .venv/bin/python -m ruff check .
+.venv/bin/python -m mypy contract harness estimator scripts  # types: a renamed field fails here, not mid-run
 workers="${TEST_WORKERS:-2}"
 phase() {  # pytest, with exit 5 (nothing collected) counted as a pass
   local rc=0

@@ -53,8 +53,6 @@ from estimator.nightly.spec import (
 )
 from estimator.nightly.state import Baseline, append_history, read_baseline, write_json_atomic
 from estimator.nightly.stats import (
-    ConfigCheck,
-    MapeCheck,
     apply_confirmation,
     compare_latency,
     compare_mape,
@@ -64,7 +62,7 @@ from estimator.nightly.stats import (
     run_conditions,
 )
 from estimator.nightly.sweep import run_sweep
-from estimator.study.nightly_results import HistoryLine, NightlySummary
+from estimator.study.nightly_results import ConfigComparison, HistoryLine, MapeComparison, NightlySummary
 
 # ---------------------------------------------------------------- one night
 
@@ -96,7 +94,7 @@ def _spec_differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
     return [k for k in keys if json.dumps(sa.get(k), sort_keys=True) != json.dumps(sb.get(k), sort_keys=True)]
 
 
-def _model_warnings(checks: Sequence[ConfigCheck]) -> list[str]:
+def _model_warnings(checks: Sequence[ConfigComparison]) -> list[str]:
     seen: set[str] = set()
     out = []
     for c in checks:
@@ -114,7 +112,7 @@ def rerun_confirm(
     run_id: str,
     baseline: RunSet,
     axes: Sequence[str],
-    checks: list[ConfigCheck],
+    checks: list[ConfigComparison],
     warnings: list[str],
     say: Callable[[str], None],
 ) -> str | None:
@@ -215,8 +213,8 @@ def run_nightly(spec: NightlySpec, progress: Callable[[str], None] | None = None
         warnings.append(f"tonight's run {run_id} is the baseline itself; nothing to compare")
         base = None
 
-    checks: list[ConfigCheck] = []
-    mape_checks: list[MapeCheck] = []
+    checks: list[ConfigComparison] = []
+    mape_checks: list[MapeComparison] = []
     confirm_id: str | None = None
     conditions: dict[str, Any] = {"tonight": run_conditions(tonight)}
     tonight_axes = list(tonight.axes)
@@ -321,8 +319,8 @@ def run_nightly(spec: NightlySpec, progress: Callable[[str], None] | None = None
             "default_spread": spec.default_spread,
         },
         "config_axes": axes,
-        "comparisons": [c.as_dict() for c in checks],
-        "estimator_checks": [asdict(m) for m in mape_checks],
+        "comparisons": [c.model_dump(mode="json") for c in checks],
+        "estimator_checks": [m.model_dump(mode="json") for m in mape_checks],
         "held_out_mape_pct": tonight_mape,
         "conditions": conditions,
         "medians": config_medians(tonight, tonight_axes),

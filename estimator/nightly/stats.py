@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ import pandas as pd
 from estimator.data.runs import PHASES, RunSet
 from estimator.errors import EstimatorError
 from estimator.model.features import key_part
+from estimator.study.nightly_results import ConfigComparison, ConfirmRun, MapeComparison
 
 # ---------------------------------------------------------------- latency regression check
 
@@ -94,32 +95,7 @@ def request_latencies(samples: pd.DataFrame, phase: str, config_columns: Sequenc
     return out
 
 
-@dataclass
-class ConfigCheck:
-    """Tonight vs baseline for one config and phase."""
-
-    config: dict[str, Any]
-    label: str
-    phase: str
-    baseline_median_ms: float
-    tonight_median_ms: float
-    ratio: float
-    ci: tuple[float, float]
-    requests: str
-    text_tokens: list[int]
-    models: dict[str, list[str]]
-    flagged: bool
-    improved: bool
-    confirm: dict[str, Any] | None = None  # the re-run's ratio, CI and flag, when one was made
-    history: dict[str, Any] | None = None  # the control limit from accepted nights (control.py), when applied
-
-    def as_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["ci"] = list(self.ci)
-        return d
-
-
-def apply_confirmation(checks: Sequence[ConfigCheck], rerun: Sequence[ConfigCheck]) -> None:
+def apply_confirmation(checks: Sequence[ConfigComparison], rerun: Sequence[ConfigComparison]) -> None:
     """Keep a latency flag only where the re-run flags the same config and phase too.
 
     Each config is measured for a few seconds per night, so a burst of other work on the machine can shift one
@@ -131,9 +107,9 @@ def apply_confirmation(checks: Sequence[ConfigCheck], rerun: Sequence[ConfigChec
             continue
         r = again.get((c.label, c.phase))
         c.confirm = (
-            {"ratio": r.ratio, "ci": list(r.ci), "flagged": r.flagged, "tonight_median_ms": r.tonight_median_ms}
+            ConfirmRun(ratio=r.ratio, ci=list(r.ci), flagged=r.flagged, tonight_median_ms=r.tonight_median_ms)
             if r is not None
-            else {"ratio": None, "ci": None, "flagged": False, "tonight_median_ms": None}
+            else ConfirmRun(ratio=None, ci=None, flagged=False, tonight_median_ms=None)
         )
         c.flagged = r is not None and r.flagged
 
@@ -164,13 +140,13 @@ def compare_latency(
     confidence: float = 0.95,
     n_boot: int = 2000,
     seed: int = 0,
-) -> tuple[list[ConfigCheck], list[str]]:
+) -> tuple[list[ConfigComparison], list[str]]:
     """Per config (values of `axes`) and phase: median ratio tonight / baseline, its CI, and the flag.
 
     Returns the checks and warnings (configs or text_tokens values only one run has).
     """
     warnings: list[str] = []
-    checks: list[ConfigCheck] = []
+    checks: list[ConfigComparison] = []
     axes = list(axes)
     for phase in PHASES:
         b = request_latencies(baseline.samples, phase, axes)
@@ -207,14 +183,14 @@ def compare_latency(
                 "tonight": sorted({str(m) for m in used_t["model"]}) if "model" in used_t else [],
             }
             checks.append(
-                ConfigCheck(
+                ConfigComparison(
                     config=config,
                     label=config_label(config),
                     phase=phase,
                     baseline_median_ms=float(used_b["latency_ms"].median()),
                     tonight_median_ms=float(used_t["latency_ms"].median()),
                     ratio=ci.ratio,
-                    ci=(ci.low, ci.high),
+                    ci=[ci.low, ci.high],
                     requests=f"{len(used_b)}/{len(used_t)}",
                     text_tokens=[int(n) for n in common],
                     models=models,
@@ -297,32 +273,24 @@ def condition_warnings(baseline: Mapping[str, float | None], tonight: Mapping[st
 # ---------------------------------------------------------------- estimator check
 
 
-@dataclass
-class MapeCheck:
-    phase: str
-    baseline_mape_pct: float | None
-    tonight_mape_pct: float | None
-    growth_pct: float | None
-    flagged: bool
-    history: dict[str, Any] | None = None  # the accepted nights' MAPE limit (control.apply_mape_history)
-
-
 def compare_mape(
     baseline: Mapping[str, float | None],
     tonight: Mapping[str, float | None],
     growth: float = 0.25,
     min_points: float = 1.0,
-) -> list[MapeCheck]:
+) -> list[MapeComparison]:
     """Held-out MAPE per phase, tonight vs baseline: flagged when it grew by > `growth` (relative) AND by more than
     `min_points` percentage points (small data sets move MAPE by a point or so from night to night)."""
     out = []
     for phase in PHASES:
         b, t = baseline.get(phase), tonight.get(phase)
         if b is None or t is None or not (math.isfinite(b) and math.isfinite(t)) or b <= 0:
-            out.append(MapeCheck(phase, b, t, None, False))
+            out.append(MapeComparison(phase=phase, baseline_mape_pct=b, tonight_mape_pct=t, growth_pct=None,
+                                      flagged=False))
             continue
         rel = (t - b) / b
-        out.append(MapeCheck(phase, b, t, rel * 100.0, rel > growth and (t - b) > min_points))
+        out.append(MapeComparison(phase=phase, baseline_mape_pct=b, tonight_mape_pct=t, growth_pct=rel * 100.0,
+                                  flagged=rel > growth and (t - b) > min_points))
     return out
 
 

@@ -18,7 +18,7 @@ HEADER = ("tool_version", "git_commit", "git_dirty", "command", "spec", "environ
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_every_kind_gets_the_same_header(kind: str) -> None:
-    m = run_header(kind, tool_version="9.9", command="profile x", spec={"a": 1}, environment={"cpu": "y"},
+    m = run_header(kind, tool_version="9.9", command=["profile", "x"], spec={"a": 1}, environment={"cpu": "y"},
                    requests_total=3)
     assert all(k in m for k in HEADER)
     assert (m["status"], m["ended_at"], m["requests_total"], m["spec"]) == ("running", None, 3, {"a": 1})
@@ -28,9 +28,9 @@ def test_every_kind_gets_the_same_header(kind: str) -> None:
 
 def test_a_section_cannot_overwrite_the_header_nor_an_unknown_kind_pass() -> None:
     with pytest.raises(ManifestError, match="status would overwrite"):
-        run_header("replay", tool_version="1", command="c", spec={}, environment={}, status="complete")
+        run_header("replay", tool_version="1", command=["c"], spec={}, environment={}, status="complete")
     with pytest.raises(ManifestError, match="run kind must be one of"):
-        run_header("bench", tool_version="1", command="c", spec={}, environment={})
+        run_header("bench", tool_version="1", command=["c"], spec={}, environment={})
 
 
 def test_an_engine_record_has_every_key_and_feeds_the_limits() -> None:
