@@ -14,11 +14,12 @@ from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
 from contract.manifest import READABLE_VERSIONS
 from contract.manifest import SCHEMA_VERSION as SCHEMA_VERSION  # the newest results schema (the contract's)
 from estimator.errors import EstimatorError
+from estimator.strict import StrictModel
 
 SCHEMA_VERSIONS: tuple[int, ...] = READABLE_VERSIONS  # every version this estimator reads
 DEFAULT_AXES: tuple[str, ...] = ("tier", "top_k", "blocks")
@@ -36,10 +37,8 @@ Phase = Literal["prefill", "decode"]
 PHASES: tuple[Phase, ...] = ("prefill", "decode")
 
 
-class RunsSpec(BaseModel):
+class RunsSpec(StrictModel):
     """Base of every command spec that reads run folders: at least one, each an existing folder."""
-
-    model_config = ConfigDict(extra="forbid")
 
     runs: list[Path] = Field(min_length=1)
 

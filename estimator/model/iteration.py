@@ -23,10 +23,11 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import ValidationError
 
 from estimator.errors import EstimatorError, one_line_validation_error
 from estimator.model.features import config_key, key_part
+from estimator.strict import StrictModel
 
 ITERATION_FILE = "iteration.json"
 ITERATION_FORMAT = 1
@@ -41,17 +42,13 @@ TERMS: tuple[str, ...] = (
 _SCALE = np.array([1.0, 1e3, 1e6, 1.0, 1e3, 1e3])  # conditioning: coefficients are fitted on x / scale
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class IterationConfigFit(_Strict):
+class IterationConfigFit(StrictModel):
     config: dict[str, Any]
     rows: int
     coef_ms: list[float]  # per TERMS, in ms per unit of the term
 
 
-class IterationMeta(_Strict):
+class IterationMeta(StrictModel):
     format_version: int
     created_at: str
     runs: list[str]

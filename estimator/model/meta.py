@@ -13,20 +13,15 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
-
 from estimator.data.runs import PHASES, SCHEMA_VERSIONS
 from estimator.errors import EstimatorError
 from estimator.model.closed_form import ClosedForm
 from estimator.model.embedding import CHUNK_WORDS, MAX_CHUNKS
 from estimator.model.features import Phase, Variant, key_part
 from estimator.model.tables import TABLES_VERSION
+from estimator.strict import StrictModel
 
 FORMAT_VERSION = 1
-
-
-class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 class RunSummary(StrictModel):

@@ -11,7 +11,7 @@ from pydantic import ConfigDict, field_validator
 from contract.request import Request
 from estimator.errors import EstimatorError
 from estimator.model.estimator import LatencyEstimator
-from estimator.model.meta import StrictModel
+from estimator.strict import StrictModel
 
 MAX_TOKENS = 262_144  # beyond any served context window; a larger ask is an input error, not work
 

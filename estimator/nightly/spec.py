@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from estimator.model.features import Variant
+from estimator.strict import StrictModel
 
 DEFAULT_SPEC = Path("scripts/nightly_spec.toml")
 DEFAULT_STATE_DIR = Path("nightly")
@@ -17,10 +18,8 @@ SUMMARY_SCHEMA = "nightly-summary/1"
 EXIT_OK, EXIT_REGRESSION, EXIT_SWEEP_FAILED = 0, 1, 3
 
 
-class NightlySpec(BaseModel):
+class NightlySpec(StrictModel):
     """What one night does; defaults are the committed nightly (see docs/nightly.md)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     spec: Path = DEFAULT_SPEC
     state_dir: Path = DEFAULT_STATE_DIR

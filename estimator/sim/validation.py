@@ -9,28 +9,27 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import ValidationError
 
 from estimator.errors import EstimatorError, one_line_validation_error
 from estimator.model.iteration import IterationEstimator
 from estimator.sim.measured import compare, load_measured, paired
 from estimator.sim.workload import Overheads, run_workload, slo_attainment
+from estimator.strict import StrictModel
 
 TARGETS = {"e2e": 5.0, "ttft": 10.0}  # issue 21: E2E mean/p90/p99 error <= 5%, TTFT mean/p90 <= 10%
 
 
-class Interval(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class Interval(StrictModel):
     value: float
     lo: float
     hi: float
 
 
-class SimulationRow(BaseModel):
+class SimulationRow(StrictModel):
     """The simulator against one measured run (or all seeds of one workload kind): errors in %, with 95%
     bootstrap intervals over requests; SLO attainment (%) at SLOs of 2x the measured median TTFT and TPOT."""
 
-    model_config = ConfigDict(extra="forbid")
     name: str
     source: str  # replay | serve-bench
     requests: int
@@ -51,8 +50,7 @@ class SimulationRow(BaseModel):
         return e2e and all(abs(self.ttft[s].value) <= TARGETS["ttft"] for s in ("mean", "p90"))
 
 
-class SimulationValidation(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class SimulationValidation(StrictModel):
     model: str
     overheads: dict[str, float | str | None]
     rows: list[SimulationRow]

@@ -22,11 +22,12 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel
 
 from estimator.data.iterations import load_iteration_runs, with_derived
 from estimator.errors import EstimatorError
 from estimator.model.iteration import IterationEstimator
+from estimator.strict import StrictModel
 from estimator.study.intervals import bootstrap_interval, corrected_t_interval, decide
 
 _TOTALS = ["prefill_tokens", "num_decode_seqs"]
@@ -43,17 +44,13 @@ LEARNERS = ("lightgbm", "linear")
 BASE_SET = "totals"
 
 
-class _Record(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class Iv(_Record):
+class Iv(StrictModel):
     mean: float | None
     low: float | None
     high: float | None
 
 
-class SetScore(_Record):
+class SetScore(StrictModel):
     feature_set: str
     learner: str
     mape_pct: Iv
@@ -62,7 +59,7 @@ class SetScore(_Record):
     note: str | None
 
 
-class BatchStudyResult(_Record):
+class BatchStudyResult(StrictModel):
     """`<run>/batch/batch.json`."""
 
     runs: list[str]
@@ -182,7 +179,7 @@ def _iv(i: Any) -> Iv:
     return Iv(mean=num(i.mean), low=num(i.low), high=num(i.high))
 
 
-class ValidationResult(_Record):
+class ValidationResult(StrictModel):
     """`<run>/validation/validation.json`; per-iteration predictions in validation/iterations.parquet."""
 
     model: str

@@ -12,16 +12,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ConfigDict, Field, ValidationError
 
 from estimator.errors import EstimatorError, one_line_validation_error
+from estimator.strict import StrictModel
 
 
-class _Record(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
-
-
-class ConfirmRun(_Record):
+class ConfirmRun(StrictModel):
     """The re-run made when a config was flagged: its ratio, CI and flag (None when it did not measure it)."""
 
     ratio: float | None
@@ -30,7 +27,7 @@ class ConfirmRun(_Record):
     tonight_median_ms: float | None
 
 
-class ConfigComparison(_Record):
+class ConfigComparison(StrictModel):
     """Tonight against the baseline for one config and phase: medians (ms), the ratio with its bootstrap CI,
     the re-run and the control limit from the accepted nights (`history`), and the verdict."""
 
@@ -50,7 +47,7 @@ class ConfigComparison(_Record):
     history: dict[str, Any] | None = None
 
 
-class MapeComparison(_Record):
+class MapeComparison(StrictModel):
     """The estimator's held-out MAPE (%) per phase, tonight against the baseline."""
 
     phase: str
@@ -61,7 +58,7 @@ class MapeComparison(_Record):
     history: dict[str, Any] | None = None  # the accepted nights' limit on this phase's MAPE
 
 
-class ConfigMedian(_Record):
+class ConfigMedian(StrictModel):
     """One night's median per-request latency (ms) for one config and phase: a point of the trend plot."""
 
     config: dict[str, Any]
@@ -72,8 +69,10 @@ class ConfigMedian(_Record):
     flagged: bool = False  # history lines only: flagged as a regression that night
 
 
-class NightlySummary(_Record):
+class NightlySummary(StrictModel):
     """One night as `estimate nightly` saved it (summaries/<run_id>.json)."""
+
+    model_config = ConfigDict(populate_by_name=True)  # merged with StrictModel's: `schema` or `schema_id`
 
     schema_id: str = Field(alias="schema")
     night: str
@@ -107,7 +106,7 @@ class NightlySummary(_Record):
         return self.model_dump(mode="json", by_alias=True)
 
 
-class HistoryLine(_Record):
+class HistoryLine(StrictModel):
     """One line of history.jsonl: a night's verdict and its medians. `control`: the control limits may learn from
     this night (missing on lines older than the control limits: promoted, or not flagged)."""
 

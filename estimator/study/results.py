@@ -10,16 +10,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import ValidationError
 
 from estimator.errors import EstimatorError, one_line_validation_error
+from estimator.strict import StrictModel
 
 
-class _Record(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class NoiseFloorResult(_Record):
+class NoiseFloorResult(StrictModel):
     """Same-prompt leave-one-out MAPE (%) over `rows` rows in `groups` groups of repeats; `corrected_mape_pct`
     removes the small-n leave-one-out inflation (each APE × sqrt((n−1)/n), docs/noise-floor.md)."""
 
@@ -29,7 +26,7 @@ class NoiseFloorResult(_Record):
     corrected_mape_pct: float | None = None
 
 
-class ScoreResult(_Record):
+class ScoreResult(StrictModel):
     """One model on one held-out split and phase. Errors in %, MAE in ms, cost of one prediction in µs."""
 
     split: str
@@ -47,7 +44,7 @@ class ScoreResult(_Record):
     n_test: int | None = None
 
 
-class ImprovementResult(_Record):
+class ImprovementResult(StrictModel):
     """A variant's held-out MAPE against `tokens` on one split and phase: relative (%) and in points."""
 
     split: str
@@ -60,7 +57,7 @@ class ImprovementResult(_Record):
     reading: str
 
 
-class VerdictResult(_Record):
+class VerdictResult(StrictModel):
     rule: str
     embedding_answer: list[str]
     improvements: list[ImprovementResult]
@@ -70,7 +67,7 @@ class VerdictResult(_Record):
     lines: list[str]
 
 
-class IntervalResult(_Record):
+class IntervalResult(StrictModel):
     """A figure averaged over folds with its 95% interval (`method`: `t` = corrected resampled t over `n` folds,
     `bootstrap` = prompts resampled `n` times, `none` = no interval)."""
 
@@ -81,7 +78,7 @@ class IntervalResult(_Record):
     n: int
 
 
-class CellResult(_Record):
+class CellResult(StrictModel):
     """One learner × feature variant (or a reference model) on one held-out question and phase, over its folds.
 
     `by_construction`: the figure equals `tokens`' for a structural reason (trees and monotone transforms);
@@ -107,7 +104,7 @@ class CellResult(_Record):
     train_s: float = 0.0
 
 
-class PairedResult(_Record):
+class PairedResult(StrictModel):
     """`model` against `baseline` (same learner's tokens, or LightGBM tokens for a reference) on the same folds:
     relative MAPE reduction (%) with its interval, and the rule's decision."""
 
@@ -122,7 +119,7 @@ class PairedResult(_Record):
     note: str = ""
 
 
-class HeldOutFloorResult(_Record):
+class HeldOutFloorResult(StrictModel):
     """The noise floor on the held-out rows of one question and phase: same-prompt repeats predicted by the mean
     of the others, raw and corrected (× sqrt((n−1)/n)), averaged over the folds."""
 
@@ -134,7 +131,7 @@ class HeldOutFloorResult(_Record):
     repeats: list[int]
 
 
-class RepeatedResult(_Record):
+class RepeatedResult(StrictModel):
     """Experiment 2 over repeated grouped folds: every figure with a 95% interval, three held-out questions."""
 
     k: int
@@ -151,7 +148,7 @@ class RepeatedResult(_Record):
     timings_s: dict[str, float] = {}
 
 
-class ComparisonResult(_Record):
+class ComparisonResult(StrictModel):
     """Experiment 2 as saved in `<run>/compare/compare.json` (per-row predictions in predictions.parquet)."""
 
     experiment: str
