@@ -278,3 +278,25 @@ def generate_workload(
         new_tokens = min(new_dist.draw(rng), context - text_tokens)
         out.append(Request.numbered(i, round(t, 6), text_tokens, new_tokens))
     return out
+
+
+# --- the scheduler experiment's mix ----------------------------------------------------------------------------
+
+# (prompt tokens LO-HI, true output tokens LO-HI), uniform within each class
+BIMODAL_SHORT, BIMODAL_LONG = ((32, 96), (4, 12)), ((768, 1024), (48, 64))
+BIMODAL_SHORT_SHARE = 0.7
+LONG_PROMPT_MIN = BIMODAL_LONG[0][0]  # the SLO class boundary: a prompt this long or longer is in the long class
+
+
+def bimodal(rate: float, count: int, seed: int) -> list[Request]:
+    """70% short, 30% long requests (lengths depend on the seed only), Poisson arrivals at `rate`: the seed's
+    unit-rate gaps divided by `rate`, so every rate replays the same requests in the same order. Each client
+    declares exactly its true length (`max_tokens = output_tokens`)."""
+    lengths, gaps = random.Random(f"bimodal:{seed}"), random.Random(f"gaps:{seed}")
+    t, out = 0.0, []
+    for i in range(count):
+        if i:
+            t += gaps.expovariate(1.0) / rate
+        (p_lo, p_hi), (n_lo, n_hi) = BIMODAL_SHORT if lengths.random() < BIMODAL_SHORT_SHARE else BIMODAL_LONG
+        out.append(Request.numbered(i, round(t, 6), lengths.randint(p_lo, p_hi), lengths.randint(n_lo, n_hi)))
+    return out

@@ -25,13 +25,15 @@ PACKAGES = ("contract", "harness", "estimator")
 # The two halves meet only through results files and the contract beneath both: neither imports the other.
 HALVES = ("harness", "estimator")
 # What each harness folder may import of the others (its own folder and the package root always): run data at the
-# bottom, then telemetry, then the engine, the drivers, and the CLI on top.
+# bottom, then telemetry, then the engine, the drivers, the experiments, and the CLI on top.
 LAYERS = {
     "harness.rundata": set(),
     "harness.telemetry": set(),
     "harness.engine": {"harness.rundata", "harness.telemetry"},
     "harness.drivers": {"harness.rundata", "harness.telemetry", "harness.engine"},
-    "harness.cli": {"harness.rundata", "harness.telemetry", "harness.engine", "harness.drivers"},
+    "harness.experiments": {"harness.rundata", "harness.telemetry", "harness.engine", "harness.drivers"},
+    "harness.cli": {"harness.rundata", "harness.telemetry", "harness.engine", "harness.drivers",
+                    "harness.experiments"},
 }
 
 
@@ -234,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"contract imports beyond the standard library: {edge}")
     if not borrowed and not against:
         print("no private name borrowed across modules; harness folders import one way "
-              "(rundata, telemetry < engine < drivers < cli)")
+              "(rundata, telemetry < engine < drivers < experiments < cli)")
     if not crossed and not impure:
         print("harness and estimator meet only through contract (standard library only) and results files")
     bad += len(borrowed) + len(against) + len(crossed) + len(impure)

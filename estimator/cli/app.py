@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 
 from estimator.cli.common import build_spec, run_command
+from estimator.cli.experiment import experiment
 from estimator.cli.extra import nightly, report
 from estimator.cli.simulate import simulate
 from estimator.errors import EstimatorError
@@ -336,3 +337,4 @@ def validate(
 app.command()(report)
 app.command()(nightly)
 app.command()(simulate)
+app.add_typer(experiment, name="experiment")

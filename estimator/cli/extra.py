@@ -1,7 +1,7 @@
 """`estimate report` and `estimate nightly`: thin typer commands over `estimator.report` and `estimator.nightly`.
 
 Plain functions with typer defaults, registered on the `estimate` app in `estimator.cli`
-(`app.command()(report)`, `app.command()(nightly)`); `python -m estimator.nightly` runs `nightly` on its own.
+(`app.command()(report)`, `app.command()(nightly)`).
 Bad input (EstimatorError, spec validation) prints one line on stderr and exits with code 2, as the other
 `estimate` commands do.
 """
@@ -42,13 +42,13 @@ def report(
     ] = None,
     simulation: Annotated[
         Path | None,
-        typer.Option(help="A simulation validation JSON (scripts/bench_simulate.py validate --json): adds the "
+        typer.Option(help="A simulation validation JSON (estimate experiment simulate-validate --json): adds the "
                      "workload-simulation section."),
     ] = None,
     scheduler: Annotated[
         Path | None,
-        typer.Option(help="scripts/bench_scheduler.py's results.json: adds the scheduling section (goodput per "
-                     "policy on the real engine, attainment against rate)."),
+        typer.Option(help="The scheduler experiment's results.json (profile experiment scheduler): adds the "
+                     "scheduling section (goodput per policy on the real engine, attainment against rate)."),
     ] = None,
 ) -> None:
     """Write a self-contained HTML report (figures inlined) and its Markdown twin for one or more runs."""

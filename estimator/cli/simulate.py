@@ -108,6 +108,7 @@ def simulate(
 ) -> None:
     """Predict a workload from its arrivals: queueing, TTFT, TPOT, end-to-end per request (vLLM's benchmark
     definitions), with a replica of vLLM's v1 scheduler and the iteration model."""
+    from contract.slo import goodput
     from contract.workload import LengthDist, WorkloadError, generate_workload, read_workload
     from estimator.model.iteration import IterationEstimator
     from estimator.sim import measured as meas
@@ -115,7 +116,6 @@ def simulate(
         Overheads,
         capacity_curve,
         engine_config_from_manifest,
-        goodput,
         run_workload,
         slo_attainment,
         summarize,
@@ -269,8 +269,10 @@ def simulate(
                         f"{_fmt(row['e2e_ms_p90'])} ms" + ("" if att is None else f", SLO met {att * 100:.0f}%")
                     )
                 if "slo_attainment" in curve:
-                    entry["goodput_rps"] = goodput(curve["rate_rps"].tolist(), curve["slo_attainment"].tolist())
-                    typer.echo(f"  goodput (>= 90% meet both SLOs): {_fmt(entry['goodput_rps'])} req/s")
+                    good = goodput(curve["rate_rps"].tolist(), curve["slo_attainment"].tolist())
+                    entry["goodput_rps"], entry["goodput_censored"] = good.rate_rps, good.censored
+                    typer.echo(f"  goodput (>= 90% meet both SLOs, contract/slo.py): {'>= ' if good.censored else ''}"
+                               f"{_fmt(good.rate_rps)} req/s")
                 if folder is not None:
                     curve.to_csv(
                         folder / (f"curve-{len(summary['configs'])}.csv" if len(configs) > 1 else "curve.csv"),
@@ -278,7 +280,7 @@ def simulate(
                     )
             summary["configs"].append(entry)
         if len(configs) > 1 and all("goodput_rps" in e for e in summary["configs"]):
-            best = max(summary["configs"], key=lambda e: e["goodput_rps"] or -1.0)
+            best = max(summary["configs"], key=lambda e: e["goodput_rps"])
             typer.echo(f"highest goodput: {_label(best['config'])} at {_fmt(best['goodput_rps'])} req/s")
         if folder is not None:
             (folder / "summary.json").write_text(json.dumps(summary, indent=1, default=_json_default) + "\n")

@@ -57,8 +57,8 @@ class ReportSpec(RunsSpec):
     history: Path | None = None
     nightly_summary: Path | None = None
     batch: list[Path] = []  # batch runs whose batch/ and validation/ outputs add the batch-level section
-    simulation: Path | None = None  # a simulation validation JSON (scripts/bench_simulate.py validate --json)
-    scheduler: Path | None = None  # scripts/bench_scheduler.py's results.json
+    simulation: Path | None = None  # a simulation validation JSON (estimate experiment simulate-validate --json)
+    scheduler: Path | None = None  # the scheduler experiment's results.json (profile experiment scheduler)
     title: str | None = None
 
     @field_validator("model")
@@ -100,14 +100,14 @@ def _batch_inputs(runs: list[Path]) -> tuple[BatchStudyResult | None, list[tuple
 
 
 def load_scheduling(path: Path) -> dict[str, Any]:
-    """scripts/bench_scheduler.py's results.json (EstimatorError naming what is wrong)."""
+    """the scheduler experiment's results.json (profile experiment scheduler) (EstimatorError naming what is wrong)."""
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, ValueError) as exc:
         raise EstimatorError(f"{path}: unreadable scheduler results ({exc})") from None
     missing = [k for k in ("setup", "rows", "goodput") if k not in data] if isinstance(data, dict) else ["an object"]
     if missing:
-        raise EstimatorError(f"{path}: not bench_scheduler results (no {', '.join(missing)})")
+        raise EstimatorError(f"{path}: not the scheduler experiment's results (no {', '.join(missing)})")
     return dict(data)
 
 

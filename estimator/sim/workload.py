@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from contract.request import EngineLimits, Request
+from contract.slo import meets_slo
 from estimator.errors import EstimatorError
 from estimator.model.iteration import IterationEstimator
 from estimator.sim.scheduler import EngineConfig, IterationFn, SimulationError, SimulationRun, simulate
@@ -175,20 +176,11 @@ def run_workload(
 
 
 def slo_attainment(frame: pd.DataFrame, slo_ttft_ms: float, slo_tpot_ms: float) -> float:
-    """Share of requests meeting both SLOs (a one-token request has no TPOT and meets that one)."""
-    ok = (frame["ttft_ms"] <= slo_ttft_ms) & (frame["tpot_ms"].isna() | (frame["tpot_ms"] <= slo_tpot_ms))
-    return float(ok.mean()) if len(frame) else math.nan
-
-
-def goodput(rates: Sequence[float], attainment: Sequence[float], target: float = 0.9) -> float | None:
-    """DistServe's goodput: the highest rate whose SLO attainment is >= `target`, with every lower rate also
-    meeting it (a curve that dips and recovers does not count past the dip); None when the lowest rate fails."""
-    best = None
-    for rate, att in sorted(zip(rates, attainment, strict=True)):
-        if not att >= target:
-            break
-        best = rate
-    return best
+    """Share of requests meeting both SLOs (contract/slo.py `meets_slo`: a one-token request has no TPOT and meets
+    that one)."""
+    ok = [meets_slo(float(t), None if pd.isna(p) else float(p), slo_ttft_ms, slo_tpot_ms)
+          for t, p in zip(frame["ttft_ms"], frame["tpot_ms"], strict=True)]
+    return float(np.mean(ok)) if len(frame) else math.nan
 
 
 def capacity_curve(

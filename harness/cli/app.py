@@ -21,6 +21,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from harness.cli.experiment import experiment
 from harness.cli.replay import replay_command, workload_command
 from harness.cli.serve import serve_bench_command
 from harness.engine.log import EngineOutput
@@ -509,4 +510,5 @@ def _fmt(v: Any) -> str:
 app.command("replay")(replay_command)
 app.command("workload")(workload_command)
 app.command("serve-bench")(serve_bench_command)
+app.add_typer(experiment, name="experiment")
 

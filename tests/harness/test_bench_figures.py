@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 from pathlib import Path
@@ -63,12 +62,13 @@ def _iterations(start: int, kind: str, scale: float, rng: random.Random) -> list
 def test_grid_replay_ratio_separates_the_grid_from_the_engine_start(tmp_path: Path) -> None:
     """Start 0 runs at speed 1, start 1 at 1.3; in each the grid is 1.1x the replay at equal context: the
     same-start ratio finds 1.1, the cross-start ratios move with the starts' speeds."""
-    bench = load_script("bench_grid_replay")
+    from harness.experiments.grid_replay import analyze_grid_replay
+
     rng = random.Random(0)
     rows = [*_iterations(0, "grid", 1.1, rng), *_iterations(0, "replay", 1.0, rng),
             *_iterations(1, "grid", 1.43, rng), *_iterations(1, "replay", 1.3, rng)]
     pd.DataFrame(rows).to_parquet(tmp_path / "iterations.parquet")
-    bench.analyze(argparse.Namespace(out=tmp_path))
+    analyze_grid_replay(tmp_path, lambda line: None)
     res = json.loads((tmp_path / "results.json").read_text())
     for s in ("0", "1"):
         on = res["on"]["engine_elapsed_ms"][s]
@@ -80,8 +80,9 @@ def test_grid_replay_ratio_separates_the_grid_from_the_engine_start(tmp_path: Pa
 
 
 def test_grid_replay_segments_have_distinct_prompts_and_fixed_shapes() -> None:
-    bench = load_script("bench_grid_replay")
-    segs = bench.workloads(2, 3, 3.0, 10)
+    from harness.experiments.grid_replay import workloads
+
+    segs = workloads(2, 3, 3.0, 10)
     indices = [r.index for episodes in segs.values() for reqs in episodes for r in reqs]
     assert len(indices) == len(set(indices))
     grid = segs[(1, 2, "grid")][5]  # B = 4, L = 384

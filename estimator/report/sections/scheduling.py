@@ -1,4 +1,4 @@
-"""Scheduling by predicted latency on the real engine: `scripts/bench_scheduler.py`'s results.json (issue 22).
+"""Scheduling by predicted latency on the real engine: the scheduler experiment's results.json (`profile experiment scheduler`) (issue 22).
 
 `estimator.report.build.load_scheduling` reads the file; `attainment_figure` draws SLO attainment
 against the arrival rate per policy (the bench writes the same figure as a PNG); `scheduling_section` is the report's
@@ -56,7 +56,7 @@ def _iv(lo: Any, hi: Any) -> str:
 def scheduling_section(result: dict[str, Any] | str | None) -> Section:
     sec = Section("scheduling", SECTIONS["scheduling"])
     if result is None:
-        sec.add(Note("No scheduler benchmark: `scripts/bench_scheduler.py run MODEL --out DIR`, then "
+        sec.add(Note("No scheduler benchmark: `profile experiment scheduler MODEL --out DIR`, then "
                      "`estimate report ... --scheduler DIR/results.json`."))
         return sec
     if isinstance(result, str):

@@ -1,5 +1,5 @@
 """Workload simulation: `estimate simulate` against measured replays and live servers it never saw (the rows of
-`scripts/bench_simulate.py validate --json`)."""
+`estimate experiment simulate-validate --json`)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ def simulation_section(result: SimulationValidation | str | None) -> Section:
     if result is None:
         sec.add(
             Note(
-                "No simulation validation: `scripts/bench_simulate.py validate MODEL RUN... --json FILE`, then "
+                "No simulation validation: `estimate experiment simulate-validate MODEL RUN... --json FILE`, then "
                 "`estimate report ... --simulation FILE`."
             )
         )

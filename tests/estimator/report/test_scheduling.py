@@ -1,4 +1,4 @@
-"""The report's scheduling section from bench_scheduler's results.json (estimator/report/sections/scheduling.py)."""
+"""The report's scheduling section from the scheduler experiment's results.json (estimator/report/sections/scheduling.py)."""
 
 from __future__ import annotations
 
@@ -54,6 +54,6 @@ def test_missing_or_foreign_results_are_a_note_or_one_line(tmp_path: Path) -> No
     assert isinstance(scheduling_section(None).blocks[0], Note)
     bad = tmp_path / "x.json"
     bad.write_text('{"rows": []}')
-    with pytest.raises(EstimatorError, match="not bench_scheduler results"):
+    with pytest.raises(EstimatorError, match="not the scheduler experiment's results"):
         load_scheduling(bad)
     assert scheduling_section("x: bad json").blocks[0].text == "Scheduler results unreadable: x: bad json"

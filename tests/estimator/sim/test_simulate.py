@@ -11,11 +11,12 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
+from contract.slo import Goodput, goodput
 from contract.workload import LengthDist, generate_workload, write_workload
 from estimator.cli import app
 from estimator.model.iteration import ITERATION_FORMAT, TERMS, IterationConfigFit, IterationEstimator, IterationMeta
 from estimator.sim.measured import compare, fit_overheads, load_measured, paired
-from estimator.sim.workload import Overheads, goodput, run_workload
+from estimator.sim.workload import Overheads, run_workload
 
 EFFECTIVE = {
     "max_num_seqs": 16,
@@ -97,8 +98,9 @@ def test_rates_give_a_curve_and_goodput(tmp_path: Path) -> None:
     assert list(curve["rate_rps"]) == [1, 4, 16, 64]
     assert curve["ttft_ms_p90"].iloc[-1] > curve["ttft_ms_p90"].iloc[0]
     assert "goodput" in out
-    assert goodput([1, 2, 3, 4], [1.0, 0.95, 0.5, 0.97]) == 2  # a dip ends it
-    assert goodput([1, 2], [0.5, 1.0]) is None
+    assert goodput([1, 2, 3, 4], [1.0, 0.95, 0.5, 0.97]) == Goodput(2.0 + 0.05 / 0.45)  # a dip ends it
+    assert goodput([1, 2], [0.5, 1.0]) == Goodput(0.0)
+    assert goodput([1, 2], [0.95, 0.91]) == Goodput(2.0, censored=True)
 
 
 def test_overheads_fitted_on_measured_runs_are_recovered(tmp_path: Path) -> None:

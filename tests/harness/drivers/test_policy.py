@@ -1,5 +1,5 @@
 """Scheduling policies: each request's priority at arrival, the engine's scheduling policy, and the same arrivals
-for every policy (harness/drivers/replay.py `apply_policy`, scripts/bench_scheduler.py)."""
+for every policy (harness/drivers/replay.py `apply_policy`)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from contract.request import Request
 from harness.drivers.policy import apply_policy
 from harness.rundata.spec import SpecError
 from harness.rundata.workload import parse_workload
-from tests.conftest import load_script
 
 REQS = [Request.numbered(0, 0.0, 500, 8), Request.numbered(1, 0.1, 40, 8, priority=7), Request.numbered(2, 0.2, 90, 3)]
 
@@ -53,33 +52,6 @@ def test_workload_priority_is_an_integer() -> None:
     assert parse_workload('{"arrival_s": 0, "text_tokens": 3, "new_tokens": 2, "priority": -4}\n')[0].priority == -4
     with pytest.raises(SpecError, match="line 1: priority must be an integer"):
         parse_workload('{"arrival_s": 0, "text_tokens": 3, "new_tokens": 2, "priority": 1.5}\n')
-
-
-def test_bench_traces_are_shared_by_policies_and_estimate_orders_by_predicted_latency(tmp_path: Path) -> None:
-    bench = load_script("bench_scheduler")
-    a, b = bench.bimodal(5.0, 50, 1), bench.bimodal(5.0, 50, 1)
-    assert a == b and bench.bimodal(5.0, 50, 2) != a
-    assert {r.text_tokens >= 768 for r in a} == {True, False}
-    from estimator.model.iteration import ITERATION_FORMAT, TERMS, IterationConfigFit, IterationEstimator, IterationMeta
-    from estimator.sim.scheduler import EngineConfig
-
-    meta = IterationMeta(
-        format_version=ITERATION_FORMAT,
-        created_at="x",
-        runs=["r"],
-        config_columns=["tier"],
-        terms=list(TERMS),
-        configs=[IterationConfigFit(config={"tier": 0}, rows=1, coef_ms=[5.0, 0.1, 0.0, 0.5, 0.001, 0.0])],
-        rows=1,
-        composition_range={},
-    )
-    engine = EngineConfig(
-        max_num_seqs=4, max_num_batched_tokens=2048, block_size=128, num_blocks=256, max_model_len=4096
-    )
-    prio, cost_us = bench.estimate_priorities(a, IterationEstimator(meta), {"tier": 0}, engine)
-    assert cost_us > 0
-    longest = max(range(len(a)), key=lambda i: a[i].text_tokens * 0.1 + a[i].output_tokens * 5.5)
-    assert prio[longest] == max(prio)  # the longest predicted request goes last
 
 
 # --- on the harness's replay loop, with the fake engine of test_workload.py --------------------------------
@@ -183,25 +155,6 @@ def test_solo_then_oracle_priorities_are_the_latencies_alone(tmp_path: Path, mon
     assert code == 2 and "needs --oracle-run" in out
     code, out = _run(tmp_path, "--workload", str(w), "--blocks", "32", "--policy", "estimate")
     assert code == 2 and "needs --policy-model" in out
-
-
-def test_bench_rates_scale_one_trace_and_goodput_interpolates_the_crossing() -> None:
-    import pandas as pd
-
-    bench = load_script("bench_scheduler")
-    slow, fast = bench.bimodal(2.0, 30, 4), bench.bimodal(6.0, 30, 4)
-    assert [(r.text_tokens, r.output_tokens) for r in slow] == [(r.text_tokens, r.output_tokens) for r in fast]
-    assert [round(r.arrival_s / 3, 6) for r in slow] == pytest.approx([r.arrival_s for r in fast], abs=2e-6)
-    # attainment 1.0, 0.95, 0.7 at 2, 4, 6 req/s: 90% is crossed at 4 + 2 * (0.95 - 0.9) / (0.95 - 0.7)
-    assert bench.goodput([2, 4, 6], [1.0, 0.95, 0.7]) == (pytest.approx(4.4), False)
-    assert bench.goodput([2, 4, 6], [0.8, 0.95, 0.99]) == (0.0, False)  # the lowest rate fails: nothing counts
-    assert bench.goodput([2, 4], [0.95, 0.92]) == (4, True)  # censored at the highest rate
-    slo = {"short": {"ttft_ms": 100.0, "tpot_ms": 10.0}, "long": {"ttft_ms": 500.0, "tpot_ms": 20.0}}
-    frame = pd.DataFrame({"text_tokens": [50, 50, 900, 900, 50], "new_tokens": [5, 1, 5, 5, 5],
-                          "ttft_ms": [90, 90, 400, 600, float("nan")],
-                          "tpot_ms": [9, float("nan"), 25, 1, float("nan")],
-                          "rejected": [False, False, False, False, True]})
-    assert list(bench.met(frame, slo)) == [True, True, False, False, False]  # a rejected request misses
 
 
 def test_the_harness_records_its_gap_before_each_iteration(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

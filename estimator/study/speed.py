@@ -1,19 +1,13 @@
-"""Benchmark the estimator: per feature variant, and the compiled tables against the LightGBM booster.
+"""Speed of the estimator's prediction paths and of the simulator: `estimate experiment estimator-speed`,
+`estimator-variants` and `simulate-speed` (figures to print, never timed tests: the machines are shared).
 
-    python scripts/bench_estimator.py variants results/<run_id> [more runs] [--variant tokens --variant embedding]
-    python scripts/bench_estimator.py tables models/default-tokens
-
-`variants` prints, per variant: training time (s, with the held-out fit), load time (ms), the cost of one prefill
-and one decode prediction from a raw dict row (µs, features included; the embedding variant embeds the text on
-every call), 1,000 decode rows in one call (µs), predict_request with 1,024 new tokens (µs), and held-out
-(by-prompt) MAPE per phase next to the noise-floor MAPE and their ratio.
-
-`tables` measures, in one run, the scheduler's path (compiled tables) against the booster path on the same
-model: one prefill row with new arguments each call, predict_request with random text_tokens 16-4096 and
-new_tokens 1-4096 (uncached: there is no memo), predict_requests over 10,000 requests; the largest relative
-difference to the booster on every trained config at every length breakpoint ± 1 and at random lengths, and of
-request totals against the exact sum of per-step booster predictions; and the tables' memory. Lengths beyond
-the training range are asked with allow_unseen=True (the tables hold the trees' exact answer there too).
+- `table_costs`: on one model, the scheduler's path (compiled tables) against the LightGBM booster and against a
+  bare `np.searchsorted` plus an index (the floor any table lookup pays), all in one run: one prefill with new
+  arguments each call, `predict_request` over random lengths (uncached), `predict_requests` over 10,000; and the
+  tables' largest relative difference to the booster at every breakpoint +-1 and at random lengths.
+- `variant_costs`: per feature variant, training and load time, single-row and batch prediction cost, and the
+  held-out MAPE beside the noise floor.
+- `simulate_speed`: 10,000 requests through the scheduler replica, and an 8-rate capacity curve.
 """
 
 from __future__ import annotations
@@ -22,21 +16,22 @@ import tempfile
 import time
 from functools import partial
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import numpy as np
-import typer
-from rich.console import Console
-from rich.table import Table
 
-from estimator import EstimatorError, LatencyEstimator
-from estimator.data.runs import load_runs
+from contract.workload import LengthDist, generate_workload
+from estimator.data.runs import load_runs, read_manifest
+from estimator.errors import EstimatorError
+from estimator.model.estimator import LatencyEstimator
 from estimator.model.features import VARIANTS
+from estimator.model.iteration import IterationEstimator
 from estimator.model.train import train_estimator
+from estimator.sim.workload import Overheads, capacity_curve, engine_config_from_manifest, run_workload
 from estimator.study.analyze import noise_floor
 from estimator.study.references import median_call_us
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True)
+Row = tuple[str, ...]
 
 
 def _row(frame: Any, axes: list[str], phase: str, with_text: bool) -> dict[str, Any]:
@@ -47,32 +42,28 @@ def _row(frame: Any, axes: list[str], phase: str, with_text: bool) -> dict[str, 
     return {c: (r[c].item() if hasattr(r[c], "item") else r[c]) for c in cols}
 
 
-@app.command()
-def variants(
-    runs: Annotated[list[Path], typer.Argument(help="Run folders.")],
-    variant: Annotated[
-        list[str] | None, typer.Option(help="Variants to bench (repeatable) [default: all].")
-    ] = None,
-    calls: Annotated[int, typer.Option(help="Single-row calls per median.")] = 300,
-) -> None:
-    """Bench each variant on the given runs."""
-    console = Console(width=160)
-    try:
-        runset = load_runs(runs)
-    except EstimatorError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+def _per_call_us(fn: Any, args: list[tuple[Any, ...]]) -> float:
+    """Mean wall time (µs) of fn(*a) over the argument list, each argument set used once."""
+    t0 = time.perf_counter()
+    for a in args:
+        fn(*a)
+    return (time.perf_counter() - t0) / len(args) * 1e6
+
+
+def variant_costs(runs: list[Path], variant: list[str] | None, calls: int,
+                  say: Any = print) -> tuple[list[str], list[Row], str]:
+    """(columns, one row per variant, the noise-floor line) on the given runs."""
+    runset = load_runs(runs)
     floors = noise_floor(runset.samples, runset.config_columns)
     variants = variant or list(VARIANTS)
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
-        typer.echo(f"error: unknown variant(s) {', '.join(unknown)}", err=True)
-        raise typer.Exit(2)
+        raise EstimatorError(f"unknown variant(s) {', '.join(unknown)}")
     pre = runset.with_text(runset.phase("prefill"))
     dec = runset.with_text(runset.phase("decode"))
     rows_1000 = dec.sample(n=min(1000, len(dec)), random_state=0).reset_index(drop=True)
-    table = Table(title=f"Estimator benchmark on {', '.join(r.run_id for r in runset.runs)}")
-    for c in (
+    columns = [
+
         "variant",
         "train s",
         "load ms",
@@ -82,11 +73,11 @@ def variants(
         "request 1024 tok µs",
         "prefill MAPE % (× noise)",
         "decode MAPE % (× noise)",
-    ):
-        table.add_column(c, justify="right")
+    ]
+    rows: list[Row] = []
     with tempfile.TemporaryDirectory() as tmp:
         for v in variants:
-            console.print(f"[dim]training {v}[/dim]")
+            say(f"training {v}")
             t0 = time.perf_counter()
             est = train_estimator(runset, v)  # type: ignore[arg-type]
             train_s = time.perf_counter() - t0
@@ -119,7 +110,7 @@ def variants(
                     mape / floor if mape is not None and np.isfinite(floor) and floor > 0 else float("nan")
                 )
                 cells.append("–" if mape is None else f"{mape:.2f} ({ratio:.2f}×)")
-            table.add_row(
+            rows.append((
                 v,
                 f"{train_s:.1f}",
                 f"{load_ms:.0f}",
@@ -128,35 +119,18 @@ def variants(
                 f"{many_us:.0f}",
                 f"{req_us:.1f}",
                 *cells,
-            )
-    console.print(table)
-    console.print(
-        "noise-floor MAPE (same prompt, leave-one-out): "
-        + ", ".join(f"{p} {f.mape_pct:.2f}% over {f.groups} groups" for p, f in floors.items())
-    )
+            ))
+    floor_line = "noise-floor MAPE (same prompt, leave-one-out): " + ", ".join(
+        f"{p} {f.mape_pct:.2f}% over {f.groups} groups" for p, f in floors.items())
+    return columns, rows, floor_line
 
 
-def _per_call_us(fn: Any, args: list[tuple[Any, ...]]) -> float:
-    """Mean wall time (µs) of fn(*a) over the argument list, each argument set used once."""
-    t0 = time.perf_counter()
-    for a in args:
-        fn(*a)
-    return (time.perf_counter() - t0) / len(args) * 1e6
-
-
-@app.command()
-def tables(
-    model: Annotated[Path, typer.Argument(help="Model folder (estimate train) with tables.npz.")],
-    calls: Annotated[int, typer.Option(help="Calls per timing (each with new arguments).")] = 20_000,
-    seed: int = 0,
-) -> None:
-    """The compiled tables against the booster path: cost per call and agreement."""
-    console = Console(width=160)
+def table_costs(model: Path, calls: int = 20_000, seed: int = 0) -> list[Row]:
+    """(figure, tables, booster) rows: costs per call and agreement (see the module docstring)."""
     est = LatencyEstimator.load(model)
     t = est.tables
     if t is None:
-        typer.echo(f"error: {model} has no compiled tables (variant {est.variant})", err=True)
-        raise typer.Exit(2)
+        raise EstimatorError(f"{model} has no compiled tables (variant {est.variant})")
     rng = np.random.default_rng(seed)
     configs = [{a: c[a] for a in est.meta.axes} for c in est.meta.training.configs]
     cfg = configs[len(configs) // 2]
@@ -182,7 +156,7 @@ def tables(
         return total
 
     est.predict_prefill(*pre_rows[0], allow_unseen=True)  # warm the config memo, as a scheduler's first call does
-    rows = []
+    rows: list[Row] = []
     pre_us = _per_call_us(lambda r: est.predict_prefill(r, allow_unseen=True), pre_rows)
     pre_b_us = _per_call_us(booster_prefill, booster_rows)
     rows.append(("predict_prefill, one row, new arguments each call", f"{pre_us:.2f} µs", f"{pre_b_us:.1f} µs"))
@@ -190,6 +164,12 @@ def tables(
     req_us = _per_call_us(lambda c, a, b: est.predict_request(c, a, b, allow_unseen=True), req_args)
     req_b_us = _per_call_us(lambda c, a, b: booster_request(c, a, b - 1), req_args[:100])
     rows.append(("predict_request, text_tokens 16-4096, new_tokens 1-4096", f"{req_us:.2f} µs", f"{req_b_us:.0f} µs"))
+    # the floor of any lookup: a bare np.searchsorted on the prefill breakpoints plus an index, one call each
+    bp, bv, ints = t.prefill_t, t.prefill_value[0], [int(x) for x in n[:calls]]
+    bare_us = _per_call_us(lambda x: bv[np.searchsorted(bp, x, side="right") - 1], [(x,) for x in ints])
+    rows.append(("bare np.searchsorted + index (the floor), one call", f"{bare_us:.2f} µs", "–"))
+    rows.append(("predict_prefill / bare, predict_request / bare (goal <= 2.5)",
+                 f"{pre_us / bare_us:.2f}x, {req_us / bare_us:.2f}x", "–"))
     batch_cfgs = [configs[i] for i in rng.integers(0, len(configs), 10_000)]
     bn, bnew = n[:10_000], new[:10_000]
     est.predict_requests(batch_cfgs[:10], bn[:10], bnew[:10], allow_unseen=True)
@@ -221,21 +201,39 @@ def tables(
             exact = booster_request(c, int(a), int(b) - 1)
             got = est.predict_request(c, int(a), int(b), allow_unseen=True).total_ms
             worst_sum = max(worst_sum, abs(got / exact - 1))
-    table = Table(title=f"Compiled tables vs the LightGBM booster: {model} ({est.variant})")
-    for col in ("figure", "tables", "booster"):
-        table.add_column(col, justify="right" if col != "figure" else "left")
-    for r in rows:
-        table.add_row(*r)
-    table.add_row("largest relative difference, prefill (every config, breakpoints ± 1)", f"{worst_pre:.2e}", "")
-    table.add_row("largest relative difference, decode step", f"{worst_dec:.2e}", "")
-    table.add_row("request total vs the exact per-step booster sum", f"{worst_sum:.2e}", "")
-    table.add_row(
+    rows.append(("largest relative difference, prefill (every config, breakpoints ± 1)", f"{worst_pre:.2e}", ""))
+    rows.append(("largest relative difference, decode step", f"{worst_dec:.2e}", ""))
+    rows.append(("request total vs the exact per-step booster sum", f"{worst_sum:.2e}", ""))
+    rows.append((
         "tables in memory",
         f"{t.nbytes() / 1024:.1f} KiB",
         f"{len(t.keys)} configs; prefill {len(t.prefill_t)} breakpoints; decode {len(t.decode_t)} × {len(t.decode_p)}",
+    ))
+    return rows
+
+
+def simulate_speed(model_dir: Path, engine_run: Path, count: int = 10_000, rate: float = 8.0) -> list[str]:
+    """Seconds to simulate `count` requests (one process, one thread) and an 8-rate capacity curve of 1,000
+    requests each, as lines to print."""
+    model = IterationEstimator.load(model_dir)
+    engine = engine_config_from_manifest(read_manifest(engine_run))
+    config = dict(model.trained_configs[0])
+    texts, news = LengthDist.parse("uniform:32:512", "t"), LengthDist.parse("uniform:8:64", "n")
+    reqs = generate_workload(rate, count, 0, texts, news, engine.max_model_len)
+    run_workload(reqs[:200], engine, model, config, Overheads())  # warm
+    t0 = time.perf_counter()
+    _, run = run_workload(reqs, engine, model, config, Overheads())
+    one = time.perf_counter() - t0
+    lines = [f"{count} requests at {rate:g} req/s: {run.iterations} iterations simulated in {one:.2f} s "
+             f"({one / count * 1e6:.0f} us per request; target <= 2 s for 10,000)"]
+    rates = list(np.linspace(rate / 4, rate * 2, 8))
+    t0 = time.perf_counter()
+    capacity_curve(
+        rates,
+        lambda r: generate_workload(r, 1000, 0, texts, news, engine.max_model_len),
+        lambda q: run_workload(q, engine, model, config, Overheads())[0],
+        1000.0,
+        50.0,
     )
-    console.print(table)
-
-
-if __name__ == "__main__":
-    app()
+    lines.append(f"capacity curve, 8 rates x 1000 requests: {time.perf_counter() - t0:.2f} s (target <= 20 s)")
+    return lines

@@ -1,13 +1,13 @@
-"""Grid against replay at equal composition, inside one engine start and across starts (issue 20 item 1).
+"""Grid against replay at equal composition, inside one engine start and across starts.
 
-    python scripts/bench_grid_replay.py run --out DIR [--starts 3] [--rounds 6] [--rate 3] [--count 30]
-    python scripts/bench_grid_replay.py analyze DIR
+    profile experiment grid-replay --out DIR [--starts 3] [--rounds 6] [--rate 3] [--count 30] [--heavy-rate R]
+    profile experiment grid-replay --analyze DIR
 
 The question: a batch-grid iteration was slower than a replay iteration of the same composition (one decoding
 sequence, context 300-400: 2.90 against 2.16 ms). Is that the grid (how an episode starts and holds its
 sequences), or the engine start each was measured on (whose speed moves by tens of percent between starts on a
 2-core VM, docs/simulate.md)? The experiment turns "same engine start" on and off:
-- each engine start (`--tier`, default 0 = cpu-tiny; blocks 128, FCFS, max_num_seqs 8; bench_scheduler's `Bench`) runs
+- each engine start (`--tier`, default 0 = cpu-tiny; blocks 128, FCFS, max_num_seqs 8; `EngineSession`) runs
   `rounds` rounds; each round is one grid set and one Poisson trace, in alternating order:
   - grid set: one episode per (B, L) in B = 1, 2, 4 and L = 128, 384: B requests of L prompt tokens added at once,
     32 new tokens each (what `batch_points.episode_requests` sends, without a joiner);
@@ -26,34 +26,24 @@ Run it alone on the machine.
 
 from __future__ import annotations
 
-import argparse
-import importlib.util
 import json
 import random
-import sys
 import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from contract.request import Request  # noqa: E402
+from contract.request import Request
+from harness.experiments.session import EngineSession
 
 GRID_B, GRID_L, GRID_NEW = (1, 2, 4), (128, 384), 32
 TRACE_PROMPT, TRACE_NEW = (64, 512), (8, 48)
 CTX_BIN, MIN_N = 128, 5
 TIMES = ("engine_elapsed_ms", "latency_ms")
-
-
-def _bench_class() -> Any:
-    spec = importlib.util.spec_from_file_location("bench_scheduler", ROOT / "scripts" / "bench_scheduler.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.Bench
 
 
 Segments = dict[tuple[int, int, str], list[list[Request]]]  # (start, round, kind) -> its episodes
@@ -89,34 +79,49 @@ def workloads(starts: int, rounds: int, rate: float, count: int, heavy_rate: flo
     return out
 
 
-def run(args: argparse.Namespace) -> None:
-    out: Path = args.out
+@dataclass(frozen=True)
+class GridReplaySpec:
+    """The experiment's settings: engine starts, rounds per start, the traces' Poisson `rate` (req/s) and
+    requests per trace, `heavy_rate` (req/s; 0: no heavy trace), the CPU ladder's `tier`."""
+
+    out: Path
+    starts: int = 3
+    rounds: int = 6
+    rate: float = 3.0
+    count: int = 30
+    heavy_rate: float = 0.0
+    tier: int = 0
+
+
+def run_grid_replay(spec: GridReplaySpec, say: Callable[[str], None] = print) -> dict[str, Any]:
+    """Measure every start's rounds into `out/iterations.parquet` (and `setup.json`), then analyze them."""
+    out = spec.out
     out.mkdir(parents=True, exist_ok=True)
-    Bench = _bench_class()
-    segs = workloads(args.starts, args.rounds, args.rate, args.count, args.heavy_rate)
+    segs = workloads(spec.starts, spec.rounds, spec.rate, spec.count, spec.heavy_rate)
     everything = [r for episodes in segs.values() for reqs in episodes for r in reqs]
     frames, starts = [], []
-    for s in range(args.starts):
-        bench = Bench(8, everything, policy="fcfs", tier=args.tier)
-        print(f"[{time.strftime('%H:%M:%S')}] start {s}: {bench.start_s:.1f} s, dtype {bench.effective.get('dtype')}",
-              flush=True)
-        starts.append({"start": s, "engine_start_s": bench.start_s, "effective": bench.effective})
+    for s in range(spec.starts):
+        session = EngineSession(8, everything, scheduling_policy="fcfs", tier=spec.tier)
+        say(f"[{time.strftime('%H:%M:%S')}] start {s}: {session.start_s:.1f} s, dtype "
+            f"{session.effective.get('dtype')}")
+        starts.append({"start": s, "engine_start_s": session.start_s, "effective": session.effective})
         try:
-            for r in range(args.rounds):
-                kinds = ["grid", "replay", "heavy"] if args.heavy_rate > 0 else ["grid", "replay"]
+            for r in range(spec.rounds):
+                kinds = ["grid", "replay", "heavy"] if spec.heavy_rate > 0 else ["grid", "replay"]
                 kinds = kinds[(s + r) % len(kinds):] + kinds[: (s + r) % len(kinds)]  # rotate: spread drift
                 for kind in kinds:
                     for e, reqs in enumerate(segs[(s, r, kind)]):
-                        bench.drive(reqs)
-                        rows = bench.last.iteration_rows({"start": s, "round": r, "kind": kind, "episode": e})
+                        session.drive(reqs)
+                        assert session.last is not None
+                        rows = session.last.iteration_rows({"start": s, "round": r, "kind": kind, "episode": e})
                         frames.append(pd.DataFrame(rows))
-                print(f"[{time.strftime('%H:%M:%S')}] start {s} round {r} done", flush=True)
+                say(f"[{time.strftime('%H:%M:%S')}] start {s} round {r} done")
         finally:
-            bench.close()
+            session.close()
     pd.concat(frames, ignore_index=True).to_parquet(out / "iterations.parquet")
-    (out / "setup.json").write_text(json.dumps({"starts": starts, "args": {k: str(v) for k, v in vars(args).items()
-                                                                           if k != "func"}}, indent=1, default=str))
-    analyze(argparse.Namespace(out=out))
+    args = {k: str(v) for k, v in asdict(spec).items()}
+    (out / "setup.json").write_text(json.dumps({"starts": starts, "args": args}, indent=1, default=str))
+    return analyze_grid_replay(out, say)
 
 
 def decode_only(frame: pd.DataFrame) -> pd.DataFrame:
@@ -184,8 +189,8 @@ def binned_ratio(grid: pd.DataFrame, replay: pd.DataFrame, col: str, rng: np.ran
             "per_key": per_key}
 
 
-def analyze(args: argparse.Namespace) -> None:
-    out: Path = args.out
+def analyze_grid_replay(out: Path, say: Callable[[str], None] = print) -> dict[str, Any]:
+    """The ratios from `out/iterations.parquet`, written to `out/results.json` and said line by line."""
     d = decode_only(pd.read_parquet(out / "iterations.parquet"))
     rng = np.random.default_rng(0)
     starts = sorted(int(s) for s in d.start.unique())
@@ -210,46 +215,23 @@ def analyze(args: argparse.Namespace) -> None:
                     res["off"].setdefault(col, {})[f"{i}/{j}"] = adjusted_ratio(part(i, "grid"), part(j, "replay"),
                                                                                 col, rng, n_boot=300)
     (out / "results.json").write_text(json.dumps(res, indent=1))
-    print("decode-only, one sequence: median engine core ms per start")
+    say("decode-only, one sequence: median engine core ms per start")
     for s, v in res["level"].items():
-        print(f"  start {s}: " + ", ".join(f"{k} {x:.3f}" for k, x in v.items()))
+        say(f"  start {s}: " + ", ".join(f"{k} {x:.3f}" for k, x in v.items()))
     for col in TIMES:
-        print(f"{col}: grid / replay at equal decode sequences and context (adjusted; binned beside)")
+        say(f"{col}: grid / replay at equal decode sequences and context (adjusted; binned beside)")
         for s, v in res["on"][col].items():
             if v.get("sequence_counts"):
                 b = res["binned"][col][s]
                 per_n = ", ".join(f"n={n}: {x['ratio']:.3f}" for n, x in v["per_n"].items())
-                print(f"  same start {s}: {v['ratio']:.3f} [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}] ({per_n}); "
+                say(f"  same start {s}: {v['ratio']:.3f} [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}] ({per_n}); "
                       f"binned {b.get('ratio', float('nan')):.3f}")
         for s, v in res["load"].get(col, {}).items():
             if v.get("sequence_counts"):
                 per_n = ", ".join(f"n={n}: {x['ratio']:.3f}" for n, x in v["per_n"].items())
-                print(f"  heavy / replay, start {s}: {v['ratio']:.3f} [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}] "
+                say(f"  heavy / replay, start {s}: {v['ratio']:.3f} [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}] "
                       f"({per_n})")
         off = [v["ratio"] for v in res["off"][col].values() if v.get("sequence_counts")]
         if off:
-            print(f"  grid of one start / replay of another: {min(off):.3f} to {max(off):.3f} over {len(off)} pairs")
-
-
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(required=True)
-    r = sub.add_parser("run")
-    r.add_argument("--out", type=Path, required=True)
-    r.add_argument("--starts", type=int, default=3)
-    r.add_argument("--rounds", type=int, default=6)
-    r.add_argument("--rate", type=float, default=3.0, help="the traces' Poisson rate, req/s")
-    r.add_argument("--count", type=int, default=30, help="requests per trace")
-    r.add_argument("--heavy-rate", type=float, default=0.0,
-                   help="also a trace of the same mix at this rate per round (req/s; 0: none): load on and off")
-    r.add_argument("--tier", type=int, default=0, help="the CPU ladder's model (0 cpu-tiny, 1 cpu-small, 2 cpu-base)")
-    r.set_defaults(func=run)
-    a = sub.add_parser("analyze")
-    a.add_argument("out", type=Path)
-    a.set_defaults(func=analyze)
-    args = p.parse_args()
-    args.func(args)
-
-
-if __name__ == "__main__":
-    main()
+            say(f"  grid of one start / replay of another: {min(off):.3f} to {max(off):.3f} over {len(off)} pairs")
+    return res

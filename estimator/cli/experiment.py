@@ -1,0 +1,158 @@
+"""`estimate experiment ...`: the estimator's published experiments, thin commands over estimator/study.
+
+- `scheduler DIR`: the scheduler experiment's statistics from the rows `profile experiment scheduler` wrote
+  (`--set-slo` fixes its SLOs before any policy runs; `--regoodput FILE` recomputes a results file's goodput
+  from its stored rows);
+- `simulate-validate MODEL RUN...`: the simulator against measured replay and serve-bench runs;
+- `simulate-speed MODEL ENGINE_RUN`: 10,000 requests and an 8-rate curve through the replica;
+- `estimator-speed MODEL`: the compiled tables against the booster and a bare searchsorted;
+- `estimator-variants RUN...`: each feature variant's training, prediction cost and held-out MAPE.
+Speed figures are printed, never asserted: run them alone on the machine.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from estimator.cli.common import run_command
+
+experiment = typer.Typer(
+    help="The estimator's published experiments (figures to print; run them alone on the machine).",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
+
+
+def _print_table(title: str, columns: list[str], rows: list[tuple[str, ...]]) -> None:
+    table = Table(title=title)
+    for i, c in enumerate(columns):
+        table.add_column(c, justify="left" if i == 0 else "right")
+    for r in rows:
+        table.add_row(*r)
+    Console(width=160).print(table)
+
+
+@experiment.command()
+def scheduler(
+    folder: Annotated[Path, typer.Argument(help="The experiment's folder (profile experiment scheduler --out).")],
+    set_slo: Annotated[bool, typer.Option("--set-slo", help="Fix the SLOs in setup.json (before any policy ran).")]
+    = False,
+    slo_scale: Annotated[float | None, typer.Option(help="SLO = K x the class's median alone (default: the rule).")]
+    = None,
+    regoodput: Annotated[bool, typer.Option("--regoodput", help="FOLDER is a results JSON: recompute its goodput "
+                                                                "from its stored rows and rewrite it.")] = False,
+) -> None:
+    """The scheduler experiment's statistics (results.json, attainment.png) from its raw rows."""
+    from estimator.report.sections.scheduling import ANCHORS, attainment_figure
+    from estimator.study import scheduling
+
+    def go() -> None:
+        if regoodput:
+            result, lines = scheduling.regoodput(json.loads(folder.read_text()))
+            typer.echo("\n".join(lines))
+            folder.write_text(json.dumps(result, indent=1, default=float))
+            typer.echo(f"wrote {folder}")
+            return
+        if set_slo:
+            setup = scheduling.set_slo(folder, slo_scale)
+            typer.echo(f"SLO scale {setup['slo_scale']:g} ({setup['slo_scale_rule']})")
+            return
+        result, lines = scheduling.analyze(folder, slo_scale)
+        typer.echo("\n".join(lines))
+        result["anchors"] = [list(a) for a in ANCHORS]
+        tag = f"-x{slo_scale:g}" if slo_scale else ""
+        (folder / f"results{tag}.json").write_text(json.dumps(result, indent=1, default=float))
+        (folder / f"attainment{tag}.png").write_bytes(attainment_figure(result["rows"],
+                                                                        result["setup"]["capacity_rps"]))
+        typer.echo(f"wrote {folder / f'results{tag}.json'} and {folder / f'attainment{tag}.png'}")
+
+    run_command(go)
+
+
+@experiment.command("simulate-validate")
+def simulate_validate(
+    model: Annotated[Path, typer.Argument(help="Iteration model folder (with its serving.json).")],
+    runs: Annotated[list[Path], typer.Argument(help="Measured replay or serve-bench runs.")],
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the rows here (estimate report "
+                                                                  "--simulation reads them).")] = None,
+    plots: Annotated[Path | None, typer.Option(help="Folder for CDF plots, one per workload kind.")] = None,
+    calibrate: Annotated[bool, typer.Option("--calibrate", help="Replays: scale the iteration model by each run's "
+                                                                "own engine-start speed (an oracle).")] = False,
+) -> None:
+    """The simulator against measured runs: E2E and TTFT MAPE, errors of mean/p50/p90/p99 with 95% intervals."""
+    from estimator.sim.measured import cdf_plot
+    from estimator.sim.validation import ci_text, save_validation, validate_simulation
+
+    def go() -> None:
+        result, pooled = validate_simulation(model, runs, calibrate=calibrate)
+        o = result.overheads
+        typer.echo(f"overheads: per iteration {o['iteration_ms']:.3f} ms, per sequence {o['sequence_ms']:.3f} ms, "
+                   f"per request {o['request_ms']:.2f} ms (fitted on {o['fitted_on'] or 'nothing'})")
+        typer.echo("run | source | n | E2E MAPE | E2E mean | E2E p90 | E2E p99 | TTFT MAPE | TTFT mean | TTFT p90 | "
+                   "TPOT mean | SLO met measured / simulated | targets")
+        for r in result.rows:
+            typer.echo(
+                f"{r.name} | {r.source} | {r.requests} | {r.e2e_mape.value:.1f} | {ci_text(r.e2e['mean'])} | "
+                f"{ci_text(r.e2e['p90'])} | {ci_text(r.e2e['p99'])} | {r.ttft_mape.value:.1f} | "
+                f"{ci_text(r.ttft['mean'])} | {ci_text(r.ttft['p90'])} | {ci_text(r.tpot['mean'])} | "
+                f"{r.slo_measured_pct:.0f}% / {r.slo_simulated_pct:.0f}% | "
+                f"{'met' if r.meets_targets() else 'missed'}")
+        if json_out is not None:
+            save_validation(result, json_out)
+            typer.echo(f"wrote {json_out}")
+        if plots is not None:
+            plots.mkdir(parents=True, exist_ok=True)
+            for key, pairs in pooled.items():
+                cdf_plot(pairs, plots / f"cdf-{key.replace(':', '-')}.png", f"{key}: simulated vs measured")
+            typer.echo(f"wrote {plots}")
+
+    run_command(go)
+
+
+@experiment.command("simulate-speed")
+def simulate_speed(
+    model: Annotated[Path, typer.Argument(help="Iteration model folder.")],
+    engine: Annotated[Path, typer.Argument(help="A run whose manifest records the engine's limits.")],
+    count: Annotated[int, typer.Option(help="Requests to simulate.")] = 10_000,
+    rate: Annotated[float, typer.Option(help="Arrival rate, requests per second.")] = 8.0,
+) -> None:
+    """Seconds to simulate COUNT requests (one thread) and an 8-rate capacity curve of 1,000 requests each."""
+    from estimator.study.speed import simulate_speed as measure
+
+    run_command(lambda: typer.echo("\n".join(measure(model, engine, count, rate))))
+
+
+@experiment.command("estimator-speed")
+def estimator_speed(
+    model: Annotated[Path, typer.Argument(help="Model folder (estimate train) with compiled tables.")],
+    calls: Annotated[int, typer.Option(help="Calls per timing (each with new arguments).")] = 20_000,
+    seed: Annotated[int, typer.Option(help="Seed of the random lengths.")] = 0,
+) -> None:
+    """The compiled tables against the booster and a bare searchsorted: cost per call and agreement."""
+    from estimator.study.speed import table_costs
+
+    run_command(lambda: _print_table(f"Compiled tables vs the LightGBM booster: {model}",
+                                     ["figure", "tables", "booster"], table_costs(model, calls, seed)))
+
+
+@experiment.command("estimator-variants")
+def estimator_variants(
+    runs: Annotated[list[Path], typer.Argument(help="Run folders.")],
+    variant: Annotated[list[str] | None, typer.Option(help="Variants to bench (repeatable) [default: all].")] = None,
+    calls: Annotated[int, typer.Option(help="Single-row calls per median.")] = 300,
+) -> None:
+    """Each variant on the given runs: training and load time, prediction cost, held-out MAPE beside the floor."""
+    from estimator.study.speed import variant_costs
+
+    def go() -> None:
+        columns, rows, floor = variant_costs(runs, variant, calls, say=lambda m: typer.echo(m, err=True))
+        _print_table("Estimator variants", columns, rows)
+        typer.echo(floor)
+
+    run_command(go)
