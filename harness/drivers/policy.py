@@ -1,7 +1,7 @@
 """Scheduling policies of a replay (`profile replay --policy`): each request's priority at its arrival.
 
 vLLM's priority policy (`scheduling_policy="priority"`, lower first) orders only the waiting queue: a running
-request is not preempted by an arrival (vLLM issue #40004; VLLM_NOTES.md).
+request is not preempted by an arrival (vLLM issue #40004; docs/vllm-notes.md).
 
 - `fcfs`: vLLM's default, no priorities;
 - `prompt`: shortest prompt first (priority = text_tokens);

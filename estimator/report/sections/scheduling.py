@@ -1,4 +1,4 @@
-"""Scheduling by predicted latency on the real engine: the scheduler experiment's results.json (`profile experiment scheduler`) (issue 22).
+"""Scheduling by predicted latency on the real engine: the scheduler experiment's results.json (issue 22).
 
 `estimator.report.build.load_scheduling` reads the file; `attainment_figure` draws SLO attainment
 against the arrival rate per policy (the bench writes the same figure as a PNG); `scheduling_section` is the report's

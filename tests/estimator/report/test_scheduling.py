@@ -1,4 +1,4 @@
-"""The report's scheduling section from the scheduler experiment's results.json (estimator/report/sections/scheduling.py)."""
+"""The report's scheduling section from the scheduler experiment's results.json (report/sections/scheduling.py)."""
 
 from __future__ import annotations
 

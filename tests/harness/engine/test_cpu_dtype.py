@@ -18,7 +18,7 @@ from harness.engine.cpu_dtype import DtypeChoice, Probe, choose_cpu_dtype, emula
 from harness.engine.settings import EngineSettings
 
 PRESET = Path(__file__).resolve().parents[3] / "harness" / "presets" / "cpu-tiny"
-AVX2 = {"fpu", "sse4_2", "avx", "avx2", "fma", "f16c"}  # the AMD EPYC of VLLM_NOTES.md: no avx512*, no amx
+AVX2 = {"fpu", "sse4_2", "avx", "avx2", "fma", "f16c"}  # the AMD EPYC of docs/vllm-notes.md: no avx512*, no amx
 SAPPHIRE = AVX2 | {"avx512f", "avx512bw", "avx512_bf16", "amx_bf16", "amx_tile"}
 EMULATED = Probe("AVX2", "2.13.0+cpu", float32_ms=14.0, bfloat16_ms=423.0)  # the measurement
 NATIVE = Probe("AVX512", "2.13.0+cpu", float32_ms=3.1, bfloat16_ms=0.4)
