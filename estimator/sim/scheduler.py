@@ -108,10 +108,15 @@ IterationFn = Callable[[int, float, int, int, int], float]
 
 
 class _Req:
-    __slots__ = ("a", "computed", "outputs", "blocks", "order", "trace", "sampled_since_start")
+    """A request's state in the replica: the contract request `a`, and copies of what the hot loop reads of it
+    (`prompt`, `target` outputs, `rid`), since a slot read is cheaper than a read through `Request.declared`."""
+
+    __slots__ = ("a", "computed", "outputs", "blocks", "order", "trace", "sampled_since_start", "prompt", "target",
+                 "rid")
 
     def __init__(self, a: Request, order: int, trace: RequestTrace) -> None:
         self.a, self.order, self.trace = a, order, trace
+        self.prompt, self.target, self.rid = a.text_tokens, a.output_tokens, a.request_id
         self.computed = 0
         self.outputs = 0
         self.blocks = 0
@@ -119,7 +124,7 @@ class _Req:
 
     @property
     def num_tokens(self) -> int:
-        return self.a.text_tokens + self.outputs
+        return self.prompt + self.outputs
 
     def preempt(self) -> int:
         """Preemption by recompute (`Scheduler._preempt_request`): drop the KV cache and the computed tokens;
@@ -199,7 +204,8 @@ def simulate(
     hold their KV blocks and run or wait in the given order; only `arrivals` get traces."""
     config.check()
     bs = config.block_size
-    ordered = sorted(range(len(arrivals)), key=lambda i: (arrivals[i].arrival_s, i))
+    at = [a.arrival_s for a in arrivals]  # read once: the loop checks the next arrival every iteration
+    ordered = sorted(range(len(arrivals)), key=lambda i: (at[i], i))
     traces = [RequestTrace(a) for a in arrivals]
     for a in arrivals:
         if a.text_tokens < 1 or a.output_tokens < 1:
@@ -234,7 +240,7 @@ def simulate(
     n_iter = 0
     fcfs = config.policy == "fcfs"
     while nxt < len(ordered) or len(waiting) or running:
-        while nxt < len(ordered) and arrivals[ordered[nxt]].arrival_s <= t:
+        while nxt < len(ordered) and at[ordered[nxt]] <= t:
             i = ordered[nxt]
             waiting.add(_Req(arrivals[i], i, traces[i]))
             nxt += 1
@@ -242,7 +248,7 @@ def simulate(
             t = measured_windows[n_iter][0]
             continue  # admit what arrived by the measured start
         if not len(waiting) and not running:
-            t = arrivals[ordered[nxt]].arrival_s
+            t = at[ordered[nxt]]
             continue
         # ---- schedule (Scheduler.schedule) ----
         budget = config.max_num_batched_tokens
@@ -321,7 +327,7 @@ def simulate(
                     r.trace.first_scheduled_s = t
         if not order:
             if nxt < len(ordered):
-                t = max(t, arrivals[ordered[nxt]].arrival_s)
+                t = max(t, at[ordered[nxt]])
                 continue
             raise SimulationError("the replica cannot schedule any waiting request (KV cache too small)")
         # ---- the iteration ----
@@ -335,11 +341,11 @@ def simulate(
             n = scheduled[id(r)]
             if r.sampled_since_start:
                 ctx = r.num_tokens
-                decode.append((r.a.request_id, ctx))
+                decode.append((r.rid, ctx))
                 ctx_sum += ctx
                 ctx_max = max(ctx_max, ctx)
             else:
-                prefill.append((r.a.request_id, n, r.computed))
+                prefill.append((r.rid, n, r.computed))
                 pre_tokens += n
                 pre_sq += float(n) * n
         if measured_windows is not None and n_iter < len(measured_windows):
@@ -360,7 +366,7 @@ def simulate(
                 r.outputs += 1
                 r.sampled_since_start = True
                 r.trace.token_times_s.append(t_end)
-                if r.outputs >= r.a.output_tokens:
+                if r.outputs >= r.target:
                     done.append(r)
         if done:
             gone = {id(r) for r in done}

@@ -107,9 +107,10 @@ def request_frame(run: SimulationRun, overheads: Overheads) -> pd.DataFrame:
     extra = overheads.request_ms
     for tr in run.requests:
         a = tr.request
+        arrival = a.arrival_s
         times = tr.token_times_s
-        ttft = (times[0] - a.arrival_s) * 1e3 + extra
-        e2e = (times[-1] - a.arrival_s) * 1e3 + extra
+        ttft = (times[0] - arrival) * 1e3 + extra
+        e2e = (times[-1] - arrival) * 1e3 + extra
         rows.append(
             {
                 "request_id": a.request_id,
@@ -122,7 +123,7 @@ def request_frame(run: SimulationRun, overheads: Overheads) -> pd.DataFrame:
                 "tpot_ms": (e2e - ttft) / (a.output_tokens - 1) if a.output_tokens > 1 else math.nan,
                 "e2e_ms": e2e,
                 "preemptions": tr.preemptions,
-                "token_times_ms": [round((t - a.arrival_s) * 1e3 + extra, 4) for t in times],
+                "token_times_ms": [round((t - arrival) * 1e3 + extra, 4) for t in times],
             }
         )
     return pd.DataFrame(rows)
