@@ -16,7 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from contract.request import Request
-from harness.rundata.spec import SpecError, build_spec, model_config, resolve_model
+from harness.rundata.spec import SpecError, build_serving
 from harness.rundata.store import RunStore, StoreError
 from harness.rundata.workload import (
     LengthDist,
@@ -49,21 +49,6 @@ def pick_device() -> str:
     return choose_device(None, None)[0]
 
 
-def base_spec(tier: int, model: str | None, device: str) -> dict[str, Any]:
-    data: dict[str, Any] = {"device": device, "axes": {"tier": [tier]}}
-    if model:
-        data["ladder"] = [model]
-        data["axes"]["tier"] = [0]
-    return data
-
-
-def model_context(data: dict[str, Any]) -> int:
-    """The context length (max_position_embeddings) of the spec's one tier."""
-    spec = build_spec({**data, "axes": {**data["axes"], "text_tokens": [1]}})
-    _, path = resolve_model(spec.ladder[int(spec.axes["tier"][0])])
-    return int(model_config(path).get("max_position_embeddings", 2048))
-
-
 def generated(rate: float | None, count: int | None, seed: int, text_dist: str, new_dist: str,
                context: int, burstiness: float = 1.0) -> tuple[list[Request], dict[str, Any]]:
     if rate is None or count is None:
@@ -94,7 +79,7 @@ def workload_command(
 ) -> None:
     """Write a seeded workload file: Poisson (or gamma) arrivals, lengths from the given distributions."""
     try:
-        context = model_context(base_spec(tier, model, pick_device()))
+        context = build_serving(device=pick_device(), tier=tier, model=model).context()
         requests, _ = generated(rate, count, seed, text_tokens_dist, new_tokens_dist, context, burstiness)
         out_file.parent.mkdir(parents=True, exist_ok=True)
         (write_trace if trace else write_workload)(out_file, requests)
@@ -151,17 +136,11 @@ def replay_command(
         if resume is None:
             from harness.drivers.replay import replay_spec
 
-            device = pick_device()
-            data = base_spec(tier, model, device)
-            data["axes"].update({"top_k": [top_k], "blocks": [blocks or (128 if device == "cpu" else 16)]})
-            for key, value in (("max_num_seqs", max_num_seqs), ("warmup_requests", warmup), ("seed", seed),
-                               ("prompts", str(prompts) if prompts else None)):
-                if value is not None:
-                    data[key] = value
-            if inprocess:
-                data["engine_mode"] = "inprocess"
-            if trust_remote_code:
-                data["trust_remote_code"] = True
+            serving = build_serving(
+                device=pick_device(), tier=tier, model=model, top_k=top_k, blocks=blocks, max_num_seqs=max_num_seqs,
+                warmup_requests=warmup, seed=seed, prompts=str(prompts) if prompts else None,
+                engine_mode="inprocess" if inprocess else "multiprocess", trust_remote_code=trust_remote_code,
+            )
             if workload is not None:
                 if rate is not None or count is not None:
                     raise SpecError("give either --workload or --rate/--count, not both")
@@ -169,10 +148,10 @@ def replay_command(
                 options.source = {"file": str(workload)}
             else:
                 requests, options.source = generated(rate, count, seed, text_tokens_dist, new_tokens_dist,
-                                                      model_context(data), burstiness)
+                                                      serving.context(), burstiness)
             from harness.drivers.policy import apply_policy, live_policy
 
-            requests = apply_policy(policy, data, requests, oracle_run)
+            requests, serving = apply_policy(policy, serving, requests, oracle_run)
             options.source = {**options.source, "policy": policy}
             if policy in ("estimate", "estimate-admit"):
                 if policy_model is None:
@@ -182,7 +161,7 @@ def replay_command(
                     policy_options["slo"] = list(slo)
                 options.policy = live_policy(policy, policy_options)
                 options.source["policy_options"] = policy_options
-            spec = replay_spec(data, requests)
+            spec = replay_spec(serving, requests)
         else:
             RunStore.open(resume)  # not a run, or another schema: fails here, before vLLM is imported
         engine_output: EngineOutput | None = None

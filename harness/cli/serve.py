@@ -15,15 +15,13 @@ from harness.cli.replay import (
     BURSTINESS_HELP,
     EXIT_FAILED,
     EXIT_INTERRUPTED,
-    base_spec,
     err,
     fail,
     generated,
-    model_context,
     out,
     pick_device,
 )
-from harness.rundata.spec import SpecError
+from harness.rundata.spec import SpecError, build_serving
 from harness.rundata.store import StoreError
 from harness.rundata.workload import read_workload
 from harness.telemetry.sources import TelemetryError
@@ -70,13 +68,8 @@ def serve_bench_command(
     from harness.drivers.serve import ServeOptions, check_serve_spec, run_serve_bench
 
     try:
-        device = pick_device()
-        data = base_spec(tier, model, device)
-        data["axes"].update({"top_k": [0], "blocks": [blocks or (128 if device == "cpu" else 16)]})
-        if max_num_seqs is not None:
-            data["max_num_seqs"] = max_num_seqs
-        if engine_arg:
-            data["engine"] = dict(engine_value(item) for item in engine_arg)
+        serving = build_serving(device=pick_device(), tier=tier, model=model, blocks=blocks, max_num_seqs=max_num_seqs,
+                                engine=dict(engine_value(item) for item in engine_arg))
         options = ServeOptions(out_root=out_dir, run_id=name, port=port, startup_timeout_s=startup_timeout)
         if workload is not None:
             if rate is not None or count is not None:
@@ -85,9 +78,9 @@ def serve_bench_command(
             options.source = {"file": str(workload)}
         else:
             requests, options.source = generated(
-                rate, count, seed, text_tokens_dist, new_tokens_dist, model_context(data), burstiness
+                rate, count, seed, text_tokens_dist, new_tokens_dist, serving.context(), burstiness
             )
-        spec = replay_spec(data, requests)
+        spec = replay_spec(serving, requests)
         check_serve_spec(spec)
 
         def report(event: str, info: dict[str, Any]) -> None:

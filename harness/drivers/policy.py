@@ -20,7 +20,7 @@ from typing import Any
 
 from contract.policy import ArrivalPolicy, PolicyError, load_registered
 from contract.request import Request
-from harness.rundata.spec import SpecError
+from harness.rundata.spec import ServingSpec, SpecError
 from harness.rundata.store import RunStore
 
 STATIC = ("fcfs", "prompt", "file", "oracle")
@@ -29,14 +29,14 @@ POLICIES = STATIC + LIVE
 
 
 def apply_policy(
-    policy: str, data: dict[str, Any], workload: list[Request], oracle_run: Path | None = None
-) -> list[Request]:
+    policy: str, serving: ServingSpec, workload: list[Request], oracle_run: Path | None = None
+) -> tuple[list[Request], ServingSpec]:
     """The workload with each request's priority under a static `policy` (none for `fcfs` and the live ones,
-    which decide at arrival), and the engine's scheduling policy set in `data` for every policy but `fcfs`."""
+    which decide at arrival), and the serving spec with vLLM's priority policy for every policy but `fcfs`."""
     if policy not in POLICIES:
         raise SpecError(f"--policy must be one of {', '.join(POLICIES)}, got {policy!r}")
     if policy == "fcfs":
-        return [r.declaring(priority=None) for r in workload]
+        return [r.declaring(priority=None) for r in workload], serving
     if policy == "file":
         missing = [r.index + 1 for r in workload if r.priority is None]
         if missing:
@@ -53,8 +53,7 @@ def apply_policy(
         out = [r.declaring(priority=alone[r.request_id]) for r in workload]
     else:
         out = [r.declaring(priority=None) for r in workload]
-    data["engine"] = {**(data.get("engine") or {}), "scheduling_policy": "priority"}
-    return out
+    return out, serving.with_scheduling("priority")
 
 
 def solo_latencies_us(run: Path | None) -> dict[str, int]:

@@ -39,7 +39,7 @@ from harness.engine.device import cpu_model
 from harness.engine.log import LOG_NAME, EngineOutput
 from harness.engine.vllm_engine import EngineError, MeasurementError, VllmEngine
 from harness.rundata.prompts import Prompt, PromptSource
-from harness.rundata.spec import SpecError, SweepSpec, build_spec
+from harness.rundata.spec import ServingSpec, SpecError, SweepSpec, build_spec
 from harness.rundata.store import RunStore, StoreError, check_writable, utc_now
 from harness.rundata.workload import check_context, parse_workload, write_workload
 from harness.telemetry.sampler import TelemetrySampler
@@ -76,16 +76,12 @@ class ReplayResult:
     error: str | None = None
 
 
-def replay_spec(data: dict[str, Any], workload: list[Request]) -> SweepSpec:
-    """A sweep spec of one engine config for a workload: the flags' single-valued axes, `text_tokens` = the
-    longest prompt (the token budget must hold it), and `max_new_tokens` unused (2: each request has its own)."""
-    data = {**data, "axes": {**(data.get("axes") or {}), "text_tokens": [max(r.text_tokens for r in workload)]}}
-    data["max_new_tokens"] = 2
-    spec = build_spec(data)
-    for axis, values in spec.axes.items():
-        if len(values) != 1:
-            raise SpecError(f"a replay runs one engine config; axis {axis} has {len(values)} values")
-    return spec
+def replay_spec(serving: ServingSpec, workload: list[Request]) -> SweepSpec:
+    """The one-point sweep spec a replay of `workload` plans with (ServingSpec.for_workload: `text_tokens` = its
+    longest prompt, which the token budget must hold)."""
+    if not workload:
+        raise SpecError("the workload has no requests")
+    return serving.for_workload(max(r.text_tokens for r in workload))
 
 
 def plan_replay(

@@ -5,7 +5,6 @@ shared CPU moves by tens of percent between starts (docs/simulate.md)."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import pandas as pd
 
@@ -16,6 +15,7 @@ from harness.drivers.plan import SweepOptions
 from harness.drivers.replay import plan_replay, replay_spec
 from harness.drivers.session import engine_settings, sampling_of, start_engine, warm_up
 from harness.engine.vllm_engine import VllmEngine
+from harness.rundata.spec import ServingSpec
 
 
 class EngineSession:
@@ -27,11 +27,9 @@ class EngineSession:
 
     def __init__(self, max_num_seqs: int, requests: Sequence[Request], scheduling_policy: str = "priority",
                  tier: int = 0) -> None:
-        data: dict[str, Any] = {
-            "device": "cpu", "axes": {"tier": [tier], "top_k": [0], "blocks": [128]}, "max_num_seqs": max_num_seqs,
-            "engine": {"scheduling_policy": scheduling_policy},
-        }
-        self.spec = replay_spec(data, list(requests))
+        serving = ServingSpec(device="cpu", tier=tier, top_k=0, blocks=128, max_num_seqs=max_num_seqs,
+                              engine={"scheduling_policy": scheduling_policy})
+        self.spec = replay_spec(serving, list(requests))
         self.plan, _, self.cutter = plan_replay(self.spec, list(requests), "experiment")
         self.point = self.plan.points[0]
         self.config = {"tier": tier, "top_k": 0, "blocks": 128}  # the engine config, as the estimator keys it

@@ -195,6 +195,75 @@ class SweepSpec(BaseModel):
         return {t.key: v for a, v in axes.items() if (t := self.target(a)).kind == "sampling"}
 
 
+class ServingSpec(BaseModel):
+    """One engine config to serve a workload on (`profile replay`, `profile serve-bench`, the experiments): built
+    once from the flags, typed and checked, instead of a spec dict assembled by hand in each command. A replay
+    runs it through the sweep's planner as a one-point grid (`for_workload`), which is what the run's manifest
+    records as its `spec`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    device: Literal["cpu", "cuda"] = "cpu"
+    tier: int = Field(default=0, ge=0)
+    model: str | None = Field(default=None, description="a local model folder or preset instead of the ladder's tier")
+    top_k: int = Field(default=0, ge=-1)
+    blocks: int | None = Field(default=None, gt=0, description="KV block size; None = 128 on CPU, 16 on CUDA")
+    max_num_seqs: int | None = Field(default=None, ge=1)
+    engine: dict[str, Any] = Field(default_factory=dict, description="extra vLLM EngineArgs")
+    seed: int | None = None
+    warmup_requests: int | None = Field(default=None, ge=0)
+    prompts: str | None = None
+    engine_mode: Literal["multiprocess", "inprocess"] = "multiprocess"
+    trust_remote_code: bool = False
+
+    def with_scheduling(self, policy: str) -> ServingSpec:
+        """The same config with vLLM's `scheduling_policy` (`fcfs` or `priority`)."""
+        return self.model_copy(update={"engine": {**self.engine, "scheduling_policy": policy}})
+
+    def sweep_data(self, text_tokens: int) -> dict[str, Any]:
+        """The one-point sweep spec's data: this config at one prompt length (no generation length of its own:
+        each request has its own, so `max_new_tokens` is the smallest allowed)."""
+        data: dict[str, Any] = {
+            "device": self.device,
+            "axes": {"tier": [0 if self.model else self.tier], "top_k": [self.top_k],
+                     "blocks": [self.blocks or (128 if self.device == "cpu" else 16)], "text_tokens": [text_tokens]},
+            "max_new_tokens": 2,
+        }
+        if self.model:
+            data["ladder"] = [self.model]
+        for key in ("max_num_seqs", "seed", "warmup_requests", "prompts"):
+            if getattr(self, key) is not None:
+                data[key] = getattr(self, key)
+        if self.engine:
+            data["engine"] = dict(self.engine)
+        if self.engine_mode != "multiprocess":
+            data["engine_mode"] = self.engine_mode
+        if self.trust_remote_code:
+            data["trust_remote_code"] = True
+        return data
+
+    def for_workload(self, longest_prompt: int) -> SweepSpec:
+        """The sweep spec a replay of a workload plans with: `text_tokens` = its longest prompt (the token budget
+        must hold it)."""
+        return build_spec(self.sweep_data(longest_prompt))
+
+    def context(self) -> int:
+        """The served model's context (max_position_embeddings), which clips generated workloads."""
+        spec = self.for_workload(1)
+        _, path = resolve_model(spec.ladder[int(spec.axes["tier"][0])])
+        return int(model_config(path).get("max_position_embeddings", 2048))
+
+
+def build_serving(**values: Any) -> ServingSpec:
+    """A serving spec from flags; any problem is a one-line SpecError."""
+    try:
+        return ServingSpec(**values)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "spec"
+        raise SpecError(f"invalid {where}: {err['msg'].removeprefix('Value error, ')}") from e
+
+
 def _check_plain(where: str, value: Any) -> None:
     """Refuse a value that would not come back the same from the manifest's JSON (--resume compares specs):
     a YAML date, NaN or infinity, a table with non-string keys."""

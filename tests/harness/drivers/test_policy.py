@@ -9,35 +9,34 @@ import pytest
 
 from contract.request import Request
 from harness.drivers.policy import apply_policy
-from harness.rundata.spec import SpecError
+from harness.drivers.replay import replay_spec
+from harness.rundata.spec import ServingSpec, SpecError, build_serving
 from harness.rundata.workload import parse_workload
 
 REQS = [Request.numbered(0, 0.0, 500, 8), Request.numbered(1, 0.1, 40, 8, priority=7), Request.numbered(2, 0.2, 90, 3)]
 
 
 def test_fcfs_sets_no_priorities_and_keeps_the_default_policy() -> None:
-    data: dict = {}
-    out = apply_policy("fcfs", data, REQS)
+    out, serving = apply_policy("fcfs", ServingSpec(), REQS)
     assert [r.priority for r in out] == [None, None, None]
-    assert "engine" not in data
+    assert serving.engine == {}
 
 
 def test_prompt_policy_puts_short_prompts_first() -> None:
-    data: dict = {"engine": {"enforce_eager": True}}
-    out = apply_policy("prompt", data, REQS)
+    out, serving = apply_policy("prompt", ServingSpec(engine={"enforce_eager": True}), REQS)
     assert [r.priority for r in out] == [500, 40, 90]
-    assert data["engine"] == {"enforce_eager": True, "scheduling_policy": "priority"}
+    assert serving.engine == {"enforce_eager": True, "scheduling_policy": "priority"}
 
 
 def test_file_policy_needs_every_priority() -> None:
     with pytest.raises(SpecError, match="line 1 has no priority"):
-        apply_policy("file", {}, REQS)
+        apply_policy("file", ServingSpec(), REQS)
     given = [r.declaring(priority=5 - r.index) for r in REQS]
-    data: dict = {}
-    assert [r.priority for r in apply_policy("file", data, given)] == [5, 4, 3]
-    assert data["engine"]["scheduling_policy"] == "priority"
+    out, serving = apply_policy("file", ServingSpec(), given)
+    assert [r.priority for r in out] == [5, 4, 3]
+    assert serving.engine["scheduling_policy"] == "priority"
     with pytest.raises(SpecError, match="--policy must be one of"):
-        apply_policy("lifo", {}, REQS)
+        apply_policy("lifo", ServingSpec(), REQS)
 
 
 def test_every_policy_keeps_the_arrivals_and_lengths() -> None:
@@ -45,7 +44,19 @@ def test_every_policy_keeps_the_arrivals_and_lengths() -> None:
         return [(r.request_id, r.arrival_s, r.text_tokens, r.output_tokens) for r in reqs]
 
     for policy in ("fcfs", "prompt"):
-        assert key(apply_policy(policy, {}, REQS)) == key(REQS)
+        assert key(apply_policy(policy, ServingSpec(), REQS)[0]) == key(REQS)
+
+
+def test_a_serving_spec_is_one_typed_engine_config() -> None:
+    spec = replay_spec(ServingSpec(tier=1, top_k=5, max_num_seqs=4), REQS)
+    assert spec.axes == {"tier": [1], "top_k": [5], "blocks": [128], "text_tokens": [500]}
+    assert (spec.max_num_seqs, spec.max_new_tokens) == (4, 2)
+    local = replay_spec(ServingSpec(model="cpu-small", tier=2), REQS)
+    assert local.axes["tier"] == [0] and local.ladder == ["cpu-small"]
+    with pytest.raises(SpecError, match="invalid blocks"):
+        build_serving(blocks=0)
+    with pytest.raises(SpecError, match="invalid colour"):
+        build_serving(colour="red")
 
 
 def test_workload_priority_is_an_integer() -> None:
