@@ -3,8 +3,8 @@
 # analyze it, train the estimator, compare feature variants, and write the report.
 # A second run reuses the finished sweep (results/default) and redoes only the quick estimator steps.
 #   RUN_NAME=... OUT=... bash scripts/main.sh   to keep several runs apart.
-#   WITH_BATCH=1 bash scripts/main.sh           also runs the batch-level job (scripts/batch.sh, about 8 more
-#                                               minutes) and puts it in the report.
+#   WITH_BATCH=1 bash scripts/main.sh           also runs the batch-level job (scripts/batch.sh) and puts it in
+#                                               the report.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh  # the vLLM build for this machine: CUDA where an NVIDIA GPU is seen, else CPU

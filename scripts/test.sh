@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Set up (idempotent) and run the whole test suite, slow real-engine tests included.
 # Two phases: the tests that compare real measurements (marked `alone`, see tests/conftest.py) with the machine to
-# themselves, then the rest two at a time. An engine start is mostly single-threaded imports (about 17 s in each
-# of its three processes), so two of them at once use both cores.
+# themselves, then the rest two at a time. An engine start is mostly single-threaded imports in its three
+# processes, so two of them at once use both cores.
 # Extra arguments go to both phases (e.g. -q, -x, -k name); a phase with no test selected is not a failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
