@@ -1,4 +1,5 @@
-"""The run manifest (`results/<run_id>/manifest.json`, docs/results-schema.md), assembled in one place.
+"""The run manifest (`results/<run_id>/manifest.json`, docs/results-schema.md), assembled in one place, and the
+columns of the run's tables that readers rely on.
 
 Every kind of run (a sweep, a replay, a serve-bench) starts its manifest with the same header, built by
 `run_header`: schema version, tool version, git commit and dirty flag, the command line, the resolved spec, the
@@ -35,6 +36,17 @@ ENGINE_KEYS = (
     "dtype",
     "enable_prefix_caching",
 )
+
+
+# The columns each table's readers rely on: the harness writes at least these (and more, docs/results-schema.md),
+# and a reader refuses a table without them, naming what is missing.
+SAMPLE_COLUMNS = ("point_id", "prompt_id", "prompt_kind", "phase", "text_tokens", "position", "step_index",
+                  "latency_ms")
+COMPOSITION_COLUMNS = ("num_prefill_seqs", "prefill_tokens", "num_decode_seqs", "decode_ctx_sum", "decode_ctx_max")
+ITERATION_COLUMNS = ("segment_id", "iteration", "latency_ms", *COMPOSITION_COLUMNS)
+# a request's row, from a replay's driver or from vLLM's client in a serve-bench run: new_tokens is the tokens it
+# generated, token_times_ms each token's time from its arrival
+REQUEST_COLUMNS = ("request_id", "arrival_s", "text_tokens", "new_tokens", "ttft_ms", "e2e_ms", "token_times_ms")
 
 
 class ManifestError(ValueError):

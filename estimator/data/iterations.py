@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from contract.manifest import COMPOSITION_COLUMNS as COMPOSITION_COLUMNS
+from contract.manifest import ITERATION_COLUMNS
 from estimator.data.runs import (
     RunInfo,
     add_dtype,
@@ -20,14 +22,7 @@ from estimator.data.runs import (
 )
 from estimator.errors import EstimatorError
 
-COMPOSITION_COLUMNS: tuple[str, ...] = (
-    "num_prefill_seqs",
-    "prefill_tokens",
-    "num_decode_seqs",
-    "decode_ctx_sum",
-    "decode_ctx_max",
-)
-REQUIRED_ITERATION_COLUMNS: tuple[str, ...] = ("segment_id", "iteration", "latency_ms", *COMPOSITION_COLUMNS)
+REQUIRED_ITERATION_COLUMNS: tuple[str, ...] = ITERATION_COLUMNS  # the contract's
 OPTIONAL_COMPOSITION = {"prefill_ctx_sum": 0, "decode_ctx_min": None}
 
 

@@ -16,23 +16,14 @@ import numpy as np
 import pandas as pd
 from pydantic import Field, field_validator
 
-from contract.manifest import READABLE_VERSIONS
+from contract.manifest import READABLE_VERSIONS, SAMPLE_COLUMNS
 from contract.manifest import SCHEMA_VERSION as SCHEMA_VERSION  # the newest results schema (the contract's)
 from estimator.errors import EstimatorError
 from estimator.strict import StrictModel
 
 SCHEMA_VERSIONS: tuple[int, ...] = READABLE_VERSIONS  # every version this estimator reads
 DEFAULT_AXES: tuple[str, ...] = ("tier", "top_k", "blocks")
-REQUIRED_SAMPLE_COLUMNS: tuple[str, ...] = (
-    "point_id",
-    "prompt_id",
-    "prompt_kind",
-    "phase",
-    "text_tokens",
-    "position",
-    "step_index",
-    "latency_ms",
-)
+REQUIRED_SAMPLE_COLUMNS: tuple[str, ...] = SAMPLE_COLUMNS  # the contract's
 Phase = Literal["prefill", "decode"]
 PHASES: tuple[Phase, ...] = ("prefill", "decode")
 

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from contract.manifest import REQUEST_COLUMNS
 from contract.request import Request
 from contract.workload import WorkloadError, read_workload
 from estimator.data.runs import read_manifest, read_parquet_folder, served_requests
@@ -47,7 +48,8 @@ def load_measured(path: Path, policy: str = "fcfs") -> MeasuredRun:
     req = served_requests(path)
     if req.empty:
         raise EstimatorError(f"{path}: no requests table (requests/*.parquet)")
-    missing = [c for c in ("request_id", "ttft_ms", "e2e_ms", "new_tokens") if c not in req.columns]
+    needed = [c for c in REQUEST_COLUMNS if c in ("request_id", "new_tokens", "ttft_ms", "e2e_ms")]  # what it reads
+    missing = [c for c in needed if c not in req.columns]
     if missing:
         raise EstimatorError(f"{path}: requests lack column(s) {', '.join(missing)}")
     if "tpot_ms" not in req.columns:

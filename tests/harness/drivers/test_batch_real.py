@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from contract.manifest import ITERATION_COLUMNS, REQUEST_COLUMNS
 from tests.conftest import run_profile
 
 pytestmark = pytest.mark.slow
@@ -61,6 +62,7 @@ def test_replay_iterations_match_arrivals_and_lengths(replay_run: Path) -> None:
 def test_replay_requests_agree_with_iterations(replay_run: Path) -> None:
     it = pd.read_parquet(replay_run / "iterations").set_index("iteration")
     req = pd.read_parquet(replay_run / "requests")
+    assert set(ITERATION_COLUMNS) - {"iteration"} <= set(it.columns) and set(REQUEST_COLUMNS) <= set(req.columns)
     assert len(req) == len(WORKLOAD) and req.request_id.is_unique
     for _, r in req.iterrows():
         listed = [i for i, ids in it.request_ids.items() if r.request_id in _members(ids)]

@@ -9,6 +9,7 @@ import pandas as pd
 import psutil
 import pytest
 
+from contract.manifest import REQUEST_COLUMNS
 from contract.request import Request
 from harness.drivers.serve import parse_metrics, requests_from_client, server_command
 from tests.conftest import run_profile
@@ -106,6 +107,7 @@ def test_client_results_become_request_rows() -> None:
     }
     rows = requests_from_client(detail, [Request.numbered(0, 0.0, 10, 3), Request.numbered(1, 0.5, 12, 4)])
     first = rows.iloc[0]
+    assert set(REQUEST_COLUMNS) <= set(rows.columns)  # what the estimator's readers rely on
     assert first["ttft_ms"] == pytest.approx(100) and first["tpot_ms"] == pytest.approx(200)
     assert first["token_times_ms"] == pytest.approx([100, 300, 500]) and first["ok"]
     assert not rows.iloc[1]["ok"] and rows.iloc[1]["error"] == "boom"

@@ -9,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from contract.manifest import SAMPLE_COLUMNS
 from tests.conftest import run_profile
 
 pytestmark = pytest.mark.slow
@@ -29,6 +30,7 @@ def test_manifest_is_complete(small_run: Path) -> None:
 
 def test_samples_follow_the_contract(small_run: Path) -> None:
     s = pd.read_parquet(small_run / "samples")
+    assert set(SAMPLE_COLUMNS) <= set(s.columns)  # what the estimator's readers rely on (contract/manifest.py)
     # 6 points x 7 requests x 9 steps
     assert len(s) == 6 * 7 * 9
     assert set(s.phase) == {"prefill", "decode"}
