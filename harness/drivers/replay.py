@@ -21,10 +21,8 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 
-from contract.manifest import run_header
 from contract.policy import ArrivalPolicy, PolicyError
 from contract.request import Request
-from harness import __version__
 from harness.drivers.batch import Drive, InFlight, iterations_frame, requests_frame
 from harness.drivers.plan import Plan, SweepOptions, plan_sweep, prompt_sources
 from harness.drivers.session import (
@@ -155,28 +153,20 @@ def run_replay(spec: SweepSpec | None, workload: list[Request] | None, options: 
         store = None
     with open_source(0 if spec.device == "cuda" else None) as source:  # GPU: its NVML counters
         if store is None:
-            store = RunStore.create(
-                options.out_root,
-                run_header(
-                    KIND,
-                    tool_version=__version__,
-                    command=options.command,
-                    spec=spec.model_dump(mode="json"),
-                    environment=environment(source.info, spec.device),
-                    replay={"workload": WORKLOAD_NAME, "source": options.source, "flush_every": options.flush_every},
-                    telemetry={
-                        "source": source.name,
-                        "reason": f"{source.reason}; NVML sees {nvml_device_count()} GPU(s)",
-                        "interval_ms": spec.telemetry_interval_ms,
-                    },
-                    engine_mode=spec.engine_mode,
-                    requests_total=len(workload),
-                    requests_done=0,
-                    segments=[],
-                    engine_starts=[],
-                    models={str(t): m.__dict__ for t, m in plan.models.items()},
-                ),
-                run_id=options.run_id,
+            store = RunStore.new(
+                KIND, options, spec, environment(source.info, spec.device),
+                replay={"workload": WORKLOAD_NAME, "source": options.source, "flush_every": options.flush_every},
+                telemetry={
+                    "source": source.name,
+                    "reason": f"{source.reason}; NVML sees {nvml_device_count()} GPU(s)",
+                    "interval_ms": spec.telemetry_interval_ms,
+                },
+                engine_mode=spec.engine_mode,
+                requests_total=len(workload),
+                requests_done=0,
+                segments=[],
+                engine_starts=[],
+                models={str(t): m.__dict__ for t, m in plan.models.items()},
             )
             write_workload(store.run_dir / WORKLOAD_NAME, workload)
         if not todo:

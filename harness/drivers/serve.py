@@ -35,9 +35,8 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 
-from contract.manifest import engine_record, run_header
+from contract.manifest import engine_record
 from contract.request import Request
-from harness import __version__
 from harness.drivers.plan import SweepOptions
 from harness.drivers.replay import plan_replay
 from harness.drivers.session import engine_settings, environment, stop_on_signals
@@ -340,24 +339,16 @@ def run_serve_bench(
     args.setdefault("max_num_seqs", seqs.get(SERVING_CONTEXT(), 256))
     args.setdefault("block_size", settings.block_size)
     with open_source(0 if spec.device == "cuda" else None) as source:
-        store = RunStore.create(
-            options.out_root,
-            run_header(
-                KIND,
-                tool_version=__version__,
-                command=options.command,
-                spec=spec.model_dump(mode="json"),
-                environment=environment(source.info, spec.device),
-                serve={
-                    "workload": WORKLOAD_NAME,
-                    "trace": TRACE_NAME,
-                    "source": options.source,
-                    "client": "vllm bench serve --dataset-name timed_trace --save-detailed (vllm.benchmarks.serve)",
-                },
-                engine_exceptions=settings.exceptions(budget),
-                requests_total=len(workload),
-            ),
-            run_id=options.run_id,
+        store = RunStore.new(
+            KIND, options, spec, environment(source.info, spec.device),
+            serve={
+                "workload": WORKLOAD_NAME,
+                "trace": TRACE_NAME,
+                "source": options.source,
+                "client": "vllm bench serve --dataset-name timed_trace --save-detailed (vllm.benchmarks.serve)",
+            },
+            engine_exceptions=settings.exceptions(budget),
+            requests_total=len(workload),
         )
     run_dir = store.run_dir
     write_workload(run_dir / WORKLOAD_NAME, workload)

@@ -12,8 +12,6 @@ from typing import Any
 
 import pandas as pd
 
-from contract.manifest import run_header
-from harness import __version__
 from harness.drivers.measure import measure_group
 from harness.drivers.plan import Plan, Reporter, SweepOptions, plan_sweep, prompt_sources
 from harness.drivers.session import StopFlag, environment, stop_on_signals
@@ -104,24 +102,16 @@ def open_store(
                 "with the same flags (or none: the saved spec is used)"
             )
         return store
-    return RunStore.create(
-        options.out_root,
-        run_header(
-            "sweep",
-            tool_version=__version__,
-            command=options.command,
-            spec=spec.model_dump(mode="json"),
-            environment=env,
-            telemetry=telemetry,
-            engine_mode=spec.engine_mode,
-            points_total=len(plan.points),
-            points_done=0,
-            points_failed=0,
-            engine_starts=[],
-            models={str(t): m.__dict__ for t, m in plan.models.items()},
-            **(extra or {}),
-        ),
-        run_id=options.run_id,
+    return RunStore.new(
+        "sweep", options, spec, env,
+        telemetry=telemetry,
+        engine_mode=spec.engine_mode,
+        points_total=len(plan.points),
+        points_done=0,
+        points_failed=0,
+        engine_starts=[],
+        models={str(t): m.__dict__ for t, m in plan.models.items()},
+        **(extra or {}),
     )
 
 

@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 from contract.manifest import READABLE_VERSIONS as READABLE_VERSIONS
 from contract.manifest import SCHEMA_VERSION as SCHEMA_VERSION
 from contract.manifest import TABLES as TABLES
+from contract.manifest import run_header
 from contract.manifest import utc_now as utc_now
 
 WRITE_ORDER = ("prompts", "telemetry", "requests", "samples", "iterations")
@@ -66,7 +67,8 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 
 
 class RunStore:
-    """Reads and writes one run folder."""
+    """Reads and writes one run folder. `RunStore.new` is how a driver starts a run: the contract's manifest header
+    (contract/manifest.py `run_header`) with the driver's own sections, in a new folder."""
 
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = run_dir
@@ -89,6 +91,16 @@ class RunStore:
             raise StoreError(f"cannot create run folder {store.run_dir}: {e.strerror}") from e
         store.write_manifest({"schema_version": SCHEMA_VERSION, "run_id": run_id, **manifest})
         return store
+
+    @classmethod
+    def new(cls, kind: str, options: Any, spec: Any, environment: dict[str, Any], **sections: Any) -> RunStore:
+        """A new run folder under `options.out_root` (named `options.run_id`, or a fresh id) whose manifest is the
+        header of a `kind` run of `spec` (a pydantic spec) started by `options.command`, then `sections`."""
+        from harness import __version__
+
+        header = run_header(kind, tool_version=__version__, command=options.command,
+                            spec=spec.model_dump(mode="json"), environment=environment, **sections)
+        return cls.create(options.out_root, header, run_id=options.run_id)
 
     @classmethod
     def open(cls, run_dir: Path) -> RunStore:
