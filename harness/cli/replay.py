@@ -16,7 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from contract.request import Request
-from harness.rundata.spec import SpecError, build_serving
+from harness.rundata.spec import ServingSpec, SpecError, build_serving
 from harness.rundata.store import RunStore, StoreError
 from harness.rundata.workload import (
     LengthDist,
@@ -132,9 +132,9 @@ def replay_command(
     try:
         options = ReplayOptions(out_root=out_dir, resume_dir=resume, run_id=name, flush_every=max(flush_every, 0),
                                 verbose=verbose, solo=solo)
-        spec = requests = None
+        serving: ServingSpec | None = None
+        requests = None
         if resume is None:
-            from harness.drivers.replay import replay_spec
 
             serving = build_serving(
                 device=pick_device(), tier=tier, model=model, top_k=top_k, blocks=blocks, max_num_seqs=max_num_seqs,
@@ -161,7 +161,6 @@ def replay_command(
                     policy_options["slo"] = list(slo)
                 options.policy = live_policy(policy, policy_options)
                 options.source["policy_options"] = policy_options
-            spec = replay_spec(serving, requests)
         else:
             RunStore.open(resume)  # not a run, or another schema: fails here, before vLLM is imported
         engine_output: EngineOutput | None = None
@@ -180,7 +179,7 @@ def replay_command(
                 print(f"[{time.strftime('%H:%M:%S')}] {data['segment_id']}: {data['finished']}/{data['todo']} "
                       f"requests finished, {data['iterations']} iterations", file=err.file, flush=True)
 
-        result = run_replay(spec, requests, options, report)
+        result = run_replay(serving, requests, options, report)
     except (SpecError, StoreError, TelemetryError) as e:
         raise fail(str(e)) from None
     table = summary(result.run_dir)

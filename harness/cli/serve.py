@@ -80,14 +80,13 @@ def serve_bench_command(
             requests, options.source = generated(
                 rate, count, seed, text_tokens_dist, new_tokens_dist, serving.context(), burstiness
             )
-        spec = replay_spec(serving, requests)
-        check_serve_spec(spec)
+        check_serve_spec(replay_spec(serving, requests))  # before the report is set up: a bad spec is one line
 
         def report(event: str, info: dict[str, Any]) -> None:
             if event == "log":
                 print(f"[{time.strftime('%H:%M:%S')}] {info['message']}", file=err.file, flush=True)
 
-        result = run_serve_bench(spec, requests, options, report)
+        result = run_serve_bench(serving, requests, options, report)
     except (SpecError, StoreError, TelemetryError) as e:
         raise fail(str(e)) from None
     out.print(

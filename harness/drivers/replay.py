@@ -125,10 +125,12 @@ def resume_plan(workload: list[Request], done: set[str]) -> tuple[list[Request],
     return todo, (todo[0].arrival_s if todo else 0.0)
 
 
-def run_replay(spec: SweepSpec | None, workload: list[Request] | None, options: ReplayOptions,
+def run_replay(serving: ServingSpec | None, workload: list[Request] | None, options: ReplayOptions,
                report: Reporter) -> ReplayResult:
-    """Run a workload (or, with options.resume_dir, the unfinished rest of a replay run). Bad input fails with
-    SpecError/StoreError before a run folder is written or an engine started."""
+    """Run a workload on the engine config `serving` (or, with options.resume_dir, the unfinished rest of a replay
+    run). The manifest keeps `serving` as given and, as `spec`, the one-point grid the shared planner runs it as.
+    Bad input fails with SpecError/StoreError before a run folder is written or an engine started."""
+    spec = replay_spec(serving, workload) if serving is not None and workload is not None else None
     if options.resume_dir is not None:
         store = RunStore.open(options.resume_dir)
         manifest = store.read_manifest()
@@ -155,6 +157,7 @@ def run_replay(spec: SweepSpec | None, workload: list[Request] | None, options: 
         if store is None:
             store = RunStore.new(
                 KIND, options, spec, environment(source.info, spec.device),
+                serving=serving.model_dump(mode="json") if serving is not None else None,
                 replay={"workload": WORKLOAD_NAME, "source": options.source, "flush_every": options.flush_every},
                 telemetry={
                     "source": source.name,

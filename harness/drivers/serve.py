@@ -38,11 +38,11 @@ import pyarrow as pa
 from contract.manifest import engine_record
 from contract.request import Request
 from harness.drivers.plan import SweepOptions
-from harness.drivers.replay import plan_replay
+from harness.drivers.replay import plan_replay, replay_spec
 from harness.drivers.session import engine_settings, environment, stop_on_signals
 from harness.engine.reaper import Reaper, descendants, stop_processes
 from harness.rundata.prompts import FALLBACK_TOKENIZER
-from harness.rundata.spec import SpecError, SweepSpec
+from harness.rundata.spec import ServingSpec, SpecError, SweepSpec
 from harness.rundata.store import RunStore, check_writable, utc_now
 from harness.rundata.workload import write_trace, write_workload
 from harness.telemetry.sources import open_source
@@ -317,10 +317,12 @@ def parse_metrics(text: str) -> dict[str, Any]:
 
 
 def run_serve_bench(
-    spec: SweepSpec, workload: list[Request], options: ServeOptions, report: Reporter
+    serving: ServingSpec, workload: list[Request], options: ServeOptions, report: Reporter
 ) -> ServeResult:
-    """Serve `workload` on a live server under vLLM's client, into a new run folder. Bad input fails with
-    SpecError before a folder is written or a server started."""
+    """Serve `workload` on a live server of the engine config `serving` under vLLM's client, into a new run
+    folder. Bad input fails with SpecError before a folder is written or a server started."""
+    spec = replay_spec(serving, workload)
+    check_serve_spec(spec)
     plan, _, _ = plan_replay(spec, workload, "workload")
     check_writable(options.out_root)
     point = plan.points[0]
@@ -341,6 +343,7 @@ def run_serve_bench(
     with open_source(0 if spec.device == "cuda" else None) as source:
         store = RunStore.new(
             KIND, options, spec, environment(source.info, spec.device),
+            serving=serving.model_dump(mode="json"),
             serve={
                 "workload": WORKLOAD_NAME,
                 "trace": TRACE_NAME,
