@@ -62,6 +62,23 @@ def _positive_int(line: int, data: dict[str, Any], key: str, where: str) -> int:
     return value
 
 
+def _seconds(line: int, data: dict[str, Any], key: str, where: str) -> int | float:
+    """A line's time column (seconds): a finite number, or a one-line WorkloadError."""
+    value = data.get(key)
+    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+        raise WorkloadError(f"{where} line {line}: {key} must be a finite number of seconds, got {value!r}")
+    return value
+
+
+def _in_order(line: int, key: str, value: int | float, previous: float, where: str) -> float:
+    """`value` as the new previous time, or a one-line WorkloadError when it is earlier than `previous`."""
+    if value < previous:
+        raise WorkloadError(
+            f"{where} line {line}: {key} {value} is earlier than the line before ({previous}); sort the file by {key}"
+        )
+    return float(value)
+
+
 def _objects(text: str, where: str) -> Iterator[tuple[int, dict[str, Any]]]:
     """(1-based line number, JSON object) per non-blank line; a line that is not a JSON object is a WorkloadError."""
     for n, raw in enumerate(text.splitlines(), 1):
@@ -92,17 +109,10 @@ def parse_workload(text: str, where: str = "workload", allow_trace: bool = False
         unknown = sorted(set(data) - KEYS)
         if unknown:
             raise WorkloadError(f"{where} line {n}: unknown key(s) {', '.join(unknown)}; expected {sorted(KEYS)}")
-        arrival = data.get("arrival_s")
-        if not isinstance(arrival, int | float) or isinstance(arrival, bool) or not math.isfinite(arrival):
-            raise WorkloadError(f"{where} line {n}: arrival_s must be a finite number of seconds, got {arrival!r}")
+        arrival = _seconds(n, data, "arrival_s", where)
         if arrival < 0:
             raise WorkloadError(f"{where} line {n}: arrival_s {arrival} is negative")
-        if arrival < previous:
-            raise WorkloadError(
-                f"{where} line {n}: arrival_s {arrival} is earlier than the line before ({previous}); "
-                "sort the file by arrival_s"
-            )
-        previous = float(arrival)
+        previous = _in_order(n, "arrival_s", arrival, previous, where)
         text_tokens = _positive_int(n, data, "text_tokens", where)
         new_tokens = _positive_int(n, data, "new_tokens", where)
         prompt = data.get("prompt")
@@ -136,17 +146,10 @@ def _parse_trace(text: str, where: str) -> list[Request]:
         missing = sorted({"timestamp", "input_length", "output_length"} - set(data))
         if missing:
             raise WorkloadError(f"{where} line {n}: timed-trace line lacks {', '.join(missing)}")
-        stamp = data["timestamp"]
-        if not isinstance(stamp, int | float) or isinstance(stamp, bool) or not math.isfinite(stamp):
-            raise WorkloadError(f"{where} line {n}: timestamp must be a finite number of seconds, got {stamp!r}")
+        stamp = _seconds(n, data, "timestamp", where)
         if previous is None:
             start = previous = float(stamp)
-        if stamp < previous:
-            raise WorkloadError(
-                f"{where} line {n}: timestamp {stamp} is earlier than the line before ({previous}); "
-                "sort the file by timestamp"
-            )
-        previous = float(stamp)
+        previous = _in_order(n, "timestamp", stamp, previous, where)
         text_tokens = _positive_int(n, data, "input_length", where)
         new_tokens = _positive_int(n, data, "output_length", where)
         out.append(Request.numbered(n - 1, round(float(stamp) - start, 6), text_tokens, new_tokens))

@@ -19,6 +19,7 @@ import json
 import math
 import statistics
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -95,8 +96,6 @@ def simulated(setup: Mapping[str, Any], sets: Mapping[int, list[Request]], mults
     (priority orders the waiting queue only) and with preemptive priority (what vLLM does not do, vLLM issue
     #40004): SLO attainment per policy, rate multiple and seed. The estimate's priorities are the `estimate`
     policy's own (`EstimatePolicy.alone_us`: each request alone through the replica)."""
-    from dataclasses import replace
-
     config = dict(setup.get("config") or CONFIG)
     engine = engine_config_from_manifest({"engine": setup["engine"]})
     policy = EstimatePolicy(setup["model"], config)

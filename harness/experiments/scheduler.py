@@ -108,7 +108,8 @@ def run_scheduler(spec: SchedulerSpec, say: Callable[[str], None] = print) -> No
     everything = [r for s in sets.values() for r in s]
     cells = [(seed, mult) for seed in spec.seeds for mult in spec.mults]
     todo = [(s, m, p) for s, m in cells for p in spec.policies if not (raw / f"{p}-{m:g}-{s}.parquet").is_file()]
-    if not todo and setup_file.is_file() and "slo" in json.loads(setup_file.read_text()):
+    setup = json.loads(setup_file.read_text()) if setup_file.is_file() else {}
+    if not todo and "slo" in setup:
         say(f"every cell of {out} is measured: the analysis only")
         estimator_step([str(out)], say)
         return
@@ -117,7 +118,6 @@ def run_scheduler(spec: SchedulerSpec, say: Callable[[str], None] = print) -> No
     say(f"engine start {session.start_s:.1f} s; effective max_num_seqs {session.effective.get('max_num_seqs')}, "
         f"dtype {session.effective.get('dtype')}")
     try:
-        setup = json.loads(setup_file.read_text()) if setup_file.is_file() else {}
         if "capacity_rps" not in setup:
             burst = [r.declaring(arrival_s=0.0) for r in sets[0]]
             frame = session.drive(burst)
