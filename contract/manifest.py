@@ -19,8 +19,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 2
-READABLE_VERSIONS = (1, 2)  # version 2 only adds tables (iterations, requests): a version-1 sweep resumes as is
+SCHEMA_VERSION = 3
+# version 2 only adds tables (iterations, requests): a version-1 sweep resumes as is; version 3 only adds
+# serve-bench's loads (loads/<i>/, manifest `loads`): sweeps and replays are written as in version 2
+READABLE_VERSIONS = (1, 2, 3)
 TABLES = ("samples", "prompts", "telemetry", "iterations", "requests")
 KINDS = ("sweep", "replay", "serve-bench")  # a sweep's manifest has no `kind` key (as in every version so far)
 

@@ -139,6 +139,7 @@ class EngineLimits:
     max_model_len: int
     enable_chunked_prefill: bool = True
     long_prefill_token_threshold: int = 0
+    async_scheduling: bool = False  # the next step is scheduled before the last one's outputs are processed
 
     # the keys of a manifest's read-back engine settings they come from (`num_gpu_blocks` is vLLM's name)
     REQUIRED = ("max_num_seqs", "max_num_batched_tokens", "block_size", "num_gpu_blocks", "max_model_len")
@@ -163,4 +164,5 @@ class EngineLimits:
             max_model_len=int(e["max_model_len"]),
             enable_chunked_prefill=bool(e.get("enable_chunked_prefill", True)),
             long_prefill_token_threshold=int(e.get("long_prefill_token_threshold") or 0),
+            async_scheduling=bool(e.get("async_scheduling") or False),
         )

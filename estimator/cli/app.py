@@ -13,6 +13,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from estimator.cli.calibrate import calibrate
 from estimator.cli.common import build_spec, run_command
 from estimator.cli.experiment import experiment
 from estimator.cli.extra import nightly, report
@@ -337,4 +338,5 @@ def validate(
 app.command()(report)
 app.command()(nightly)
 app.command()(simulate)
+app.command()(calibrate)
 app.add_typer(experiment, name="experiment")

@@ -4,6 +4,8 @@
   (`--set-slo` fixes its SLOs before any policy runs; `--regoodput FILE` recomputes a results file's goodput
   from its stored rows);
 - `simulate-validate MODEL RUN...`: the simulator against measured replay and serve-bench runs;
+- `calibration MODEL RUN...`: calibrate on one load of each server start, predict its other loads (one-time and
+  followed), against the server's own floor, its histograms and over time (estimator/study/calibration.py);
 - `simulate-speed MODEL ENGINE_RUN`: 10,000 requests and an 8-rate curve through the replica;
 - `estimator-speed MODEL`: the compiled tables against the booster and a bare searchsorted;
 - `estimator-variants RUN...`: each feature variant's training, prediction cost and held-out MAPE.
@@ -21,6 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from estimator.cli.common import run_command
+from estimator.errors import EstimatorError
 
 experiment = typer.Typer(
     help="The estimator's published experiments (figures to print; run them alone on the machine).",
@@ -111,6 +114,54 @@ def simulate_validate(
             for key, pairs in pooled.items():
                 cdf_plot(pairs, plots / f"cdf-{key.replace(':', '-')}.png", f"{key}: simulated vs measured")
             typer.echo(f"wrote {plots}")
+
+    run_command(go)
+
+
+@experiment.command("calibration")
+def calibration(
+    model: Annotated[Path, typer.Argument(help="Iteration model folder (estimate train --target iteration).")],
+    runs: Annotated[list[Path], typer.Argument(help="serve-bench runs of several loads, one per server start.")],
+    calibrate_on: Annotated[str, typer.Option(help="The calibration load's workload file stem.")] = "cal",
+    follow_s: Annotated[float, typer.Option(help="Following: re-fit the level on the last S s of the load "
+                                                  "before.")] = 30.0,
+    slo_ttft_ms: Annotated[float | None, typer.Option(help="TTFT SLO (ms) for goodput.")] = None,
+    slo_tpot_ms: Annotated[float | None, typer.Option(help="TPOT SLO (ms) for goodput.")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the study here (estimate report "
+                                                                  "--calibration reads it).")] = None,
+    plots: Annotated[Path | None, typer.Option(help="Folder for the drift plot, one per start.")] = None,
+) -> None:
+    """Calibrate on one load per server start and predict the loads it never saw: errors against targets and the
+    server's own floor, the mechanisms against its histograms, drift, and following the level."""
+    from estimator.model.iteration import IterationEstimator
+    from estimator.study import calibration as study
+
+    def go() -> None:
+        if (slo_ttft_ms is None) != (slo_tpot_ms is None):
+            raise EstimatorError("give both --slo-ttft-ms and --slo-tpot-ms, or neither")
+        est = IterationEstimator.load(model)
+        slo = (slo_ttft_ms, slo_tpot_ms) if slo_ttft_ms is not None and slo_tpot_ms is not None else None
+        starts = []
+        for run in runs:
+            s = study.study_start(est, model, run, calibrate_on, follow_s, slo)
+            starts.append(s)
+            cal = s["calibration"]
+            typer.echo(f"{run.name}: calibrated on load {s['calibrated_on']} (level {cal['level']:.3f}, front end "
+                       f"{cal['frontend_request_ms']:.2f} ms/request, {cal['frontend_token_ms']:.3f} ms/token)")
+            for line in study.start_lines(s):
+                typer.echo("  " + line)
+            if plots is not None:
+                typer.echo(f"  wrote {study.drift_plot(s, plots / f'drift-{run.name}.png')}")
+        across = {w: study.across_starts(starts, w) for w in ("one_time", "followed")}
+        result = {"model": str(model), "calibrate_on": calibrate_on, "follow_s": follow_s, "starts": starts,
+                  "verdicts": {w: [study.verdict(s, w) for s in starts] for w in ("one_time", "followed")},
+                  "across_starts": across, "targets": study.TARGETS}
+        for w, figures in across.items():
+            typer.echo(f"across {len(starts)} start(s), {w.replace('_', '-')}: mean |error| % [95% t interval]: "
+                       + ", ".join(f"{k} {v['mean_abs_error_pct']:.1f} [{v['lo']:.1f}, {v['hi']:.1f}]"
+                                   for k, v in figures.items()))
+        if json_out is not None:
+            typer.echo(f"wrote {study.save(result, json_out)}")
 
     run_command(go)
 

@@ -106,6 +106,16 @@ def simulate(
         ),
     ] = None,
     no_overheads: Annotated[bool, typer.Option("--no-overheads", help="Ignore MODEL_DIR/serving.json.")] = False,
+    calibration: Annotated[
+        Path | None,
+        typer.Option(
+            help="A calibration of the running server (estimate calibrate): its level, front end, engine limits and "
+            "config; replaces serving.json, --engine and --config."
+        ),
+    ] = None,
+    load: Annotated[
+        int | None, typer.Option(help="Which load of a serve-bench run of several (--measured, --fit-overheads).")
+    ] = None,
     out: Annotated[Path | None, typer.Option(help="Folder for requests.csv, summary.json, cdf.png, curve.csv.")] = None,
 ) -> None:
     """Predict a workload from its arrivals: queueing, TTFT, TPOT, end-to-end per request (vLLM's benchmark
@@ -115,6 +125,7 @@ def simulate(
         text_tokens_dist=text_tokens_dist, new_tokens_dist=new_tokens_dist, burstiness=burstiness, rates=rates,
         slo_ttft_ms=slo_ttft_ms, slo_tpot_ms=slo_tpot_ms, engine=engine, config=config or [], policy=policy,
         fit_overheads=fit_overheads or [], gap_overheads=gap_overheads or [], no_overheads=no_overheads, out=out,
+        calibration=calibration, load=load,
     )
     run_command(lambda: run_simulate(opts))
 
@@ -142,13 +153,15 @@ class SimulateOptions:
     gap_overheads: list[Path]
     no_overheads: bool
     out: Path | None
+    calibration: Path | None = None
+    load: int | None = None
 
 
 def run_simulate(o: SimulateOptions) -> None:
     """What the command does, in order: check the flags, fit or learn overheads, read or generate the arrivals,
     then per config the workload and the latency-vs-rate curve, and the files."""
     from estimator.model.iteration import IterationEstimator
-    from estimator.sim.workload import Overheads
+    from estimator.sim.workload import Overheads, run_workload
 
     if o.policy not in ("fcfs", "priority"):
         raise EstimatorError(f"--policy must be fcfs or priority, got {o.policy!r}")
@@ -156,12 +169,22 @@ def run_simulate(o: SimulateOptions) -> None:
         raise EstimatorError("give both --slo-ttft-ms and --slo-tpot-ms, or neither")
     if o.fit_overheads and o.gap_overheads:
         raise EstimatorError("give --fit-overheads or --gap-overheads, not both")
+    cal = None
+    if o.calibration is not None:
+        from estimator.sim.calibrate import Calibration
+
+        given = [f for f, v in (("--fit-overheads", o.fit_overheads), ("--gap-overheads", o.gap_overheads),
+                                ("--no-overheads", o.no_overheads), ("--engine", o.engine), ("--config", o.config))
+                 if v]
+        if given:
+            raise EstimatorError(f"--calibration gives the overheads, the engine and the config: drop {given[0]}")
+        cal = Calibration.read(o.calibration)
     model = IterationEstimator.load(o.model_dir)
     if o.fit_overheads:
         fit_serving_overheads(model, o)
     if o.gap_overheads:
         learn_gap_overheads(o)
-    overheads = Overheads() if o.no_overheads else Overheads.load(o.model_dir)
+    overheads = Overheads() if o.no_overheads or cal is not None else Overheads.load(o.model_dir)
     sources = [x for x in (o.workload, o.measured, o.rate) if x is not None]
     if len(sources) > 1:
         raise EstimatorError("give one of --workload, --measured and --rate")
@@ -169,18 +192,28 @@ def run_simulate(o: SimulateOptions) -> None:
         if o.fit_overheads or o.gap_overheads:
             return
         raise EstimatorError("give arrivals: --workload FILE, --measured RUN, --rate R or --rates R1,R2,...")
-    arrivals = Arrivals.of(o, model)
+    arrivals = Arrivals.of(o, model, cal)
     if o.out is not None:
         o.out.mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = {"engine": arrivals.engine.__dict__, "overheads": overheads.__dict__, "configs": []}
+    if cal is not None:
+        summary["calibration"] = cal.model_dump(mode="json")
+
+    def sim(reqs: list[Any], cfg: dict[str, Any]) -> tuple[Any, Any]:
+        """One workload on the engine: calibrated (level, front end) or with the serving overheads."""
+        if cal is not None:
+            return run_workload(reqs, arrivals.engine, model, cfg, Overheads(), scale=cal.level,
+                                frontend=cal.frontend())
+        return run_workload(reqs, arrivals.engine, model, cfg, overheads)
+
     many = len(arrivals.configs) > 1
     for k, cfg in enumerate(arrivals.configs):
         entry: dict[str, Any] = {"config": cfg}
         suffix = f"-{k}" if many else ""
         if arrivals.requests is not None:
-            entry.update(simulate_workload(model, cfg, overheads, arrivals, o, suffix))
+            entry.update(simulate_workload(sim, cfg, arrivals, o, suffix))
         if o.rates:
-            entry.update(rate_curve(model, cfg, overheads, arrivals, o, suffix))
+            entry.update(rate_curve(sim, cfg, arrivals, o, suffix))
         summary["configs"].append(entry)
     if many and all("goodput_rps" in e for e in summary["configs"]):
         best = max(summary["configs"], key=lambda e: e["goodput_rps"])
@@ -194,7 +227,7 @@ def fit_serving_overheads(model: Any, o: SimulateOptions) -> None:
     """--fit-overheads: the serving overheads fitted on measured runs, saved as MODEL_DIR/serving.json."""
     from estimator.sim import measured as meas
 
-    runs = [meas.load_measured(p, o.policy) for p in o.fit_overheads]
+    runs = [meas.load_measured(p, o.policy, o.load) for p in o.fit_overheads]
     t0 = time.perf_counter()
     found = meas.fit_overheads(runs, model)
     found.save(o.model_dir)
@@ -236,13 +269,15 @@ class Arrivals:
     measured: Any = None  # the measured run, with --measured
 
     @classmethod
-    def of(cls, o: SimulateOptions, model: Any) -> Arrivals:
+    def of(cls, o: SimulateOptions, model: Any, cal: Any = None) -> Arrivals:
         from contract.workload import LengthDist, WorkloadError, generate_workload, read_workload
         from estimator.sim import measured as meas
         from estimator.sim.workload import engine_config_from_manifest
 
-        run_m = meas.load_measured(o.measured, o.policy) if o.measured else None
-        if run_m is not None:
+        run_m = meas.load_measured(o.measured, o.policy, o.load) if o.measured else None
+        if cal is not None:
+            eng = cal.engine_config()
+        elif run_m is not None:
             eng = run_m.engine
         elif o.engine is not None:
             from estimator.data.runs import read_manifest
@@ -250,7 +285,12 @@ class Arrivals:
             eng = engine_config_from_manifest(read_manifest(o.engine), o.policy)
         else:
             raise EstimatorError("give --engine RUN (a run whose manifest records the engine's effective config)")
-        configs = [run_m.config] if run_m is not None and not o.config else _config(model, o.config)
+        if cal is not None:
+            configs = [dict(cal.config)]
+        elif run_m is not None and not o.config:
+            configs = [run_m.config]
+        else:
+            configs = _config(model, o.config)
         try:
             texts = LengthDist.parse(o.text_tokens_dist, "text-tokens-dist")
             news = LengthDist.parse(o.new_tokens_dist, "new-tokens-dist")
@@ -274,16 +314,16 @@ class Arrivals:
         return cls(eng, configs, requests, make, run_m)
 
 
-def simulate_workload(model: Any, cfg: dict[str, Any], overheads: Any, arrivals: Arrivals, o: SimulateOptions,
-                      suffix: str) -> dict[str, Any]:
+def simulate_workload(sim: Callable[..., tuple[Any, Any]], cfg: dict[str, Any], arrivals: Arrivals,
+                      o: SimulateOptions, suffix: str) -> dict[str, Any]:
     """One config on the arrivals: the summary printed (and the SLO attainment, and the comparison with a
     measured run); requests.csv (and cdf.png, paired.csv) written."""
     from estimator.sim import measured as meas
-    from estimator.sim.workload import run_workload, slo_attainment, summarize
+    from estimator.sim.workload import slo_attainment, summarize
 
     assert arrivals.requests is not None
     t0 = time.perf_counter()
-    frame, run = run_workload(arrivals.requests, arrivals.engine, model, cfg, overheads)
+    frame, run = sim(arrivals.requests, cfg)
     elapsed = time.perf_counter() - t0
     s = summarize(frame)
     entry: dict[str, Any] = {"summary": s, "simulate_s": elapsed, "iterations": run.iterations}
@@ -327,12 +367,12 @@ def simulate_workload(model: Any, cfg: dict[str, Any], overheads: Any, arrivals:
     return entry
 
 
-def rate_curve(model: Any, cfg: dict[str, Any], overheads: Any, arrivals: Arrivals, o: SimulateOptions,
+def rate_curve(sim: Callable[..., tuple[Any, Any]], cfg: dict[str, Any], arrivals: Arrivals, o: SimulateOptions,
                suffix: str) -> dict[str, Any]:
     """--rates: latency against the arrival rate for one config, printed; the goodput with the SLOs
     (contract/slo.py); curve.csv written."""
     from contract.slo import goodput
-    from estimator.sim.workload import capacity_curve, run_workload
+    from estimator.sim.workload import capacity_curve
 
     try:
         values = [float(x) for x in (o.rates or "").split(",") if x.strip()]
@@ -342,7 +382,7 @@ def rate_curve(model: Any, cfg: dict[str, Any], overheads: Any, arrivals: Arriva
         raise EstimatorError("--rates: give positive rates")
     t0 = time.perf_counter()
     curve = capacity_curve(values, arrivals.make,
-                           lambda reqs: run_workload(reqs, arrivals.engine, model, cfg, overheads)[0],
+                           lambda reqs: sim(reqs, cfg)[0],
                            o.slo_ttft_ms, o.slo_tpot_ms)
     entry: dict[str, Any] = {"curve": curve.to_dict(orient="records"), "curve_s": time.perf_counter() - t0}
     typer.echo(f"[{_label(cfg)}] latency vs rate ({o.count} requests per rate, {entry['curve_s']:.2f} s):")

@@ -149,6 +149,35 @@ def axes_from_manifest(manifest: dict[str, Any]) -> list[str]:
     return names or list(DEFAULT_AXES)
 
 
+def load_folder(run_dir: Path, load: int | None = None) -> Path:
+    """Where one load of a run keeps its `workload.jsonl` and `requests/`: `loads/<load>/` of a serve-bench run that
+    served several loads on one server start (schema version 3), else the run folder itself (a replay, an older
+    serve-bench run: one load, number 0). EstimatorError (one line) when the load is not there or not named."""
+    run_dir = Path(run_dir)
+    folder = run_dir / "loads"
+    if not folder.is_dir():
+        if load not in (None, 0):
+            raise EstimatorError(f"{run_dir}: --load {load} given, but the run has one load (no loads/ folder)")
+        return run_dir
+    have = sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit() and (p / "requests").is_dir())
+    if load is None:
+        if len(have) == 1:
+            return folder / str(have[0])
+        names = ", ".join(map(str, have)) or "none finished"
+        raise EstimatorError(f"{run_dir}: the run has {len(have)} loads ({names}); give --load i")
+    if load not in have:
+        raise EstimatorError(f"{run_dir}: no finished load {load} (finished: {', '.join(map(str, have)) or 'none'})")
+    return folder / str(load)
+
+
+def run_loads(run_dir: Path) -> list[int]:
+    """The finished loads of a run, in order ([0] for a run of one load)."""
+    folder = Path(run_dir) / "loads"
+    if not folder.is_dir():
+        return [0]
+    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit() and (p / "requests").is_dir())
+
+
 def served_requests(run_dir: Path) -> pd.DataFrame:
     """A replay's `requests` table without the requests its arrival policy rejected (they never ran)."""
     frame = read_parquet_folder(run_dir / "requests")

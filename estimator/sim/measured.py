@@ -18,7 +18,7 @@ import pandas as pd
 from contract.manifest import REQUEST_COLUMNS
 from contract.request import Request
 from contract.workload import WorkloadError, read_workload
-from estimator.data.runs import read_manifest, read_parquet_folder, served_requests
+from estimator.data.runs import load_folder, read_manifest, read_parquet_folder, served_requests
 from estimator.errors import EstimatorError
 from estimator.model.iteration import IterationEstimator
 from estimator.sim.scheduler import EngineConfig
@@ -36,18 +36,34 @@ class MeasuredRun:
     engine: EngineConfig
     requests: pd.DataFrame  # request_id, ttft_ms, tpot_ms, e2e_ms (+ queue_ms for replays)
     config: dict[str, Any]
+    load: int = 0  # which load of the run (serve-bench runs several on one server start)
+    folder: Path | None = None  # the load's own folder (the run folder for a run of one load)
+
+    @property
+    def label(self) -> str:
+        """The run's folder name, with the load where the run has several."""
+        return self.path.name + (f" load {self.load}" if self.folder is not None and self.folder != self.path else "")
+
+    def server_figures(self) -> dict[str, Any] | None:
+        """The server's histograms and counters over this load (`server_metrics.json`), if kept."""
+        import json
+
+        f = (self.folder or self.path) / "server_metrics.json"
+        return json.loads(f.read_text()) if f.is_file() else None
 
 
-def load_measured(path: Path, policy: str = "fcfs") -> MeasuredRun:
-    """Read a replay or serve-bench run folder (EstimatorError naming what is missing)."""
+def load_measured(path: Path, policy: str = "fcfs", load: int | None = None) -> MeasuredRun:
+    """Read a replay or serve-bench run folder, one load of it (`--load i`; a run of one load needs none)
+    (EstimatorError naming what is missing)."""
     manifest = read_manifest(path)
+    where = load_folder(path, load)
     try:
-        workload = read_workload(path / "workload.jsonl", allow_trace=True)
+        workload = read_workload(where / "workload.jsonl", allow_trace=True)
     except WorkloadError as exc:
-        raise EstimatorError(f"{path}: {exc}") from None
-    req = served_requests(path)
+        raise EstimatorError(f"{where}: {exc}") from None
+    req = served_requests(where)
     if req.empty:
-        raise EstimatorError(f"{path}: no requests table (requests/*.parquet)")
+        raise EstimatorError(f"{where}: no requests table (requests/*.parquet)")
     needed = [c for c in REQUEST_COLUMNS if c in ("request_id", "new_tokens", "ttft_ms", "e2e_ms")]  # what it reads
     missing = [c for c in needed if c not in req.columns]
     if missing:
@@ -64,7 +80,9 @@ def load_measured(path: Path, policy: str = "fcfs") -> MeasuredRun:
     eff = manifest.get("engine") or ((manifest.get("engine_starts") or [{}])[-1].get("effective") or {})
     if eff.get("dtype"):
         config["dtype"] = eff["dtype"]
-    return MeasuredRun(path, kind, manifest, workload, engine_config_from_manifest(manifest, policy), req, config)
+    index = int(where.name) if where != Path(path) else 0
+    return MeasuredRun(path, kind, manifest, workload, engine_config_from_manifest(manifest, policy), req, config,
+                       index, where)
 
 
 def paired(predicted: pd.DataFrame, measured: pd.DataFrame) -> pd.DataFrame:

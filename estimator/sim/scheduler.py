@@ -17,7 +17,18 @@ What it follows, in `vllm/v1/core/sched/scheduler.py` of vLLM 0.32.0 (`Scheduler
   (`scheduler_reserve_full_isl`, default true) and the chunk's slots in free blocks (watermark 0, the default);
   no free blocks stops the loop.
 Prefix caching is off (distinct prompts, as the harness and `profile serve-bench` run), so a request starts with
-no computed tokens. Async scheduling and speculative decoding are off (CPU, and the harness's settings).
+no computed tokens. Speculative decoding is off.
+
+Two mechanisms of a server around the scheduler, both optional:
+- **The front end** (`Frontend`): the API server parses and tokenizes each request, then detokenizes and streams
+  each token, on one event loop: a FIFO queue served by one CPU. A request reaches the engine when its parsing is
+  done (`request_ms` after the queue frees up); the tokens an iteration samples enter the queue at its end and
+  reach the client one after another, `token_ms` each. At light load the queue is empty and these are constants;
+  under load they queue, and TTFT and end-to-end grow with the tokens in flight.
+- **The join**: a request joins the first iteration scheduled after it reached the engine. The engine core takes
+  new requests between two steps (`EngineCore.run_busy_loop`); with async scheduling (`EngineLimits.
+  async_scheduling`; the CUDA default, off on the CPU build) step k+1 is scheduled when step k starts, so an arrival
+  must be in before the previous step started: it joins one iteration later.
 
 After an iteration, a request whose computed tokens reach its `num_tokens` (prompt + outputs) samples one token
 at the iteration's end; it finishes when it has `output_tokens` of them, and its blocks are freed.
@@ -78,14 +89,31 @@ class Step:
         return [r for r, _, _ in self.prefill] + [r for r, _ in self.decode]
 
 
+@dataclass(frozen=True)
+class Frontend:
+    """The API server's own work as a FIFO queue on one CPU (ms): parsing and tokenizing a request, and
+    detokenizing and streaming one token."""
+
+    request_ms: float = 0.0
+    token_ms: float = 0.0
+
+
 @dataclass
 class RequestTrace:
-    """What happened to one request in the replica (engine-side times, s)."""
+    """What happened to one request in the replica (engine-side times, s; with a front end, `ready_s` when it
+    reached the engine and `delivered_s` when each token reached the client)."""
 
     request: Request
     first_scheduled_s: float | None = None
     token_times_s: list[float] = field(default_factory=list)
     preemptions: int = 0
+    ready_s: float | None = None
+    delivered_s: list[float] = field(default_factory=list)
+
+    @property
+    def client_times_s(self) -> list[float]:
+        """Each token's time at the client: delivered by the front end, else the engine's."""
+        return self.delivered_s or self.token_times_s
 
     @property
     def finished(self) -> bool:
@@ -191,6 +219,7 @@ def simulate(
     keep_steps: bool = False,
     max_iterations: int = 50_000_000,
     in_engine: Sequence[InEngine] = (),
+    frontend: Frontend | None = None,
 ) -> SimulationRun:
     """Run the arrivals through the scheduler replica; the clock advances by each iteration's predicted latency
     (`iteration_ms` of its composition) plus `iteration_overhead_ms` plus `sequence_overhead_ms` per request in
@@ -201,7 +230,10 @@ def simulate(
     last window the model takes over. This checks the replica's decisions apart from the model's times.
 
     `in_engine` starts the replica from an engine's state (what a scheduler sees at an arrival): those requests
-    hold their KV blocks and run or wait in the given order; only `arrivals` get traces."""
+    hold their KV blocks and run or wait in the given order; only `arrivals` get traces.
+
+    `frontend` puts the API server's queue between the arrivals and the engine, and between the engine's tokens
+    and the client (module docstring); with `config.async_scheduling` an arrival joins one iteration later."""
     config.check()
     bs = config.block_size
     at = [a.arrival_s for a in arrivals]  # read once: the loop checks the next arrival every iteration
@@ -239,8 +271,23 @@ def simulate(
     steps: list[Step] = []
     n_iter = 0
     fcfs = config.policy == "fcfs"
+    fe = frontend if frontend is not None and (frontend.request_ms > 0 or frontend.token_ms > 0) else None
+    ready = at if fe is None else [math.inf] * len(arrivals)  # when each request reaches the engine
+    fe_free = 0.0  # when the front end's queue is next idle (s)
+    fe_done = 0  # arrivals (in `ordered`) the front end has parsed
+    fe_req_s = fe.request_ms / 1e3 if fe is not None else 0.0
+    fe_tok_s = fe.token_ms / 1e3 if fe is not None else 0.0
+    t_sched = 0.0  # when the coming iteration's schedule is decided (its start; the previous start, async)
+    prev_start = 0.0
     while nxt < len(ordered) or len(waiting) or running:
-        while nxt < len(ordered) and at[ordered[nxt]] <= t:
+        if fe is not None:
+            while fe_done < len(ordered) and at[ordered[fe_done]] <= t:
+                i = ordered[fe_done]
+                fe_free = max(fe_free, at[i]) + fe_req_s
+                ready[i] = traces[i].ready_s = fe_free
+                fe_done += 1
+        t_sched = prev_start if config.async_scheduling and (running or len(waiting)) else t
+        while nxt < len(ordered) and ready[ordered[nxt]] <= t_sched:
             i = ordered[nxt]
             waiting.add(_Req(arrivals[i], i, traces[i]))
             nxt += 1
@@ -248,7 +295,7 @@ def simulate(
             t = measured_windows[n_iter][0]
             continue  # admit what arrived by the measured start
         if not len(waiting) and not running:
-            t = at[ordered[nxt]]
+            t = max(t, _next_event(ordered, nxt, fe_done, at, ready))
             continue
         # ---- schedule (Scheduler.schedule) ----
         budget = config.max_num_batched_tokens
@@ -327,7 +374,8 @@ def simulate(
                     r.trace.first_scheduled_s = t
         if not order:
             if nxt < len(ordered):
-                t = max(t, at[ordered[nxt]])
+                t = max(t, _next_event(ordered, nxt, fe_done, at, ready))
+                prev_start = t  # no step ran: the next schedule is decided afresh
                 continue
             raise SimulationError("the replica cannot schedule any waiting request (KV cache too small)")
         # ---- the iteration ----
@@ -360,12 +408,22 @@ def simulate(
             raise SimulationError(f"the replica ran past {max_iterations} iterations")
         # ---- update_from_output ----
         done: list[_Req] = []
+        if fe is not None:  # requests that arrived during the iteration are parsed before its tokens are streamed
+            while fe_done < len(ordered) and at[ordered[fe_done]] < t_end:
+                i = ordered[fe_done]
+                fe_free = max(fe_free, at[i]) + fe_req_s
+                ready[i] = traces[i].ready_s = fe_free
+                fe_done += 1
+            fe_free = max(fe_free, t_end)
         for r in order:
             r.computed += scheduled[id(r)]
             if r.computed >= r.num_tokens:
                 r.outputs += 1
                 r.sampled_since_start = True
                 r.trace.token_times_s.append(t_end)
+                if fe is not None:
+                    fe_free += fe_tok_s
+                    r.trace.delivered_s.append(fe_free)
                 if r.outputs >= r.target:
                     done.append(r)
         if done:
@@ -374,10 +432,19 @@ def simulate(
             for r in done:
                 free += r.blocks
                 r.blocks = 0
+        prev_start = t
         t = t_end
         if in_engine and not arrivals_left(traces):
             break  # the arrivals are all served: what the held requests do after that is not asked
     return SimulationRun(traces, steps, n_iter, t)
+
+
+def _next_event(ordered: Sequence[int], nxt: int, fe_done: int, at: Sequence[float],
+                ready: Sequence[float]) -> float:
+    """When the next waiting arrival can be taken: its time at the engine if the front end has parsed it, else its
+    arrival (the front end parses it then)."""
+    i = ordered[nxt]
+    return ready[i] if nxt < fe_done or ready is at else at[i]
 
 
 def arrivals_left(traces: Sequence[RequestTrace]) -> bool:

@@ -32,7 +32,7 @@ from contract.request import EngineLimits, Request
 from contract.slo import meets_slo
 from estimator.errors import EstimatorError
 from estimator.model.iteration import IterationEstimator
-from estimator.sim.scheduler import EngineConfig, IterationFn, SimulationError, SimulationRun, simulate
+from estimator.sim.scheduler import EngineConfig, Frontend, IterationFn, SimulationError, SimulationRun, simulate
 
 SERVING_FILE = "serving.json"
 METRICS = ("ttft_ms", "tpot_ms", "e2e_ms")
@@ -102,13 +102,16 @@ def arrivals_of(requests: Sequence[Request], priorities: Sequence[int] | None = 
 
 
 def request_frame(run: SimulationRun, overheads: Overheads) -> pd.DataFrame:
-    """Per request: queue, TTFT, TPOT, end-to-end (ms, vLLM's benchmark's definitions), token times, preemptions."""
+    """Per request: queue, TTFT, TPOT, end-to-end (ms, vLLM's benchmark's definitions), token times, preemptions;
+    with a front end also `frontend_ms` (arrival to the engine), `engine_queue_ms` (from there to the first step,
+    as the server's `vllm:request_queue_time_seconds`) and `server_ttft_ms` (from reaching the engine to the
+    first token streamed, as `vllm:time_to_first_token_seconds`)."""
     rows = []
     extra = overheads.request_ms
     for tr in run.requests:
         a = tr.request
         arrival = a.arrival_s
-        times = tr.token_times_s
+        times = tr.client_times_s
         ttft = (times[0] - arrival) * 1e3 + extra
         e2e = (times[-1] - arrival) * 1e3 + extra
         rows.append(
@@ -124,9 +127,20 @@ def request_frame(run: SimulationRun, overheads: Overheads) -> pd.DataFrame:
                 "e2e_ms": e2e,
                 "preemptions": tr.preemptions,
                 "token_times_ms": [round((t - arrival) * 1e3 + extra, 4) for t in times],
+                **_server_side(tr),
             }
         )
     return pd.DataFrame(rows)
+
+
+def _server_side(tr: Any) -> dict[str, float]:
+    ready = tr.ready_s if tr.ready_s is not None else tr.request.arrival_s
+    first = tr.first_scheduled_s if tr.first_scheduled_s is not None else ready
+    return {
+        "frontend_ms": (ready - tr.request.arrival_s) * 1e3,
+        "engine_queue_ms": (first - ready) * 1e3,
+        "server_ttft_ms": (tr.client_times_s[0] - ready) * 1e3 if tr.client_times_s else math.nan,
+    }
 
 
 def summarize(frame: pd.DataFrame, span_s: float | None = None) -> dict[str, Any]:
@@ -160,8 +174,10 @@ def run_workload(
     priorities: Sequence[int] | None = None,
     keep_steps: bool = False,
     scale: float = 1.0,
+    frontend: Frontend | None = None,
 ) -> tuple[pd.DataFrame, SimulationRun]:
-    """Simulate `requests` on `engine` with the iteration model of `config`; the per-request frame and the run."""
+    """Simulate `requests` on `engine` with the iteration model of `config` (times `scale`), the overheads and the
+    front end's queue (estimator/sim/scheduler.py); the per-request frame and the run."""
     try:
         run = simulate(
             arrivals_of(requests, priorities),
@@ -170,6 +186,7 @@ def run_workload(
             overheads.iteration_ms,
             overheads.sequence_ms,
             keep_steps=keep_steps,
+            frontend=frontend,
         )
     except SimulationError as exc:
         raise EstimatorError(str(exc)) from None

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.markup import escape
@@ -24,6 +24,9 @@ from harness.cli.replay import (
 from harness.rundata.spec import SpecError, build_serving
 from harness.rundata.store import StoreError
 from harness.rundata.workload import read_workload
+
+if TYPE_CHECKING:
+    from harness.drivers.serve import Load
 from harness.telemetry.sources import TelemetryError
 
 
@@ -39,10 +42,45 @@ def engine_value(item: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+def serve_loads(workloads: list[Path], rate: float | None, rates: str | None, count: int | None, seed: int,
+                text_dist: str, new_dist: str, burstiness: float, context: int) -> list[Load]:
+    """The loads asked for: each --workload file, or one generated load per rate of --rates (or --rate)."""
+    from harness.drivers.serve import Load
+
+    if workloads and (rate is not None or rates is not None or count is not None):
+        raise SpecError("give either --workload or --rate/--rates with --count, not both")
+    if rate is not None and rates is not None:
+        raise SpecError("give --rate or --rates, not both")
+    if workloads:
+        return [Load(f"{i}-{w.stem}", read_workload(w, allow_trace=True), {"file": str(w)})
+                for i, w in enumerate(workloads)]
+    values = [rate] if rates is None else _rates(rates)
+    loads = []
+    for i, r in enumerate(values):
+        requests, source = generated(r, count, seed + i, text_dist, new_dist, context, burstiness)
+        loads.append(Load(f"{i}-rate-{r:g}", requests, source))
+    return loads
+
+
+def _rates(text: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SpecError(f"--rates {text!r}: expected comma-separated numbers, e.g. 2,4,6") from None
+    if not values or min(values) <= 0:
+        raise SpecError(f"--rates {text!r}: give positive rates")
+    return values
+
+
 def serve_bench_command(
-    workload: Path | None = typer.Option(None, help="JSONL workload (the project's, or vLLM's timed trace)"),
+    workload: list[Path] = typer.Option(
+        [], help="JSONL workload (the project's, or vLLM's timed trace); repeat for several loads, served in order "
+        "on one server start (the same file twice serves it twice)"),
     rate: float | None = typer.Option(None, help="generate the workload: mean arrival rate (requests/s)"),
-    count: int | None = typer.Option(None, help="generate the workload: number of requests"),
+    rates: str | None = typer.Option(None, help="generate one load per rate, e.g. 2,4,6 (with --count; seeds "
+                                                 "--seed, --seed+1, ...)"),
+    count: int | None = typer.Option(None, help="generate the workload: number of requests (per load)"),
+    prewarm: int = typer.Option(16, help="requests served first and not counted (the first load's first ones)"),
     seed: int = typer.Option(0, help="seed for a generated workload"),
     text_tokens_dist: str = typer.Option("uniform:32:512", help="generated prompt lengths (see profile workload)"),
     new_tokens_dist: str = typer.Option("uniform:8:64", help="generated new tokens per request"),
@@ -70,27 +108,31 @@ def serve_bench_command(
     try:
         serving = build_serving(device=pick_device(), tier=tier, model=model, blocks=blocks, max_num_seqs=max_num_seqs,
                                 engine=dict(engine_value(item) for item in engine_arg))
-        options = ServeOptions(out_root=out_dir, run_id=name, port=port, startup_timeout_s=startup_timeout)
-        if workload is not None:
-            if rate is not None or count is not None:
-                raise SpecError("give either --workload or --rate/--count, not both")
-            requests = read_workload(workload, allow_trace=True)
-            options.source = {"file": str(workload)}
-        else:
-            requests, options.source = generated(
-                rate, count, seed, text_tokens_dist, new_tokens_dist, serving.context(), burstiness
-            )
-        check_serve_spec(replay_spec(serving, requests))  # before the report is set up: a bad spec is one line
+        if prewarm < 0:
+            raise SpecError(f"--prewarm must be >= 0, got {prewarm}")
+        options = ServeOptions(out_root=out_dir, run_id=name, port=port, startup_timeout_s=startup_timeout,
+                               prewarm=prewarm)
+        loads = serve_loads(workload, rate, rates, count, seed, text_tokens_dist, new_tokens_dist, burstiness,
+                            serving.context())
+        options.source = {"loads": [load.source for load in loads]}
+        check_serve_spec(replay_spec(serving, [r for load in loads for r in load.requests]))  # one line if bad
 
         def report(event: str, info: dict[str, Any]) -> None:
+            stamp = time.strftime("%H:%M:%S")
             if event == "log":
-                print(f"[{time.strftime('%H:%M:%S')}] {info['message']}", file=err.file, flush=True)
+                print(f"[{stamp}] {info['message']}", file=err.file, flush=True)
+            elif event == "load":
+                s = info["client_summary"]
+                print(f"[{stamp}]   ok {info['requests_ok']}/{info['requests_total']} in {info['window_s']:.1f} s; "
+                      f"E2E mean {s.get('mean_e2el_ms', 0):.0f} ms, TTFT mean {s.get('mean_ttft_ms', 0):.0f} ms, "
+                      f"TPOT mean {s.get('mean_tpot_ms', 0):.1f} ms", file=err.file, flush=True)
 
-        result = run_serve_bench(serving, requests, options, report)
+        result = run_serve_bench(serving, loads, options, report)
     except (SpecError, StoreError, TelemetryError) as e:
         raise fail(str(e)) from None
     out.print(
-        f"status: {result.status}; requests ok {result.requests_ok}/{result.requests_total}; results in "
+        f"status: {result.status}; loads done {result.loads_done}; requests ok {result.requests_ok}/"
+        f"{result.requests_total}; results in "
         f"{result.run_dir}",
         highlight=False,
     )

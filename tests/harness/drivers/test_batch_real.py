@@ -39,7 +39,7 @@ def _members(ids: str) -> list[str]:
 
 def test_replay_iterations_match_arrivals_and_lengths(replay_run: Path) -> None:
     m = json.loads((replay_run / "manifest.json").read_text())
-    assert m["schema_version"] == 2 and m["kind"] == "replay" and m["status"] == "complete"
+    assert m["schema_version"] == 3 and m["kind"] == "replay" and m["status"] == "complete"
     it = pd.read_parquet(replay_run / "iterations").sort_values("iteration")
     req = pd.read_parquet(replay_run / "requests").set_index("request_id")
     assert list(it.iteration) == list(range(len(it)))

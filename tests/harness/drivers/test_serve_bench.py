@@ -26,13 +26,15 @@ def _ours(run_dir: Path) -> list[psutil.Process]:
 
 
 @pytest.mark.slow
-def test_serve_bench_serves_a_trace_and_stops_the_server(tmp_path: Path) -> None:
+def test_serve_bench_serves_two_loads_on_one_start_and_stops_the_server(tmp_path: Path) -> None:
     res = run_profile(
         "serve-bench",
-        "--rate",
-        "4",
+        "--rates",
+        "4,8",
         "--count",
         "5",
+        "--prewarm",
+        "2",
         "--seed",
         "3",
         "--text-tokens-dist",
@@ -48,20 +50,30 @@ def test_serve_bench_serves_a_trace_and_stops_the_server(tmp_path: Path) -> None
     )
     run = tmp_path / "sb"
     assert res.returncode == 0, res.stdout + res.stderr
-    assert "requests ok 5/5" in res.stdout
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["kind"] == "serve-bench" and manifest["status"] == "complete"
+    assert manifest["schema_version"] == 3 and manifest["serve"]["layout"] == "loads"
+    assert [(r["index"], r["requests_ok"], r["status"]) for r in manifest["loads"]] == [(0, 5, "complete"),
+                                                                                       (1, 5, "complete")]
     engine = manifest["engine"]
     assert engine["num_gpu_blocks"] > 0 and engine["block_size"] == 128 and engine["max_model_len"] == 4096
+    assert engine["async_scheduling"] is False  # the CPU build turns it off
     assert any(e["arg"] == "enable_prefix_caching" for e in manifest["engine_exceptions"])
     assert "--enforce-eager" in manifest["server"]["command"]
-    req = pd.read_parquet(run / "requests")
-    workload = [json.loads(x) for x in (run / "workload.jsonl").read_text().splitlines()]
-    assert list(req["new_tokens"]) == [w["new_tokens"] for w in workload]  # the client asked, ignore_eos
-    assert list(req["text_tokens"]) == [w["text_tokens"] for w in workload]
-    assert (req["ttft_ms"] > 0).all() and (req["e2e_ms"] >= req["ttft_ms"]).all()
-    assert (run / "metrics.prom").read_text().count("vllm:") > 10
-    assert (run / "client.json").is_file() and (run / "trace.jsonl").is_file()
+    assert (run / "prewarm" / "client.json").is_file()  # served, not counted
+    for i in (0, 1):
+        load = run / "loads" / str(i)
+        req = pd.read_parquet(load / "requests")
+        workload = [json.loads(x) for x in (load / "workload.jsonl").read_text().splitlines()]
+        assert list(req["new_tokens"]) == [w["new_tokens"] for w in workload]  # the client asked, ignore_eos
+        assert list(req["text_tokens"]) == [w["text_tokens"] for w in workload]
+        assert (req["ttft_ms"] > 0).all() and (req["e2e_ms"] >= req["ttft_ms"]).all()
+        assert (load / "client.json").is_file() and (load / "trace.jsonl").is_file()
+        scrapes = [json.loads(x) for x in (load / "metrics.jsonl").read_text().splitlines()]
+        assert len(scrapes) >= 2 and all(s["mono_s"] > 0 for s in scrapes)  # at its start and its end at least
+        figures = json.loads((load / "server_metrics.json").read_text())
+        # the window's deltas: this load's five requests only, not the prewarm's or the other load's
+        assert figures["histograms"]["vllm:e2e_request_latency_seconds"]["count"] == 5
     assert not (run / "server-model").exists()
     assert not _ours(run), "a server process outlived the command"
 

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 def test_manifest_is_complete(small_run: Path) -> None:
     m = json.loads((small_run / "manifest.json").read_text())
-    assert m["schema_version"] == 2
+    assert m["schema_version"] == 3
     assert m["status"] == "complete"
     assert m["points_total"] == m["points_done"] == 6 and m["points_failed"] == 0
     assert len(m["engine_starts"]) == 2 and all(s["seconds"] > 0 for s in m["engine_starts"])

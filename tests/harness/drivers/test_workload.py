@@ -202,7 +202,7 @@ def test_fake_replay_chunks_ctrl_c_and_resume(tmp_path: Path, monkeypatch: pytes
     run = tmp_path / "results" / "run"
     assert code == 130, output
     m = json.loads((run / "manifest.json").read_text())
-    assert m["status"] == "interrupted" and m["requests_done"] == 3 and m["schema_version"] == 2
+    assert m["status"] == "interrupted" and m["requests_done"] == 3 and m["schema_version"] == 3
     it = pd.read_parquet(run / "iterations")
     # the budget (128) splits the two simultaneous prompts: 100 whole, then 28 + 62 of the 90 as two chunks
     chunked = it[it.prefill_chunk_inferred]

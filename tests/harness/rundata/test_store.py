@@ -55,7 +55,7 @@ def test_open_refuses_non_runs_and_other_schemas(tmp_path: Path) -> None:
 
 def test_batch_points_are_done_by_their_iterations_file_and_version_1_runs_resume(tmp_path: Path) -> None:
     store = RunStore.create(tmp_path, {"status": "running"}, run_id="r")
-    assert store.read_manifest()["schema_version"] == 2
+    assert store.read_manifest()["schema_version"] == 3
     store.write_point("a", {"requests": pa.table({"request_id": ["x"]}), "iterations": pa.table({"iteration": [0]})})
     (store.run_dir / "requests" / "b.parquet").write_bytes(b"a kill came before b's iterations landed")
     assert store.done_points() == {"a"}

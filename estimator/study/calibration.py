@@ -1,0 +1,321 @@
+"""The calibration study (issue 32): calibrate on one load of a server start, predict the loads it never saw on the
+same start, against the server's agreement with itself.
+
+Per server start (a `profile serve-bench` run of several loads, named by their workload files):
+- `cal` is the calibration load (estimate calibrate), `rate-*` Poisson loads at other rates, `bursty` a bursty
+  trace, `mix` a length mix, and one load served twice (the same file again, with loads in between) gives **the
+  server's own floor**: each statistic's repeat-to-repeat error.
+- Every other load is predicted twice: with the one-time calibration, and **followed**: the level re-fitted on the
+  last 30 s of the load before it (what a live follower knows when the load starts; the front end's costs kept).
+- Each prediction error (E2E mean/p90/p99, TTFT mean/p90, per-request E2E MAPE), with its 95% bootstrap interval
+  over requests, beside the floor and as a ratio to it; goodput at an SLO over the Poisson loads.
+- **Mechanisms** against the server's own histograms over each load (`server_metrics.json`): the server's TTFT
+  (`vllm:time_to_first_token_seconds`) and queue time (`vllm:request_queue_time_seconds`) against the replica's
+  `server_ttft_ms` and `engine_queue_ms`, and the client's TTFT minus the server's (the front end's share)
+  against the replica's `frontend_ms`.
+- **Drift**: per 10 s window of arrivals, the signed error of the mean E2E with its interval, flagged where the
+  interval leaves the calibration window's own.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from contract.slo import goodput, meets_slo
+from estimator.data.runs import run_loads
+from estimator.errors import EstimatorError
+from estimator.model.iteration import IterationEstimator
+from estimator.sim.calibrate import calibrate, follow_level, predict
+from estimator.sim.measured import MeasuredRun, compare, load_measured, paired
+
+TARGETS = {"e2e_mean": 5.0, "e2e_p90": 5.0, "e2e_p99": 5.0, "ttft_mean": 10.0, "ttft_p90": 10.0, "e2e_mape": 10.0,
+           "goodput": 10.0}
+FLOOR_RATIO = 1.2  # where the floor is wider than the target: error / floor <= 1.2
+WINDOW_S = 10.0
+
+
+def _kind(run: MeasuredRun) -> str:
+    """The load's role, from its workload file's stem (cal, rate-*, bursty, mix)."""
+    src = (run.manifest.get("loads") or [{}] * (run.load + 1))[run.load].get("source") or {}
+    stem = Path(str(src.get("file") or "")).stem
+    return stem or f"load-{run.load}"
+
+
+def _errors(pairs: pd.DataFrame) -> dict[str, dict[str, float]]:
+    c = compare(pairs)
+    out = {f"e2e_{s}": c["e2e_ms"][s]["error_pct"] for s in ("mean", "p90", "p99")}
+    out.update({f"ttft_{s}": c["ttft_ms"][s]["error_pct"] for s in ("mean", "p90")})
+    out["tpot_mean"] = c["tpot_ms"]["mean"]["error_pct"]
+    out["e2e_mape"] = c["e2e_ms"]["mape_pct"]
+    return out
+
+
+def _stat(v: np.ndarray, st: str) -> float:
+    return float(v.mean()) if st == "mean" else float(np.percentile(v, float(st[1:])))
+
+
+def floor_of(first: MeasuredRun, repeat: MeasuredRun) -> dict[str, float]:
+    """The server's agreement with itself: each statistic of the repeat against the first serving (%, signed), and
+    the per-request E2E MAPE between the two (the same requests)."""
+    a = first.requests.set_index("request_id")
+    b = repeat.requests.set_index("request_id").reindex(a.index)
+    out: dict[str, float] = {}
+    for metric, stats in (("e2e", ("mean", "p90", "p99")), ("ttft", ("mean", "p90")), ("tpot", ("mean",))):
+        va, vb = a[f"{metric}_ms"].to_numpy(dtype=float), b[f"{metric}_ms"].to_numpy(dtype=float)
+        ok = np.isfinite(va) & np.isfinite(vb)
+        for st in stats:
+            out[f"{metric}_{st}"] = (_stat(vb[ok], st) / _stat(va[ok], st) - 1) * 100
+    ea, eb = a["e2e_ms"].to_numpy(dtype=float), b["e2e_ms"].to_numpy(dtype=float)
+    ok = np.isfinite(ea) & np.isfinite(eb) & (ea > 0)
+    out["e2e_mape"] = float(np.mean(np.abs(eb[ok] - ea[ok]) / ea[ok]) * 100)
+    return out
+
+
+def mechanisms(run: MeasuredRun, pred: pd.DataFrame) -> dict[str, Any]:
+    """The replica's server-side parts against the server's histograms over the load (ms)."""
+    figures = run.server_figures()
+    if not figures:
+        return {}
+    h = figures["histograms"]
+    ttft_h, queue_h = h["vllm:time_to_first_token_seconds"], h["vllm:request_queue_time_seconds"]
+    client_ttft = run.requests["ttft_ms"].to_numpy(dtype=float)
+    return {
+        "client_ttft_mean_ms": {"measured": float(np.nanmean(client_ttft)), "predicted": float(pred["ttft_ms"].mean())},
+        "client_ttft_p90_ms": {"measured": float(np.nanpercentile(client_ttft, 90)),
+                               "predicted": float(pred["ttft_ms"].quantile(0.9))},
+        "server_ttft_mean_ms": {"measured": ttft_h["mean_ms"], "predicted": float(pred["server_ttft_ms"].mean())},
+        "server_ttft_p90_ms": {"measured": ttft_h["p90_ms"], "predicted": float(pred["server_ttft_ms"].quantile(0.9))},
+        "queue_mean_ms": {"measured": queue_h["mean_ms"], "predicted": float(pred["engine_queue_ms"].mean())},
+        "queue_p90_ms": {"measured": queue_h["p90_ms"], "predicted": float(pred["engine_queue_ms"].quantile(0.9))},
+        "frontend_mean_ms": {"measured": float(np.nanmean(client_ttft)) - (ttft_h["mean_ms"] or math.nan),
+                             "predicted": float(pred["frontend_ms"].mean())},
+        "histogram_requests": ttft_h["count"],
+    }
+
+
+def drift(pairs: pd.DataFrame, arrivals: pd.Series, band: tuple[float, float], window_s: float = WINDOW_S,
+          n_boot: int = 400, seed: int = 0) -> list[dict[str, Any]]:
+    """The signed error of the mean E2E per window of arrivals (%), with a 95% bootstrap interval; `flagged` where
+    the interval lies outside `band` (the calibration window's own interval)."""
+    rng = np.random.default_rng(seed)
+    t = arrivals.reindex(pairs.index).to_numpy(dtype=float)
+    pred, meas = pairs["e2e_ms"].to_numpy(dtype=float), pairs["e2e_ms_measured"].to_numpy(dtype=float)
+    out = []
+    for k in range(int(math.ceil((np.nanmax(t) + 1e-9) / window_s))):
+        idx = np.where((t >= k * window_s) & (t < (k + 1) * window_s))[0]
+        if len(idx) < 5:
+            continue
+        b = rng.integers(0, len(idx), size=(n_boot, len(idx)))
+        boots = (pred[idx][b].mean(axis=1) / meas[idx][b].mean(axis=1) - 1) * 100
+        lo, hi = np.percentile(boots, [2.5, 97.5])
+        err = (pred[idx].mean() / meas[idx].mean() - 1) * 100
+        out.append({"t_s": k * window_s, "requests": int(len(idx)), "error_pct": float(err), "lo": float(lo),
+                    "hi": float(hi), "flagged": bool(lo > band[1] or hi < band[0])})
+    return out
+
+
+def attainment(frame: pd.DataFrame, slo_ttft_ms: float, slo_tpot_ms: float) -> float:
+    ok = [meets_slo(float(a), None if pd.isna(b) else float(b), slo_ttft_ms, slo_tpot_ms)
+          for a, b in zip(frame["ttft_ms"], frame["tpot_ms"], strict=True)]
+    return float(np.mean(ok)) if ok else math.nan
+
+
+def study_start(model: IterationEstimator, model_dir: Path, run_dir: Path, calibrate_on: str = "cal",
+                follow_s: float = 30.0, slo: tuple[float, float] | None = None) -> dict[str, Any]:
+    """One server start: calibrate on the load named `calibrate_on`, predict every other load (one-time and
+    followed), the floor from the load served twice, the mechanisms, drift and goodput."""
+    loads = [load_measured(run_dir, load=i) for i in run_loads(run_dir)]
+    kinds = [_kind(m) for m in loads]
+    if calibrate_on not in kinds:
+        raise EstimatorError(f"{run_dir}: no load named {calibrate_on!r} (loads: {', '.join(kinds)})")
+    c = kinds.index(calibrate_on)
+    cal = calibrate(model, model_dir, loads[c])
+    healthy = float((loads[c].manifest.get("server") or {}).get("healthy_mono_s") or 0.0)
+    records = loads[c].manifest.get("loads") or []
+    cal_pairs = paired(predict(model, cal, loads[c].workload), loads[c].requests)
+    cal_err = _errors(cal_pairs)["e2e_mean"]
+    band = (cal_err["lo"], cal_err["hi"])
+    seen: dict[str, int] = {}
+    rows = []
+    for j, m in enumerate(loads):
+        first = seen.setdefault(kinds[j], j)
+        rec = records[j] if j < len(records) else {}
+        start_min = (float(rec.get("start_mono_s") or healthy) - healthy) / 60 if healthy else math.nan
+        row: dict[str, Any] = {"load": j, "kind": kinds[j], "repeat_of": first if first != j else None,
+                               "requests": len(m.workload), "minutes_since_healthy": start_min,
+                               "rate_rps": len(m.workload) / max(m.workload[-1].arrival_s, 1e-9)}
+        one = predict(model, cal, m.workload)
+        pairs = paired(one, m.requests)
+        row["one_time"] = _errors(pairs)
+        row["mechanisms"] = mechanisms(m, one)
+        arrivals = pd.Series({r.request_id: r.arrival_s for r in m.workload})
+        row["drift"] = drift(pairs, arrivals, band)
+        if j > 0:
+            level = follow_level(model, cal, loads[j - 1], follow_s)
+            row["followed_level"] = level
+            followed = predict(model, cal, m.workload, level)
+            row["followed"] = _errors(paired(followed, m.requests))
+            row["drift_followed"] = drift(paired(followed, m.requests), arrivals, band)
+        if slo is not None:
+            row["slo_measured"] = attainment(m.requests, *slo)
+            row["slo_predicted"] = attainment(one, *slo)
+        rows.append(row)
+    for row in rows:  # the floor: the repeat against its first serving, given to every row of the start
+        if row["repeat_of"] is not None:
+            floor = floor_of(loads[row["repeat_of"]], loads[row["load"]])
+            break
+    else:
+        floor = {}
+    out: dict[str, Any] = {"run": str(run_dir), "calibrated_on": c, "calibration": cal.model_dump(mode="json"),
+                           "band_e2e_mean_pct": list(band), "floor": floor, "rows": rows}
+    if slo is not None:
+        poisson = [r for r in rows if r["kind"] == calibrate_on or r["kind"].startswith("rate")]
+        poisson = [r for r in poisson if r["repeat_of"] is None]
+        rates = [r["rate_rps"] for r in poisson]
+        gm = goodput(rates, [r["slo_measured"] for r in poisson])
+        gp = goodput(rates, [r["slo_predicted"] for r in poisson])
+        out["goodput"] = {"slo_ttft_ms": slo[0], "slo_tpot_ms": slo[1], "measured_rps": gm.rate_rps,
+                          "measured_censored": gm.censored, "predicted_rps": gp.rate_rps,
+                          "predicted_censored": gp.censored,
+                          "error_pct": (gp.rate_rps / gm.rate_rps - 1) * 100 if gm.rate_rps > 0 else None}
+    return out
+
+
+def verdict(start: dict[str, Any], which: str = "one_time") -> dict[str, Any]:
+    """Per target measure, over the start's predicted loads (not the calibration load, not the repeat): the worst
+    |error|, the floor, and met (|error| <= target, or <= 1.2 x the floor where the floor is wider)."""
+    out: dict[str, Any] = {}
+    rows = [r for r in start["rows"] if r["load"] != start["calibrated_on"] and r["repeat_of"] is None
+            and which in r]
+    for key, target in TARGETS.items():
+        if key == "goodput":
+            g = start.get("goodput") or {}
+            if g.get("error_pct") is None:
+                continue
+            err = abs(g["error_pct"])
+            out[key] = {"worst_abs_error_pct": err, "floor_pct": None, "met": err <= target}
+            continue
+        worst = max((abs(r[which][key]["value"]) for r in rows), default=math.nan)
+        floor = abs(start["floor"].get(key, math.nan)) if start["floor"] else math.nan
+        allowed = max(target, FLOOR_RATIO * floor) if math.isfinite(floor) else target
+        out[key] = {"worst_abs_error_pct": worst, "floor_pct": floor,
+                    "ratio_to_floor": worst / floor if floor else None, "met": bool(worst <= allowed)}
+    return out
+
+
+def across_starts(starts: Sequence[dict[str, Any]], which: str = "one_time") -> dict[str, Any]:
+    """Per target measure, the mean over starts of each start's mean |error| over its predicted loads, with a 95%
+    t interval over starts."""
+    from scipy import stats as st
+
+    out: dict[str, Any] = {}
+    for key in (k for k in TARGETS if k != "goodput"):
+        per = []
+        for s in starts:
+            rows = [r for r in s["rows"] if r["load"] != s["calibrated_on"] and r["repeat_of"] is None and which in r]
+            if rows:
+                per.append(float(np.mean([abs(r[which][key]["value"]) for r in rows])))
+        if not per:
+            continue
+        mean = float(np.mean(per))
+        half = float(st.t.ppf(0.975, len(per) - 1) * np.std(per, ddof=1) / math.sqrt(len(per))) if len(per) > 1 \
+            else math.nan
+        out[key] = {"mean_abs_error_pct": mean, "lo": mean - half, "hi": mean + half, "starts": len(per)}
+    return out
+
+
+def save(result: dict[str, Any], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1, default=_default) + "\n")
+    return path
+
+
+def _default(v: Any) -> Any:
+    if isinstance(v, np.generic):
+        return v.item()
+    raise TypeError(type(v).__name__)
+
+
+def _ci(e: dict[str, float]) -> str:
+    return f"{e['value']:+.1f} [{e['lo']:+.1f}, {e['hi']:+.1f}]"
+
+
+def start_lines(start: dict[str, Any]) -> list[str]:
+    """The start's table as text lines: per load the one-time and followed errors, the floor, the mechanisms."""
+    keys = ("e2e_mean", "e2e_p90", "e2e_p99", "ttft_mean", "ttft_p90", "e2e_mape")
+    lines = ["load kind rate | " + " | ".join(keys) + " (one-time; followed below)"]
+    for r in start["rows"]:
+        tag = " (calibration)" if r["load"] == start["calibrated_on"] else (
+            f" (repeat of {r['repeat_of']})" if r["repeat_of"] is not None else "")
+        lines.append(f"{r['load']} {r['kind']}{tag} {r['rate_rps']:.1f}/s | "
+                     + " | ".join(_ci(r["one_time"][k]) for k in keys))
+        if "followed" in r:
+            lines.append(f"    followed (level {r['followed_level']:.3f}) | "
+                         + " | ".join(_ci(r["followed"][k]) for k in keys))
+        m = r.get("mechanisms") or {}
+        if m:
+            lines.append("    measured/predicted ms: " + ", ".join(
+                f"{k.replace('_ms', '')} {v['measured']:.1f}/{v['predicted']:.1f}" for k, v in m.items()
+                if isinstance(v, dict) and v.get("measured") is not None))
+        flagged = [w["t_s"] for w in r.get("drift", []) if w["flagged"]]
+        if flagged:
+            lines.append(f"    drift: windows flagged at {', '.join(f'{t:g}' for t in flagged)} s")
+    if start["floor"]:
+        lines.append("floor (repeat vs first, %): " + ", ".join(f"{k} {v:+.1f}" for k, v in start["floor"].items()))
+    g = start.get("goodput")
+    if g:
+        lines.append(f"goodput at TTFT <= {g['slo_ttft_ms']:g} ms, TPOT <= {g['slo_tpot_ms']:g} ms: measured "
+                     f"{'>= ' if g['measured_censored'] else ''}{g['measured_rps']:.1f} req/s, predicted "
+                     f"{'>= ' if g['predicted_censored'] else ''}{g['predicted_rps']:.1f} req/s")
+    v = verdict(start)
+    lines.append("targets (one-time): " + ", ".join(f"{k} {'met' if x['met'] else 'missed'} "
+                                                    f"({x['worst_abs_error_pct']:.1f}%)" for k, x in v.items()))
+    return lines
+
+
+def drift_plot(start: dict[str, Any], path: Path) -> Path:
+    """Signed error of the mean E2E per 10 s window over the server's life, one-time and followed, with the
+    calibration window's band; flagged windows in red."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(11, 3.8))
+    lo, hi = start["band_e2e_mean_pct"]
+    ax.axhspan(lo, hi, color="0.85", label="calibration window's 95% interval")
+    for key, color, label in (("drift", "C0", "one-time calibration"), ("drift_followed", "C1", "followed level")):
+        xs, ys, errs, flags = [], [], [], []
+        for r in start["rows"]:
+            t0 = r["minutes_since_healthy"] * 60
+            for w in r.get(key, []):
+                xs.append((t0 + w["t_s"]) / 60)
+                ys.append(w["error_pct"])
+                errs.append((w["error_pct"] - w["lo"], w["hi"] - w["error_pct"]))
+                flags.append(w["flagged"])
+        if not xs:
+            continue
+        ax.errorbar(xs, ys, yerr=np.array(errs).T, fmt="o", ms=3, color=color, label=label, alpha=0.8)
+        fx = [x for x, f in zip(xs, flags, strict=True) if f]
+        fy = [y for y, f in zip(ys, flags, strict=True) if f]
+        ax.plot(fx, fy, "x", color="red", ms=7)
+    for r in start["rows"]:
+        ax.axvline(r["minutes_since_healthy"], color="0.6", lw=0.6)
+        ax.text(r["minutes_since_healthy"], ax.get_ylim()[1], r["kind"], fontsize=7, va="top")
+    ax.axhline(0, color="k", lw=0.6)
+    ax.set_xlabel("minutes since the server was healthy")
+    ax.set_ylabel("E2E mean error per 10 s (%)")
+    ax.legend(fontsize=8, loc="lower left")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
