@@ -200,9 +200,10 @@ def run_simulate(o: SimulateOptions) -> None:
         summary["calibration"] = cal.model_dump(mode="json")
 
     def sim(reqs: list[Any], cfg: dict[str, Any]) -> tuple[Any, Any]:
-        """One workload on the engine: calibrated (level, front end) or with the serving overheads."""
+        """One workload on the engine: calibrated (level, per-iteration term, front end) or with the serving
+        overheads."""
         if cal is not None:
-            return run_workload(reqs, arrivals.engine, model, cfg, Overheads(), scale=cal.level,
+            return run_workload(reqs, arrivals.engine, model, cfg, cal.overheads(), scale=cal.level,
                                 frontend=cal.frontend())
         return run_workload(reqs, arrivals.engine, model, cfg, overheads)
 
@@ -224,16 +225,20 @@ def run_simulate(o: SimulateOptions) -> None:
 
 
 def fit_serving_overheads(model: Any, o: SimulateOptions) -> None:
-    """--fit-overheads: the serving overheads fitted on measured runs, saved as MODEL_DIR/serving.json."""
+    """--fit-overheads: the serving overheads fitted on measured runs (every load of a run of several, unless
+    --load names one: loads at different rates tell the per-iteration term from the per-sequence one), saved as
+    MODEL_DIR/serving.json."""
+    from estimator.data.runs import run_loads
     from estimator.sim import measured as meas
 
-    runs = [meas.load_measured(p, o.policy, o.load) for p in o.fit_overheads]
+    runs = [meas.load_measured(p, o.policy, i) for p in o.fit_overheads
+            for i in ([o.load] if o.load is not None else run_loads(p))]
     t0 = time.perf_counter()
     found = meas.fit_overheads(runs, model)
     found.save(o.model_dir)
     fit = found.fit or {}
     typer.echo(
-        f"overheads fitted on {len(runs)} run(s) in {time.perf_counter() - t0:.1f} s: "
+        f"overheads fitted on {len(runs)} load(s) in {time.perf_counter() - t0:.1f} s: "
         f"per iteration {found.iteration_ms:.3f} ms, per sequence in an iteration {found.sequence_ms:.3f} ms, "
         f"per request {found.request_ms:.2f} ms "
         f"(TTFT MAPE {fit.get('ttft_mape_pct', math.nan):.1f}%, end-to-end MAPE "

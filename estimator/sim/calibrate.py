@@ -4,18 +4,30 @@ A served load (`profile serve-bench`, one `loads/<i>/`: the client's per-request
 it ran on:
 - `level`: this start's speed as a ratio to the iteration model (every predicted iteration times `level`). On a
   shared CPU it moves from start to start and minute to minute (docs/simulate.md); only the server can tell it.
+- `iteration_ms`, `sequence_ms`: what the serving engine core spends per iteration and per sequence in it that the
+  model, trained on replays, does not hold (scheduling, output processing, the hand-off to the front end). They are
+  the serving software's costs on this machine, not this start's: fitted once across loads of different rates
+  (`estimate simulate MODEL --fit-overheads RUN`, into MODEL/serving.json) and copied from there. One window at one
+  rate cannot tell them from the level: a level fitted in their place weighs small (light-load) iterations as much as
+  large ones, is too high at a heavier load, and near capacity that error is amplified (docs/simulate.md).
 - `frontend_request_ms`, `frontend_token_ms`: the API server's own work per request (parse, tokenize) and per
-  streamed token (detokenize, stream), as a FIFO queue on one CPU (estimator/sim/scheduler.py `Frontend`).
+  streamed token (detokenize, stream), as a FIFO queue on one CPU (estimator/sim/scheduler.py `Frontend`). Their
+  sum over the window is the API server process's measured CPU time (serve-bench keeps it per load).
+- `request_ms`: what remains of the TTFT as a constant that does not queue (HTTP, the client's own handling).
 
-The fit: for each (per-request, per-token) pair on a grid (refined around its best point), the level that makes the
-simulated mean TPOT equal the measured one (a bracketed secant: mean TPOT grows with the level); the pair whose
-simulation has the lowest mean of per-request TTFT and end-to-end MAPE wins. A calibration replaces the
-`serving.json` overheads (`--fit-overheads`, `--gap-overheads`): it is one way to give them, fitted on the server
-being predicted, and it carries the engine limits and the config, so `estimate simulate --calibration CAL` needs
-neither `--engine` nor `--config`.
+The fit: the level that makes the simulated mean TPOT equal the measured one (a bracketed secant: mean TPOT grows
+with the level), the front end left out; then the front end's measured CPU time over the window is split between
+per request and per token on a grid (without CPU figures: a grid over both costs), each split simulated with the
+constant that matches the TTFT mean; the split with the lowest mean |error| of the TTFT mean and p90 and the E2E
+mean wins; then the level is solved again with it.
 
-`follow_level` re-fits the level alone on the newest client results (the front end's costs kept): following the
-server as it moves.
+A calibration takes serving.json's per-step terms and replaces its per-request constant with the front end's queue:
+with `--calibration`, serving.json is not read again (`--fit-overheads`, `--gap-overheads`, `--no-overheads` are
+refused beside it). It carries the engine limits and the config, so
+`estimate simulate --calibration CAL` needs neither `--engine` nor `--config`.
+
+`follow_level` re-fits the level alone on the newest client results (the other terms kept): following the server
+as it moves.
 """
 
 from __future__ import annotations
@@ -55,6 +67,10 @@ class Calibration(StrictModel):
     config: dict[str, Any]  # the model config it predicts (tier, dtype, ...)
     engine: dict[str, Any]  # the replica's EngineConfig fields (engine limits and policy)
     level: float  # iteration times x level
+    iteration_ms: float = 0.0  # added to every iteration (after the level): serving.json's, not fitted here
+    sequence_ms: float = 0.0  # added per sequence in an iteration: serving.json's
+    request_ms: float = 0.0  # a constant added to every TTFT and E2E (HTTP, the client): it does not queue
+    steps_from: str = ""  # where the per-step terms came from
     frontend_request_ms: float
     frontend_token_ms: float
     window_s: float  # the client results' span it was fitted on
@@ -68,6 +84,10 @@ class Calibration(StrictModel):
 
     def frontend(self) -> Frontend:
         return Frontend(self.frontend_request_ms, self.frontend_token_ms)
+
+    def overheads(self) -> Overheads:
+        return Overheads(iteration_ms=self.iteration_ms, sequence_ms=self.sequence_ms, request_ms=self.request_ms,
+                         fitted_on=self.steps_from)
 
     def save(self, folder: Path) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
@@ -88,15 +108,16 @@ class Calibration(StrictModel):
             raise EstimatorError(f"{f}: {one_line_validation_error(exc)}") from None
         except (OSError, ValueError) as exc:
             raise EstimatorError(f"{f}: unreadable calibration ({exc})") from None
-        if not (cal.level > 0 and cal.frontend_request_ms >= 0 and cal.frontend_token_ms >= 0):
-            raise EstimatorError(f"{f}: level must be > 0 and the front end's costs >= 0")
+        if not (cal.level > 0 and min(cal.iteration_ms, cal.sequence_ms, cal.request_ms, cal.frontend_request_ms,
+                                       cal.frontend_token_ms) >= 0):
+            raise EstimatorError(f"{f}: level must be > 0, the per-step terms and the front end's costs >= 0")
         return cal
 
 
 def predict(model: IterationEstimator, cal: Calibration, requests: Sequence[Request],
             level: float | None = None) -> pd.DataFrame:
     """Per-request predictions of `requests` on the calibrated server (the calibration's level, or `level`)."""
-    frame, _ = run_workload(requests, cal.engine_config(), model, cal.config, Overheads(),
+    frame, _ = run_workload(requests, cal.engine_config(), model, cal.config, cal.overheads(),
                             scale=cal.level if level is None else level, frontend=cal.frontend())
     return frame
 
@@ -163,22 +184,31 @@ def solve_level(model: IterationEstimator, cal: Calibration, requests: Sequence[
 
 def _score(model: IterationEstimator, cal: Calibration, requests: Sequence[Request],
            measured: pd.DataFrame) -> tuple[float, dict[str, float]]:
+    """The window's fit: the mean of |relative error| of the TTFT mean and p90 and the E2E mean (the statistics the
+    targets name; a per-request MAPE would favour predicting low), with the per-request MAPEs reported beside."""
     pairs = paired(predict(model, cal, requests), measured)
-    ttft = np.abs(pairs["ttft_ms"] - pairs["ttft_ms_measured"]) / pairs["ttft_ms_measured"]
-    e2e = np.abs(pairs["e2e_ms"] - pairs["e2e_ms_measured"]) / pairs["e2e_ms_measured"]
+
+    def err(col: str, stat: Any) -> float:
+        return float((stat(pairs[col]) / stat(pairs[f"{col}_measured"]) - 1) * 100)
+
     parts = {
-        "ttft_mape_pct": float(ttft.mean() * 100),
-        "e2e_mape_pct": float(e2e.mean() * 100),
-        "ttft_mean_error_pct": float((pairs["ttft_ms"].mean() / pairs["ttft_ms_measured"].mean() - 1) * 100),
-        "e2e_mean_error_pct": float((pairs["e2e_ms"].mean() / pairs["e2e_ms_measured"].mean() - 1) * 100),
+        "ttft_mape_pct": float((np.abs(pairs["ttft_ms"] - pairs["ttft_ms_measured"]) / pairs["ttft_ms_measured"]).mean()
+                               * 100),
+        "e2e_mape_pct": float((np.abs(pairs["e2e_ms"] - pairs["e2e_ms_measured"]) / pairs["e2e_ms_measured"]).mean()
+                              * 100),
+        "ttft_mean_error_pct": err("ttft_ms", np.mean),
+        "ttft_p90_error_pct": err("ttft_ms", lambda v: np.percentile(v, 90)),
+        "e2e_mean_error_pct": err("e2e_ms", np.mean),
     }
-    return (parts["ttft_mape_pct"] + parts["e2e_mape_pct"]) / 2, parts
+    score = sum(abs(parts[k]) for k in ("ttft_mean_error_pct", "ttft_p90_error_pct", "e2e_mean_error_pct")) / 3
+    return score, parts
 
 
 def calibrate(model: IterationEstimator, model_dir: Path, run: MeasuredRun, config: dict[str, Any] | None = None,
               start_s: float = 0.0, span_s: float | None = None, grid: int = 6,
               min_window_s: float = MIN_WINDOW_S) -> Calibration:
-    """Fit the level and the front end's costs on one window of a served load (module docstring)."""
+    """Fit the level, the per-iteration term and the front end's costs on one window of a served load (module
+    docstring)."""
     requests, measured = window_of(run, start_s, span_s)
     measured = _ok(measured)
     span = requests[-1].arrival_s if requests else 0.0
@@ -190,44 +220,96 @@ def calibrate(model: IterationEstimator, model_dir: Path, run: MeasuredRun, conf
     cfg = dict(config or run.config)
     model.coefficients(cfg)  # an unknown config fails here, naming the trained ones
     tpot = float(measured["tpot_ms"].dropna().mean())
-    ttft_low = float(np.percentile(measured["ttft_ms"], 10))
-    itl_low = _itl_low(measured)
     base = Calibration(
         model=str(model_dir), run=str(run.path), load=run.load, config=cfg,
         engine={**asdict(run.engine)}, level=1.0, frontend_request_ms=0.0, frontend_token_ms=0.0,
         window_s=span, window_start_s=start_s, requests=len(measured), fit={}, created_at=utc_now(),
     )
+    steps = Overheads.load(model_dir)  # the serving software's per-step costs (estimate simulate --fit-overheads)
+    base = base.model_copy(update={"iteration_ms": steps.iteration_ms, "sequence_ms": steps.sequence_ms,
+                                   "steps_from": steps.fitted_on or "none (no serving.json: 0)"})
+    base = base.model_copy(update={"level": solve_level(model, base, requests, tpot)})
     best: tuple[float, Calibration, dict[str, float]] | None = None
-    req_top, tok_top = 0.8 * ttft_low, 0.8 * itl_low
     tried = 0
+    tokens = float(measured["new_tokens"].sum())
+    cpu_ms = _frontend_cpu_ms(run, len(measured))
 
     def attempt(req_ms: float, tok_ms: float) -> None:
         nonlocal best, tried
         trial = base.model_copy(update={"frontend_request_ms": req_ms, "frontend_token_ms": tok_ms,
-                                        "level": best[1].level if best else 1.0})
-        trial = trial.model_copy(update={"level": solve_level(model, trial, requests, tpot)})
+                                        "request_ms": 0.0})
+        gap = float(measured["ttft_ms"].mean() - predict(model, trial, requests)["ttft_ms"].mean())
+        trial = trial.model_copy(update={"request_ms": max(0.0, gap)})  # a constant adds exactly
         score, parts = _score(model, trial, requests, measured)
         tried += 1
         if best is None or score < best[0]:
             best = (score, trial, parts)
 
-    reqs, toks = np.linspace(0.0, req_top, grid), np.linspace(0.0, tok_top, grid)
-    for req_ms in reqs:
-        for tok_ms in toks:
-            attempt(float(req_ms), float(tok_ms))
+    if cpu_ms is not None:  # the front end's measured CPU, split between per request and per token
+        shares = np.linspace(0.0, 1.0, 2 * grid - 1)
+        for f in shares:
+            attempt(float(f * cpu_ms / len(measured)), float((1 - f) * cpu_ms / max(tokens, 1.0)))
+        how = (f"front end: its measured CPU ({cpu_ms:.0f} ms over the window) split between per request and per "
+               "token on a grid")
+    else:  # no CPU figures (a run from before they were kept): a grid over both costs
+        req_top, tok_top = 0.8 * float(np.percentile(measured["ttft_ms"], 10)), 0.8 * _itl_low(measured)
+        reqs, toks = np.linspace(0.0, req_top, grid), np.linspace(0.0, tok_top, grid)
+        for req_ms in reqs:
+            for tok_ms in toks:
+                attempt(float(req_ms), float(tok_ms))
+        how = "front end: grid over its per-request and per-token costs (no CPU figures in the run)"
     assert best is not None
-    d_req, d_tok = reqs[1] - reqs[0], toks[1] - toks[0]
-    c_req, c_tok = best[1].frontend_request_ms, best[1].frontend_token_ms
-    for req_ms in np.linspace(max(0.0, c_req - d_req), c_req + d_req, 5):
-        for tok_ms in np.linspace(max(0.0, c_tok - d_tok), c_tok + d_tok, 5):
-            attempt(float(req_ms), float(tok_ms))
-    score, found, parts = best
+    found = best[1]
+    found = found.model_copy(update={"level": solve_level(model, found, requests, tpot)})
+    score, parts = _score(model, found, requests, measured)
     return found.model_copy(update={"fit": {
         "score_pct": score, **parts, "tpot_mean_measured_ms": tpot, "candidates": tried,
-        "grid_request_ms_top": req_top, "grid_token_ms_top": tok_top,
-        "method": "grid over the front end's costs; for each, the level matching the measured mean TPOT; "
-                  "lowest mean of per-request TTFT and E2E MAPE",
+        "frontend_cpu_ms": cpu_ms,
+        "method": f"per-step terms from serving.json; level matching the measured mean TPOT; {how}, each with the "
+                  "constant latency that matches the TTFT mean; lowest mean |error| of the TTFT mean and p90 and the "
+                  "E2E mean wins; then the level again",
     }})
+
+
+def _frontend_cpu_ms(run: MeasuredRun, requests: int) -> float | None:
+    """The API server's CPU time (ms) over the load (server_metrics.json `cpu_s`), scaled to the window's share of
+    the load's requests; None when the run did not keep it."""
+    figures = run.server_figures() or {}
+    cpu = (figures.get("cpu_s") or {}).get("api_server")
+    if cpu is None or not len(run.requests):
+        return None
+    return float(cpu) * 1e3 * requests / len(run.requests)
+
+
+def fit_steps(model: IterationEstimator, model_dir: Path, runs: Sequence[MeasuredRun],
+              config: dict[str, Any] | None = None, grid: int = 16) -> Overheads:
+    """The serving software's per-iteration term, fitted on loads of different rates served on one start: the term
+    at which one level explains every load's mean TPOT (for each candidate on a grid, 0 to 1.5x the median modeled
+    iteration, the level is solved per load; the candidate whose levels spread least, in log, wins). Returned as
+    serving overheads (the per-request constant 0: a calibration's front end carries it)."""
+    if len(runs) < 2:
+        raise EstimatorError("fitting the per-iteration term needs at least 2 loads at different rates (one load "
+                             "cannot tell it from the level)")
+    cfg = dict(config or runs[0].config)
+    model.coefficients(cfg)
+    _, sim = run_workload(runs[0].workload, runs[0].engine, model, cfg, Overheads(), keep_steps=True)
+    top = 1.5 * float(np.median([st.t_end_s - st.t_start_s for st in sim.steps])) * 1e3 if sim.steps else 1.0
+    base = [Calibration(model=str(model_dir), run=str(r.path), load=r.load, config=cfg, engine={**asdict(r.engine)},
+                        level=1.0, frontend_request_ms=0.0, frontend_token_ms=0.0, window_s=0.0, requests=0, fit={},
+                        created_at=utc_now()) for r in runs]
+    tpots = [float(_ok(r.requests)["tpot_ms"].dropna().mean()) for r in runs]
+    rows = []
+    for over in np.linspace(0.0, top, grid):
+        levels = [solve_level(model, b.model_copy(update={"iteration_ms": float(over)}), r.workload, t)
+                  for b, r, t in zip(base, runs, tpots, strict=True)]
+        rows.append((float(np.std(np.log(levels))), float(over), levels))
+    spread, over, levels = min(rows)
+    return Overheads(iteration_ms=over, fitted_on=", ".join(r.label for r in runs), fit={
+        "method": "per-iteration term at which one level explains every load's mean TPOT (least spread of the "
+                  "per-load levels, in log)",
+        "levels": levels, "level_spread_log": spread, "grid_top_ms": top,
+        "tpot_mean_measured_ms": tpots, "candidates": [[o, lv] for _, o, lv in rows],
+    })
 
 
 def _itl_low(measured: pd.DataFrame) -> float:
@@ -239,8 +321,8 @@ def _itl_low(measured: pd.DataFrame) -> float:
 
 
 def follow_level(model: IterationEstimator, cal: Calibration, run: MeasuredRun, last_s: float = 30.0) -> float:
-    """The level re-fitted on the last `last_s` seconds of arrivals of a measured load (the front end's costs
-    kept): what a live follower knows when the next load starts."""
+    """The level re-fitted on the last `last_s` seconds of arrivals of a measured load (the per-iteration term and
+    the front end's costs kept): what a live follower knows when the next load starts."""
     end = run.workload[-1].arrival_s if run.workload else 0.0
     requests, measured = window_of(run, max(0.0, end - last_s))
     measured = _ok(measured)

@@ -199,6 +199,25 @@ class Server:
     def metrics(self) -> str:
         return _get(self.base_url + "/metrics", 10.0)
 
+    def cpu_s(self) -> dict[str, float]:
+        """CPU seconds (user + system) so far of the API server process (the front end: HTTP, tokenizing,
+        detokenizing, streaming) and of its descendants (the engine core and its workers); {} when unreadable."""
+        import psutil
+
+        if self.proc is None:
+            return {}
+        try:
+            front = psutil.Process(self.proc.pid)
+            t = front.cpu_times()
+            engine = 0.0
+            for child in front.children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    c = child.cpu_times()
+                    engine += c.user + c.system
+            return {"api_server": t.user + t.system, "engine": engine}
+        except psutil.Error:
+            return {}
+
     def models(self) -> dict[str, Any]:
         data: dict[str, Any] = json.loads(_get(self.base_url + "/v1/models", 10.0))
         return data
@@ -397,6 +416,7 @@ def run_load(server: Server, load: Load, folder: Path, name: str, model_dir: Pat
     write_trace(folder / TRACE_NAME, load.requests)
     started_at, t0 = utc_now(), time.monotonic()
     scraper = Scraper(server, folder / SCRAPES_NAME)
+    cpu_first = server.cpu_s()
     first = scraper.scrape()
     with scraper, (folder / CLIENT_LOG).open("wb") as log:
         client = subprocess.Popen(
@@ -423,11 +443,12 @@ def run_load(server: Server, load: Load, folder: Path, name: str, model_dir: Pat
         raise ServeError(f"vllm bench serve exited with code {client.returncode} in load {load.name!r} "
                          f"(see {folder / CLIENT_LOG})")
     last = scraper.scrape()
+    cpu_last = server.cpu_s()
     detail = json.loads((folder / CLIENT_NAME).read_text())
     frame = requests_from_client(detail, load.requests)
     window_s = time.monotonic() - t0
     figures = {"window_s": window_s, "scrapes": scraper.count, "scrape_failures": scraper.failures,
-               **window(first, last)}
+               "cpu_s": {k: cpu_last[k] - cpu_first[k] for k in cpu_last if k in cpu_first}, **window(first, last)}
     (folder / SERVER_FIGURES).write_text(json.dumps(figures, indent=1) + "\n")
     ok = int(frame["ok"].sum())
     error = None
