@@ -23,6 +23,7 @@ HISTOGRAMS = (
     "vllm:request_inference_time_seconds",
     "vllm:request_prefill_time_seconds",
     "vllm:request_decode_time_seconds",
+    "vllm:iteration_tokens_total",  # tokens per engine iteration: its count is the load's number of iterations
 )
 COUNTERS = ("vllm:prompt_tokens_total", "vllm:generation_tokens_total", "vllm:num_preemptions_total",
             "vllm:request_success_total")

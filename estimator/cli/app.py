@@ -313,6 +313,15 @@ def validate(
     from estimator.study.batch import validate_iterations, write_json
 
     def go() -> None:
+        from estimator.data.runs import read_manifest
+        from estimator.errors import EstimatorError
+
+        for run in runs:
+            if read_manifest(run).get("kind") == "serve-bench":
+                raise EstimatorError(
+                    f"{run} is a serve-bench run: a server reports no iterations to validate against; compare whole "
+                    f"requests with estimate experiment simulate-validate MODEL {run} [--load i]"
+                )
         result, rows = validate_iterations(model, runs)
         folder = out or runs[0] / "validation"
         typer.echo(

@@ -87,13 +87,15 @@ def simulate_validate(
     plots: Annotated[Path | None, typer.Option(help="Folder for CDF plots, one per workload kind.")] = None,
     calibrate: Annotated[bool, typer.Option("--calibrate", help="Replays: scale the iteration model by each run's "
                                                                 "own engine-start speed (an oracle).")] = False,
+    load: Annotated[int | None, typer.Option(help="Which load of serve-bench runs of several [default: each].")]
+    = None,
 ) -> None:
     """The simulator against measured runs: E2E and TTFT MAPE, errors of mean/p50/p90/p99 with 95% intervals."""
     from estimator.sim.measured import cdf_plot
     from estimator.sim.validation import ci_text, save_validation, validate_simulation
 
     def go() -> None:
-        result, pooled = validate_simulation(model, runs, calibrate=calibrate)
+        result, pooled = validate_simulation(model, runs, calibrate=calibrate, load=load)
         o = result.overheads
         typer.echo(f"overheads: per iteration {o['iteration_ms']:.3f} ms, per sequence {o['sequence_ms']:.3f} ms, "
                    f"per request {o['request_ms']:.2f} ms (fitted on {o['fitted_on'] or 'nothing'})")

@@ -50,6 +50,11 @@ def report(
         typer.Option(help="The scheduler experiment's results.json (profile experiment scheduler): adds the "
                      "scheduling section (goodput per policy on the real engine, attainment against rate)."),
     ] = None,
+    calibration: Annotated[
+        Path | None,
+        typer.Option(help="The calibration study's JSON (estimate experiment calibration --json): adds the section "
+                     "on predicting a live server from one calibrated window (drift-*.png beside it are shown)."),
+    ] = None,
 ) -> None:
     """Write a self-contained HTML report (figures inlined) and its Markdown twin for one or more runs."""
     from estimator.report.build import ReportSpec, write_report
@@ -66,6 +71,7 @@ def report(
             batch=list(batch or []),
             simulation=simulation,
             scheduler=scheduler,
+            calibration=calibration,
         )
         files = write_report(spec, progress=lambda msg: typer.echo(f"  {msg}", err=True))
         typer.echo(f"wrote {files.html} (self-contained) and {files.markdown} (+{len(files.images)} PNG files)")

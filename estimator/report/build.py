@@ -59,6 +59,7 @@ class ReportSpec(RunsSpec):
     batch: list[Path] = []  # batch runs whose batch/ and validation/ outputs add the batch-level section
     simulation: Path | None = None  # a simulation validation JSON (estimate experiment simulate-validate --json)
     scheduler: Path | None = None  # the scheduler experiment's results.json (profile experiment scheduler)
+    calibration: Path | None = None  # the calibration study's JSON (estimate experiment calibration --json)
     title: str | None = None
 
     @field_validator("model")
@@ -171,6 +172,16 @@ def build_report(spec: ReportSpec, progress: Callable[[str], None] | None = None
         except EstimatorError as exc:
             sim = str(exc)
         sections.append(simulation_section(sim))
+    if spec.calibration is not None:
+        say("calibration")
+        from estimator.report.sections.calibration import calibration_section, load_calibration_study
+
+        try:
+            study: dict[str, Any] | str = load_calibration_study(spec.calibration)
+        except EstimatorError as exc:
+            study = str(exc)
+        drift = {p.stem.removeprefix("drift-"): p.read_bytes() for p in spec.calibration.parent.glob("drift-*.png")}
+        sections.append(calibration_section(study, drift))
     if spec.scheduler is not None:
         say("scheduling")
         try:

@@ -25,6 +25,7 @@ SECTIONS: dict[str, str] = {
     "importance": "Feature importance",
     "batch": "Batch level: engine iterations under continuous batching",
     "simulation": "Workload simulation against replays and a live server",
+    "calibration": "Calibrated on the running server: loads it never saw",
     "scheduling": "Scheduling by predicted latency on the real engine",
     "nightly": "Nightly trend",
 }  # page order, except that the nightly section (only with a history or summary) comes right after the glance

@@ -109,6 +109,7 @@ class RequestTrace:
     preemptions: int = 0
     ready_s: float | None = None
     delivered_s: list[float] = field(default_factory=list)
+    queued_s: float | None = None  # when the engine took it into its waiting queue (between iterations)
 
     @property
     def client_times_s(self) -> list[float]:
@@ -290,6 +291,7 @@ def simulate(
         while nxt < len(ordered) and ready[ordered[nxt]] <= t_sched:
             i = ordered[nxt]
             waiting.add(_Req(arrivals[i], i, traces[i]))
+            traces[i].queued_s = t
             nxt += 1
         if measured_windows is not None and n_iter < len(measured_windows) and measured_windows[n_iter][0] > t:
             t = measured_windows[n_iter][0]

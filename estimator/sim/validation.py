@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 from pydantic import ValidationError
 
+from estimator.data.runs import run_loads
 from estimator.errors import EstimatorError, one_line_validation_error
 from estimator.model.iteration import IterationEstimator
 from estimator.sim.measured import compare, load_measured, paired
@@ -101,26 +102,28 @@ def engine_start_scale(run_dir: Path, model: IterationEstimator, config: dict[st
 
 
 def validate_simulation(
-    model_dir: Path, runs: Sequence[Path], calibrate: bool = False
+    model_dir: Path, runs: Sequence[Path], calibrate: bool = False, load: int | None = None
 ) -> tuple[SimulationValidation, dict[str, pd.DataFrame]]:
-    """Simulate each run's workload on its engine with the model (and its serving.json), compare; rows per run,
-    then per workload kind (the run folder's name up to its last '-', all seeds pooled). Also returns the pooled
-    request pairs per kind (for CDF plots). `calibrate` (replays only): the iteration model scaled by each run's
-    `engine_start_scale`, the oracle experiment of docs/simulate.md."""
+    """Simulate each run's workload on its engine with the model (and its serving.json), compare; rows per run
+    (per load of a serve-bench run of several: `load`, or every one), then per workload kind (the run folder's name
+    up to its last '-', all seeds pooled). Also returns the pooled request pairs per kind (for CDF plots).
+    `calibrate` (replays only): the iteration model scaled by each run's `engine_start_scale`, the oracle experiment
+    of docs/simulate.md."""
     model = IterationEstimator.load(model_dir)
     overheads = Overheads.load(model_dir)
     rows: list[SimulationRow] = []
     pooled: dict[str, list[pd.DataFrame]] = {}
     sources: dict[str, str] = {}
-    for path in runs:
-        m = load_measured(path)
+    for path, i in [(p, i) for p in runs for i in ([load] if load is not None else run_loads(p))]:
+        m = load_measured(path, load=i)
+        name = m.label
         scale = engine_start_scale(path, model, m.config) if calibrate and m.kind == "replay" else 1.0
         sim, _ = run_workload(m.workload, m.engine, model, m.config, overheads, scale=scale)
         pairs = paired(sim, m.requests)
         key = f"{m.kind}:{path.name.rsplit('-', 1)[0]}"
         pooled.setdefault(key, []).append(pairs)
         sources[key] = m.kind
-        rows.append(row_of(path.name + (f" (x{scale:.2f})" if scale != 1.0 else ""), m.kind, pairs))
+        rows.append(row_of(name + (f" (x{scale:.2f})" if scale != 1.0 else ""), m.kind, pairs))
     joined = {k: pd.concat(v) for k, v in pooled.items()}
     for key, pairs in joined.items():
         if len(pooled[key]) > 1:

@@ -103,8 +103,9 @@ def arrivals_of(requests: Sequence[Request], priorities: Sequence[int] | None = 
 
 def request_frame(run: SimulationRun, overheads: Overheads) -> pd.DataFrame:
     """Per request: queue, TTFT, TPOT, end-to-end (ms, vLLM's benchmark's definitions), token times, preemptions;
-    with a front end also `frontend_ms` (arrival to the engine), `engine_queue_ms` (from there to the first step,
-    as the server's `vllm:request_queue_time_seconds`) and `server_ttft_ms` (from reaching the engine to the
+    with a front end also `frontend_ms` (arrival to the engine), `engine_queue_ms` (from there to the first step
+    that held it), `server_queue_ms` (from the engine taking it into its waiting queue, between iterations, to that
+    step: the server's `vllm:request_queue_time_seconds`) and `server_ttft_ms` (from reaching the engine to the
     first token streamed, as `vllm:time_to_first_token_seconds`)."""
     rows = []
     extra = overheads.request_ms
@@ -136,9 +137,11 @@ def request_frame(run: SimulationRun, overheads: Overheads) -> pd.DataFrame:
 def _server_side(tr: Any) -> dict[str, float]:
     ready = tr.ready_s if tr.ready_s is not None else tr.request.arrival_s
     first = tr.first_scheduled_s if tr.first_scheduled_s is not None else ready
+    queued = tr.queued_s if tr.queued_s is not None else ready
     return {
         "frontend_ms": (ready - tr.request.arrival_s) * 1e3,
         "engine_queue_ms": (first - ready) * 1e3,
+        "server_queue_ms": (first - queued) * 1e3,
         "server_ttft_ms": (tr.client_times_s[0] - ready) * 1e3 if tr.client_times_s else math.nan,
     }
 

@@ -11,8 +11,10 @@ Per server start (a `profile serve-bench` run of several loads, named by their w
   over requests, beside the floor and as a ratio to it; goodput at an SLO over the Poisson loads.
 - **Mechanisms** against the server's own histograms over each load (`server_metrics.json`): the server's TTFT
   (`vllm:time_to_first_token_seconds`) and queue time (`vllm:request_queue_time_seconds`) against the replica's
-  `server_ttft_ms` and `engine_queue_ms`, and the client's TTFT minus the server's (the front end's share)
-  against the replica's `frontend_ms`.
+  `server_ttft_ms` and `server_queue_ms` (its p90 is not compared: the histogram's first bucket is 300 ms wide), the
+  late join (the wait for the iteration in flight, which the server's queue time leaves out), and the client's
+  TTFT minus the server's (the front end's share) against the replica's client TTFT minus its `server_ttft_ms`
+  (its front-end queue and the constant; the queue alone is reported as `frontend_queue_mean_ms`).
 - **Drift**: per 10 s window of arrivals, the signed error of the mean E2E with its interval, flagged where the
   interval leaves the calibration window's own.
 """
@@ -80,10 +82,10 @@ def floor_of(first: MeasuredRun, repeat: MeasuredRun) -> dict[str, float]:
 
 def mechanisms(run: MeasuredRun, pred: pd.DataFrame) -> dict[str, Any]:
     """The replica's server-side parts against the server's histograms over the load (ms)."""
-    figures = run.server_figures()
-    if not figures:
-        return {}
-    h = figures["histograms"]
+    figures = run.server_figures() or {}
+    h = figures.get("histograms") or {}
+    if not {"vllm:time_to_first_token_seconds", "vllm:request_queue_time_seconds"} <= set(h):
+        return {}  # a run from before the histograms were kept
     ttft_h, queue_h = h["vllm:time_to_first_token_seconds"], h["vllm:request_queue_time_seconds"]
     client_ttft = run.requests["ttft_ms"].to_numpy(dtype=float)
     return {
@@ -92,10 +94,12 @@ def mechanisms(run: MeasuredRun, pred: pd.DataFrame) -> dict[str, Any]:
                                "predicted": float(pred["ttft_ms"].quantile(0.9))},
         "server_ttft_mean_ms": {"measured": ttft_h["mean_ms"], "predicted": float(pred["server_ttft_ms"].mean())},
         "server_ttft_p90_ms": {"measured": ttft_h["p90_ms"], "predicted": float(pred["server_ttft_ms"].quantile(0.9))},
-        "queue_mean_ms": {"measured": queue_h["mean_ms"], "predicted": float(pred["engine_queue_ms"].mean())},
-        "queue_p90_ms": {"measured": queue_h["p90_ms"], "predicted": float(pred["engine_queue_ms"].quantile(0.9))},
+        "queue_mean_ms": {"measured": queue_h["mean_ms"], "predicted": float(pred["server_queue_ms"].mean())},
+        "late_join_mean_ms": {"measured": None, "predicted": float(pred["engine_queue_ms"].mean()
+                                                                    - pred["server_queue_ms"].mean())},
         "frontend_mean_ms": {"measured": float(np.nanmean(client_ttft)) - (ttft_h["mean_ms"] or math.nan),
-                             "predicted": float(pred["frontend_ms"].mean())},
+                             "predicted": float((pred["ttft_ms"] - pred["server_ttft_ms"]).mean())},
+        "frontend_queue_mean_ms": {"measured": None, "predicted": float(pred["frontend_ms"].mean())},
         "histogram_requests": ttft_h["count"],
     }
 
@@ -174,7 +178,9 @@ def study_start(model: IterationEstimator, model_dir: Path, run_dir: Path, calib
     else:
         floor = {}
     out: dict[str, Any] = {"run": str(run_dir), "calibrated_on": c, "calibration": cal.model_dump(mode="json"),
-                           "band_e2e_mean_pct": list(band), "floor": floor, "rows": rows}
+                           "band_e2e_mean_pct": list(band), "floor": floor, "rows": rows,
+                           "holds_min": {w: holds_min(rows, c, key) for w, key in (("one_time", "drift"),
+                                                                                  ("followed", "drift_followed"))}}
     if slo is not None:
         poisson = [r for r in rows if r["kind"] == calibrate_on or r["kind"].startswith("rate")]
         poisson = [r for r in poisson if r["repeat_of"] is None]
@@ -186,6 +192,18 @@ def study_start(model: IterationEstimator, model_dir: Path, run_dir: Path, calib
                           "predicted_censored": gp.censored,
                           "error_pct": (gp.rate_rps / gm.rate_rps - 1) * 100 if gm.rate_rps > 0 else None}
     return out
+
+
+def holds_min(rows: Sequence[dict[str, Any]], calibrated_on: int, key: str = "drift") -> dict[str, Any]:
+    """How long the calibration held: minutes from the end of the calibration load to the first later 10 s window
+    flagged by the drift check, and the share of later windows flagged (`first_flag_min` None: none was)."""
+    cal = rows[calibrated_on]
+    end = cal["minutes_since_healthy"] + (max((w["t_s"] for w in cal.get("drift", [])), default=0.0) + WINDOW_S) / 60
+    later = [(r["minutes_since_healthy"] + w["t_s"] / 60, w["flagged"]) for r in rows if r["load"] > calibrated_on
+             for w in r.get(key, [])]
+    first = min((t for t, f in later if f), default=None)
+    return {"first_flag_min": None if first is None else max(0.0, first - end),
+            "flagged_share": float(np.mean([f for _, f in later])) if later else None, "windows": len(later)}
 
 
 def verdict(start: dict[str, Any], which: str = "one_time") -> dict[str, Any]:
@@ -274,6 +292,11 @@ def start_lines(start: dict[str, Any]) -> list[str]:
         lines.append(f"goodput at TTFT <= {g['slo_ttft_ms']:g} ms, TPOT <= {g['slo_tpot_ms']:g} ms: measured "
                      f"{'>= ' if g['measured_censored'] else ''}{g['measured_rps']:.1f} req/s, predicted "
                      f"{'>= ' if g['predicted_censored'] else ''}{g['predicted_rps']:.1f} req/s")
+    for w, h in (start.get("holds_min") or {}).items():
+        if h.get("windows"):
+            first = "never" if h["first_flag_min"] is None else f"after {h['first_flag_min']:.1f} min"
+            lines.append(f"drift ({w.replace('_', '-')}): first window out of the calibration's band {first}; "
+                         f"{h['flagged_share'] * 100:.0f}% of {h['windows']} later windows flagged")
     v = verdict(start)
     lines.append("targets (one-time): " + ", ".join(f"{k} {'met' if x['met'] else 'missed'} "
                                                     f"({x['worst_abs_error_pct']:.1f}%)" for k, x in v.items()))
