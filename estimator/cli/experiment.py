@@ -154,9 +154,10 @@ def calibration(
                 typer.echo("  " + line)
             if plots is not None:
                 typer.echo(f"  wrote {study.drift_plot(s, plots / f'drift-{run.name}.png')}")
-        across = {w: study.across_starts(starts, w) for w in ("one_time", "followed")}
+        ways = ("one_time", "followed", "oracle")
+        across = {w: study.across_starts(starts, w) for w in ways}
         result = {"model": str(model), "calibrate_on": calibrate_on, "follow_s": follow_s, "starts": starts,
-                  "verdicts": {w: [study.verdict(s, w) for s in starts] for w in ("one_time", "followed")},
+                  "verdicts": {w: [study.verdict(s, w) for s in starts] for w in ways},
                   "across_starts": across, "targets": study.TARGETS}
         for w, figures in across.items():
             typer.echo(f"across {len(starts)} start(s), {w.replace('_', '-')}: mean |error| % [95% t interval]: "

@@ -7,6 +7,8 @@ Per server start (a `profile serve-bench` run of several loads, named by their w
   server's own floor**: each statistic's repeat-to-repeat error.
 - Every other load is predicted twice: with the one-time calibration, and **followed**: the level re-fitted on the
   last 30 s of the load before it (what a live follower knows when the load starts; the front end's costs kept).
+  A third prediction, the **oracle**, takes the level the load itself needed (its own mean TPOT, known only after
+  it ran): what is left of its error is not the level's drift but the model's shape and the server's noise.
 - Each prediction error (E2E mean/p90/p99, TTFT mean/p90, per-request E2E MAPE), with its 95% bootstrap interval
   over requests, beside the floor and as a ratio to it; goodput at an SLO over the Poisson loads.
 - **Mechanisms** against the server's own histograms over each load (`server_metrics.json`): the server's TTFT
@@ -34,7 +36,7 @@ from contract.slo import goodput, meets_slo
 from estimator.data.runs import run_loads
 from estimator.errors import EstimatorError
 from estimator.model.iteration import IterationEstimator
-from estimator.sim.calibrate import calibrate, follow_level, predict
+from estimator.sim.calibrate import calibrate, follow_level, predict, solve_level
 from estimator.sim.measured import MeasuredRun, compare, load_measured, paired
 
 TARGETS = {"e2e_mean": 5.0, "e2e_p90": 5.0, "e2e_p99": 5.0, "ttft_mean": 10.0, "ttft_p90": 10.0, "e2e_mape": 10.0,
@@ -167,6 +169,9 @@ def study_start(model: IterationEstimator, model_dir: Path, run_dir: Path, calib
             followed = predict(model, cal, m.workload, level)
             row["followed"] = _errors(paired(followed, m.requests))
             row["drift_followed"] = drift(paired(followed, m.requests), arrivals, band)
+        own = solve_level(model, cal, m.workload, float(m.requests["tpot_ms"].dropna().mean()))
+        row["own_level"] = own  # the oracle: the level this load itself needed (known only after it ran)
+        row["oracle"] = _errors(paired(predict(model, cal, m.workload, own), m.requests))
         if slo is not None:
             row["slo_measured"] = attainment(m.requests, *slo)
             row["slo_predicted"] = attainment(one, *slo)
@@ -277,6 +282,9 @@ def start_lines(start: dict[str, Any]) -> list[str]:
         if "followed" in r:
             lines.append(f"    followed (level {r['followed_level']:.3f}) | "
                          + " | ".join(_ci(r["followed"][k]) for k in keys))
+        if "oracle" in r:
+            lines.append(f"    oracle (its own level {r['own_level']:.3f}) | "
+                         + " | ".join(_ci(r["oracle"][k]) for k in keys))
         m = r.get("mechanisms") or {}
         if m:
             lines.append("    measured/predicted ms: " + ", ".join(

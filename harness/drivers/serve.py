@@ -408,7 +408,8 @@ def run_load(server: Server, load: Load, folder: Path, name: str, model_dir: Pat
              seed: int = 0) -> tuple[dict[str, Any], pd.DataFrame]:
     """Serve one load: its workload and trace in `folder`, `/metrics` scraped at its start, about once a second and
     at its end (`metrics.jsonl`), `vllm bench serve` on its trace (`client.json`, `client.log`), and the server's
-    figures over the window (`server_metrics.json`: deltas of its histograms and counters). Returns the load's record
+    figures over the window (`server_metrics.json`: deltas of its histograms and counters, and the CPU seconds of the
+    API server and of the engine, `cpu_s`). Returns the load's record
     and its per-request rows; ServeError (one line) when the server dies, the client fails or /metrics is
     unreachable."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -547,9 +548,9 @@ def run_serve_bench(
                         "max_model_len": max_len,
                         "dtype": args.get("dtype") or settings.model_dtype(),
                         "enable_prefix_caching": args.get("enable_prefix_caching"),
-                        "async_scheduling": async_scheduling(args, spec.device),
                     },
                     server_seconds_to_healthy=round(seconds, 2),
+                    async_scheduling=async_scheduling(args, spec.device),
                 ),
                 server={"port": port, "command": server.cmd, "healthy_mono_s": healthy_mono_s},
             )

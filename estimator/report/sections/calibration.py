@@ -41,7 +41,8 @@ def calibration_section(study: dict[str, Any] | str, plots: dict[str, bytes] | N
         "% [95% bootstrap interval over requests]. Targets: E2E mean, p90, p99 within "
         f"±{t['e2e_mean']:g}%, TTFT mean and p90 within ±{t['ttft_mean']:g}%, per-request E2E MAPE ≤ "
         f"{t['e2e_mape']:g}%, goodput within {t['goodput']:g}%; or error ÷ the server's own floor ≤ 1.2 where the "
-        "floor (one load served twice on the start) is wider."
+        "floor (one load served twice on the start) is wider. *Followed*: the level re-fitted on the last 30 s of the "
+        "load before; *its own level*: the level the load itself needed (an oracle, known only after it ran)."
     ))
     for start in study["starts"]:
         cal = start["calibration"]
@@ -51,14 +52,15 @@ def calibration_section(study: dict[str, Any] | str, plots: dict[str, bytes] | N
                 f" (repeat of {r['repeat_of']})" if r["repeat_of"] is not None else "")
             rows.append([f"{r['load']} {r['kind']}{tag}", f"{r['rate_rps']:.1f}",
                          *(_ci(r["one_time"][k]) for k in KEYS),
-                         _ci(r["followed"]["e2e_mean"]) if "followed" in r else "–"])
+                         _ci(r["followed"]["e2e_mean"]) if "followed" in r else "–",
+                         f"{r['own_level']:.3f}: {_ci(r['oracle']['e2e_mean'])}" if "oracle" in r else "–"])
         floor = start.get("floor") or {}
         if floor:
             rows.append(["server floor (repeat vs first)", "", *(f"{floor.get(k, float('nan')):+.1f}" for k in KEYS),
-                         ""])
+                         "", ""])
         sec.add(Table(
             ["load", "req/s", "E2E mean", "E2E p90", "E2E p99", "TTFT mean", "TTFT p90", "E2E MAPE",
-             "E2E mean, followed"], rows,
+             "E2E mean, followed", "its own level: E2E mean"], rows,
             caption=(f"{Path(start['run']).name}: level {cal['level']:.3f}, per iteration {cal['iteration_ms']:.3f} "
                      f"ms, front end {cal['frontend_request_ms']:.2f} ms/request + {cal['frontend_token_ms']:.3f} "
                      f"ms/token, constant {cal.get('request_ms', 0.0):.1f} ms"),

@@ -135,3 +135,41 @@ def test_metrics_text_gives_the_cache_config_and_totals() -> None:
     m = parse_metrics(text)
     assert m["cache_config"]["num_gpu_blocks"] == "1024" and m["cache_config"]["block_size"] == "128"
     assert m["totals"]["vllm:e2e_request_latency_seconds_count"] == 4.0
+
+
+@pytest.mark.slow
+def test_a_server_that_dies_mid_load_is_one_line_and_the_loads_before_it_are_kept(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    import time
+
+    first, second = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    first.write_text("".join(json.dumps({"arrival_s": 0.1 * i, "text_tokens": 32, "new_tokens": 3}) + "\n"
+                             for i in range(4)))
+    second.write_text("".join(json.dumps({"arrival_s": 0.5 * i, "text_tokens": 32, "new_tokens": 3}) + "\n"
+                              for i in range(200)))  # 100 s: the server is killed long before its end
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "harness.cli", "serve-bench", "--workload", str(first), "--workload", str(second),
+           "--prewarm", "0", "--out", str(out), "--name", "sb", "--engine-arg", "enforce_eager=true"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run = out / "sb"
+    deadline = time.monotonic() + 400
+    killed = False
+    while proc.poll() is None and time.monotonic() < deadline:
+        manifest = json.loads((run / "manifest.json").read_text()) if (run / "manifest.json").is_file() else {}
+        if len(manifest.get("loads") or []) == 1 and not killed:
+            time.sleep(3.0)  # into the second load
+            for p in _ours(run):
+                if "api_server" in " ".join(p.cmdline()):
+                    p.kill()
+                    killed = True
+        time.sleep(0.5)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert killed, stdout + stderr
+    assert proc.returncode != 0
+    lines = [x for x in stderr.strip().splitlines() if x.startswith("failed:")]
+    assert len(lines) == 1 and "the server exited" in lines[0] and "1-b" in lines[0], stderr
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["status"] == "failed" and [r["status"] for r in manifest["loads"]] == ["complete"]
+    assert len(pd.read_parquet(run / "loads" / "0" / "requests")) == 4  # the load before it, kept
+    assert not _ours(run), "a server process outlived the command"
