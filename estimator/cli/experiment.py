@@ -154,7 +154,7 @@ def calibration(
                 typer.echo("  " + line)
             if plots is not None:
                 typer.echo(f"  wrote {study.drift_plot(s, plots / f'drift-{run.name}.png')}")
-        ways = ("one_time", "followed", "oracle")
+        ways = ("one_time", "followed", "live", "oracle")
         across = {w: study.across_starts(starts, w) for w in ways}
         result = {"model": str(model), "calibrate_on": calibrate_on, "follow_s": follow_s, "starts": starts,
                   "verdicts": {w: [study.verdict(s, w) for s in starts] for w in ways},

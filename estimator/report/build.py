@@ -112,6 +112,17 @@ def load_scheduling(path: Path) -> dict[str, Any]:
     return dict(data)
 
 
+def load_calibration_study(path: Path) -> dict[str, Any]:
+    """The study JSON; EstimatorError (one line) when it is not one."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise EstimatorError(f"{path}: unreadable calibration study ({exc})") from None
+    if not isinstance(data, dict) or not {"starts", "across_starts", "targets"} <= set(data):
+        raise EstimatorError(f"{path}: not a calibration study (estimate experiment calibration --json)")
+    return data
+
+
 def _read_model(cls: Any, path: Path) -> Any:
     try:
         return cls.model_validate(json.loads(path.read_text()))
@@ -174,7 +185,7 @@ def build_report(spec: ReportSpec, progress: Callable[[str], None] | None = None
         sections.append(simulation_section(sim))
     if spec.calibration is not None:
         say("calibration")
-        from estimator.report.sections.calibration import calibration_section, load_calibration_study
+        from estimator.report.sections.calibration import calibration_section
 
         try:
             study: dict[str, Any] | str = load_calibration_study(spec.calibration)

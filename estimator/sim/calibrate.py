@@ -27,15 +27,17 @@ refused beside it). It carries the engine limits and the config, so
 `estimate simulate --calibration CAL` needs neither `--engine` nor `--config`.
 
 `follow_level` re-fits the level alone on the newest client results (the other terms kept): following the server
-as it moves.
+as it moves; `live_levels` does it every 10 s during a load, from the requests finished by then, and `predict`
+takes the resulting level over time (`level_at`).
 """
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -115,10 +117,12 @@ class Calibration(StrictModel):
 
 
 def predict(model: IterationEstimator, cal: Calibration, requests: Sequence[Request],
-            level: float | None = None) -> pd.DataFrame:
-    """Per-request predictions of `requests` on the calibrated server (the calibration's level, or `level`)."""
-    frame, _ = run_workload(requests, cal.engine_config(), model, cal.config, cal.overheads(),
-                            scale=cal.level if level is None else level, frontend=cal.frontend())
+            level: float | None = None, level_at: Callable[[float], float] | None = None) -> pd.DataFrame:
+    """Per-request predictions of `requests` on the calibrated server: at the calibration's level, at `level`, or
+    at a level that moves over the run (`level_at`: s of the run -> level)."""
+    scale = 1.0 if level_at is not None else cal.level if level is None else level
+    frame, _ = run_workload(requests, cal.engine_config(), model, cal.config, cal.overheads(), scale=scale,
+                            frontend=cal.frontend(), level_at=level_at)
     return frame
 
 
@@ -152,13 +156,21 @@ def solve_level(model: IterationEstimator, cal: Calibration, requests: Sequence[
                 tol: float = 0.005, steps: int = 12) -> float:
     """The level at which the simulated mean TPOT of `requests` equals `tpot_target_ms` (bracketed secant on the
     log of the level, within LEVEL_RANGE)."""
+    return _solve(lambda level: _tpot_mean(predict(model, cal, requests, level)), tpot_target_ms, cal.level, tol,
+                  steps)
+
+
+def _solve(tpot_at: Callable[[float], float], tpot_target_ms: float, start: float, tol: float = 0.005,
+           steps: int = 12) -> float:
+    """The level at which `tpot_at(level)` (growing with the level) equals the target: a bracketed secant (Illinois)
+    on the log of the level, within LEVEL_RANGE."""
     if not math.isfinite(tpot_target_ms) or tpot_target_ms <= 0:
         raise EstimatorError("no measured TPOT to fit the level on (every request generated one token)")
 
     def gap(log_level: float) -> float:
-        return math.log(_tpot_mean(predict(model, cal, requests, math.exp(log_level))) / tpot_target_ms)
+        return math.log(tpot_at(math.exp(log_level)) / tpot_target_ms)
 
-    lo, hi = math.log(cal.level) - 0.7, math.log(cal.level) + 0.7
+    lo, hi = math.log(start) - 0.7, math.log(start) + 0.7
     g_lo, g_hi = gap(lo), gap(hi)
     floor, ceil = math.log(LEVEL_RANGE[0]), math.log(LEVEL_RANGE[1])
     while g_lo > 0 and lo > floor:
@@ -310,6 +322,47 @@ def fit_steps(model: IterationEstimator, model_dir: Path, runs: Sequence[Measure
         "levels": levels, "level_spread_log": spread, "grid_top_ms": top,
         "tpot_mean_measured_ms": tpots, "candidates": [[o, lv] for _, o, lv in rows],
     })
+
+
+def live_levels(model: IterationEstimator, cal: Calibration, run: MeasuredRun, start_level: float,
+                step_s: float = 10.0, window_s: float = 30.0, min_requests: int = 20) -> list[tuple[float, float]]:
+    """A live follower's level over a load, as (time s, level) steps: `start_level` from 0 (what it knew when the
+    load began), then every `step_s` the level of the last `window_s`, re-fitted so that the requests finished by
+    then in that window get their measured mean TPOT, with the load so far simulated (its queue included) at the
+    levels fitted before (kept until the next step when fewer than `min_requests` finished)."""
+    req = _ok(run.requests).set_index("request_id")
+    end_s = {r.request_id: r.arrival_s + float(req.at[r.request_id, "e2e_ms"]) / 1e3 for r in run.workload
+             if r.request_id in req.index}
+    steps = [(0.0, start_level)]
+    last = run.workload[-1].arrival_s if run.workload else 0.0
+    t = step_s
+    while t <= last:
+        done = [r.request_id for r in run.workload
+                if t - window_s <= r.arrival_s < t and end_s.get(r.request_id, math.inf) <= t]
+        if len(done) >= min_requests:
+            past = [r for r in run.workload if r.arrival_s < t]
+            before = [(u, lv) for u, lv in steps if u < t - window_s] or [(0.0, steps[0][1])]
+
+            def tpot_at(level: float, past: list[Request] = past, before: list[tuple[float, float]] = before,
+                        done: list[str] = done, t: float = t) -> float:
+                frame = predict(model, cal, past, level_at=step_function([*before, (max(0.0, t - window_s), level)]))
+                return _tpot_mean(frame.set_index("request_id").loc[done])
+
+            tpot = float(req.loc[done, "tpot_ms"].dropna().mean())
+            steps.append((t, _solve(tpot_at, tpot, steps[-1][1])))
+        t += step_s
+    return steps
+
+
+def step_function(steps: Sequence[tuple[float, float]]) -> Callable[[float], float]:
+    """(time, value) steps, sorted by time, as a function of time (the value of the last step at or before it)."""
+    times = [t for t, _ in steps]
+    values = [v for _, v in steps]
+
+    def at(t: float) -> float:
+        return values[max(0, bisect.bisect_right(times, t) - 1)]
+
+    return at
 
 
 def _itl_low(measured: pd.DataFrame) -> float:

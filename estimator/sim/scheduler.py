@@ -221,6 +221,7 @@ def simulate(
     max_iterations: int = 50_000_000,
     in_engine: Sequence[InEngine] = (),
     frontend: Frontend | None = None,
+    level_at: Callable[[float], float] | None = None,
 ) -> SimulationRun:
     """Run the arrivals through the scheduler replica; the clock advances by each iteration's predicted latency
     (`iteration_ms` of its composition) plus `iteration_overhead_ms` plus `sequence_overhead_ms` per request in
@@ -402,6 +403,8 @@ def simulate(
             t_end = max(t, measured_windows[n_iter][1])
         else:
             ms = iteration_ms(pre_tokens, pre_sq, len(decode), ctx_sum, ctx_max)
+            if level_at is not None:  # a level that moves over the run (s -> ratio), as a live follower sees it
+                ms *= level_at(t)
             t_end = t + (max(ms, 0.0) + iteration_overhead_ms + sequence_overhead_ms * len(order)) / 1000.0
         if keep_steps:
             steps.append(Step(t, t_end, tuple(prefill), tuple(decode)))

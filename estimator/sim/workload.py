@@ -178,9 +178,11 @@ def run_workload(
     keep_steps: bool = False,
     scale: float = 1.0,
     frontend: Frontend | None = None,
+    level_at: Callable[[float], float] | None = None,
 ) -> tuple[pd.DataFrame, SimulationRun]:
     """Simulate `requests` on `engine` with the iteration model of `config` (times `scale`), the overheads and the
-    front end's queue (estimator/sim/scheduler.py); the per-request frame and the run."""
+    front end's queue (estimator/sim/scheduler.py), and `level_at(t)` (s of the run -> a further factor) where the
+    level moves over the run; the per-request frame and the run."""
     try:
         run = simulate(
             arrivals_of(requests, priorities),
@@ -190,6 +192,7 @@ def run_workload(
             overheads.sequence_ms,
             keep_steps=keep_steps,
             frontend=frontend,
+            level_at=level_at,
         )
     except SimulationError as exc:
         raise EstimatorError(str(exc)) from None

@@ -7,7 +7,9 @@ Per server start (a `profile serve-bench` run of several loads, named by their w
   server's own floor**: each statistic's repeat-to-repeat error.
 - Every other load is predicted twice: with the one-time calibration, and **followed**: the level re-fitted on the
   last 30 s of the load before it (what a live follower knows when the load starts; the front end's costs kept).
-  A third prediction, the **oracle**, takes the level the load itself needed (its own mean TPOT, known only after
+  **Live**: the followed level at the load's start, then re-fitted every 10 s on the requests of the last 30 s
+  that had finished by then (what a follower of the live stream knows at each moment). A fourth prediction, the
+  **oracle**, takes the level the load itself needed (its own mean TPOT, known only after
   it ran): what is left of its error is not the level's drift but the model's shape and the server's noise.
 - Each prediction error (E2E mean/p90/p99, TTFT mean/p90, per-request E2E MAPE), with its 95% bootstrap interval
   over requests, beside the floor and as a ratio to it; goodput at an SLO over the Poisson loads.
@@ -36,7 +38,7 @@ from contract.slo import goodput, meets_slo
 from estimator.data.runs import run_loads
 from estimator.errors import EstimatorError
 from estimator.model.iteration import IterationEstimator
-from estimator.sim.calibrate import calibrate, follow_level, predict, solve_level
+from estimator.sim.calibrate import calibrate, follow_level, live_levels, predict, solve_level, step_function
 from estimator.sim.measured import MeasuredRun, compare, load_measured, paired
 
 TARGETS = {"e2e_mean": 5.0, "e2e_p90": 5.0, "e2e_p99": 5.0, "ttft_mean": 10.0, "ttft_p90": 10.0, "e2e_mape": 10.0,
@@ -169,6 +171,11 @@ def study_start(model: IterationEstimator, model_dir: Path, run_dir: Path, calib
             followed = predict(model, cal, m.workload, level)
             row["followed"] = _errors(paired(followed, m.requests))
             row["drift_followed"] = drift(paired(followed, m.requests), arrivals, band)
+            steps = live_levels(model, cal, m, level)
+            row["live_levels"] = [[t, lv] for t, lv in steps]
+            live = predict(model, cal, m.workload, level_at=step_function(steps))
+            row["live"] = _errors(paired(live, m.requests))
+            row["drift_live"] = drift(paired(live, m.requests), arrivals, band)
         own = solve_level(model, cal, m.workload, float(m.requests["tpot_ms"].dropna().mean()))
         row["own_level"] = own  # the oracle: the level this load itself needed (known only after it ran)
         row["oracle"] = _errors(paired(predict(model, cal, m.workload, own), m.requests))
@@ -185,7 +192,8 @@ def study_start(model: IterationEstimator, model_dir: Path, run_dir: Path, calib
     out: dict[str, Any] = {"run": str(run_dir), "calibrated_on": c, "calibration": cal.model_dump(mode="json"),
                            "band_e2e_mean_pct": list(band), "floor": floor, "rows": rows,
                            "holds_min": {w: holds_min(rows, c, key) for w, key in (("one_time", "drift"),
-                                                                                  ("followed", "drift_followed"))}}
+                                                                                  ("followed", "drift_followed"),
+                                                                                  ("live", "drift_live"))}}
     if slo is not None:
         poisson = [r for r in rows if r["kind"] == calibrate_on or r["kind"].startswith("rate")]
         poisson = [r for r in poisson if r["repeat_of"] is None]
@@ -282,6 +290,9 @@ def start_lines(start: dict[str, Any]) -> list[str]:
         if "followed" in r:
             lines.append(f"    followed (level {r['followed_level']:.3f}) | "
                          + " | ".join(_ci(r["followed"][k]) for k in keys))
+        if "live" in r:
+            lines.append(f"    live (levels {', '.join(f'{lv:.3f}' for _, lv in r['live_levels'])}) | "
+                         + " | ".join(_ci(r["live"][k]) for k in keys))
         if "oracle" in r:
             lines.append(f"    oracle (its own level {r['own_level']:.3f}) | "
                          + " | ".join(_ci(r["oracle"][k]) for k in keys))
@@ -323,7 +334,8 @@ def drift_plot(start: dict[str, Any], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(11, 3.8))
     lo, hi = start["band_e2e_mean_pct"]
     ax.axhspan(lo, hi, color="0.85", label="calibration window's 95% interval")
-    for key, color, label in (("drift", "C0", "one-time calibration"), ("drift_followed", "C1", "followed level")):
+    for key, color, label in (("drift", "C0", "one-time calibration"), ("drift_followed", "C1", "followed level"),
+                              ("drift_live", "C2", "live level")):
         xs, ys, errs, flags = [], [], [], []
         for r in start["rows"]:
             t0 = r["minutes_since_healthy"] * 60

@@ -4,25 +4,12 @@ estimator/study/calibration.py)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from estimator.errors import EstimatorError
 from estimator.report.document import SECTIONS, Bullets, Figure, Note, Paragraph, Section, Table
 
 KEYS = ("e2e_mean", "e2e_p90", "e2e_p99", "ttft_mean", "ttft_p90", "e2e_mape")
-
-
-def load_calibration_study(path: Path) -> dict[str, Any]:
-    """The study JSON; EstimatorError (one line) when it is not one."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise EstimatorError(f"{path}: unreadable calibration study ({exc})") from None
-    if not isinstance(data, dict) or not {"starts", "across_starts", "targets"} <= set(data):
-        raise EstimatorError(f"{path}: not a calibration study (estimate experiment calibration --json)")
-    return data
 
 
 def _ci(e: dict[str, float]) -> str:
@@ -42,7 +29,8 @@ def calibration_section(study: dict[str, Any] | str, plots: dict[str, bytes] | N
         f"±{t['e2e_mean']:g}%, TTFT mean and p90 within ±{t['ttft_mean']:g}%, per-request E2E MAPE ≤ "
         f"{t['e2e_mape']:g}%, goodput within {t['goodput']:g}%; or error ÷ the server's own floor ≤ 1.2 where the "
         "floor (one load served twice on the start) is wider. *Followed*: the level re-fitted on the last 30 s of the "
-        "load before; *its own level*: the level the load itself needed (an oracle, known only after it ran)."
+        "load before; *live*: re-fitted every 10 s on the requests finished in the last 30 s; *its own level*: the "
+        "level the load itself needed (an oracle, known only after it ran)."
     ))
     for start in study["starts"]:
         cal = start["calibration"]
@@ -53,14 +41,15 @@ def calibration_section(study: dict[str, Any] | str, plots: dict[str, bytes] | N
             rows.append([f"{r['load']} {r['kind']}{tag}", f"{r['rate_rps']:.1f}",
                          *(_ci(r["one_time"][k]) for k in KEYS),
                          _ci(r["followed"]["e2e_mean"]) if "followed" in r else "–",
+                         _ci(r["live"]["e2e_mean"]) if "live" in r else "–",
                          f"{r['own_level']:.3f}: {_ci(r['oracle']['e2e_mean'])}" if "oracle" in r else "–"])
         floor = start.get("floor") or {}
         if floor:
             rows.append(["server floor (repeat vs first)", "", *(f"{floor.get(k, float('nan')):+.1f}" for k in KEYS),
-                         "", ""])
+                         "", "", ""])
         sec.add(Table(
             ["load", "req/s", "E2E mean", "E2E p90", "E2E p99", "TTFT mean", "TTFT p90", "E2E MAPE",
-             "E2E mean, followed", "its own level: E2E mean"], rows,
+             "E2E mean, followed", "E2E mean, live", "its own level: E2E mean"], rows,
             caption=(f"{Path(start['run']).name}: level {cal['level']:.3f}, per iteration {cal['iteration_ms']:.3f} "
                      f"ms, front end {cal['frontend_request_ms']:.2f} ms/request + {cal['frontend_token_ms']:.3f} "
                      f"ms/token, constant {cal.get('request_ms', 0.0):.1f} ms"),

@@ -29,7 +29,8 @@ from estimator.study.compare import CompareSpec, compare
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 DATA_URI = re.compile(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
-BASE_SECTIONS = [k for k in SECTIONS if k not in ("nightly", "batch", "simulation", "scheduling")]  # own inputs
+OWN_INPUTS = ("nightly", "batch", "simulation", "calibration", "scheduling")  # sections drawn only from their own files
+BASE_SECTIONS = [k for k in SECTIONS if k not in OWN_INPUTS]
 
 
 def _check_page(out: Path, sections: list[str], n_images: int) -> tuple[str, str]:
@@ -181,3 +182,26 @@ def test_report_spec_errors(tmp_path: Path, synthetic_run: Path) -> None:
     assert result.stderr.startswith("error: model:") and "no meta.json" in result.stderr
     result = CliRunner().invoke(app, [str(tmp_path / "nope"), "--out", str(tmp_path)])
     assert result.exit_code == 2 and "does not exist" in result.stderr
+
+
+def test_calibration_section_from_the_committed_study(tmp_path: Path, run_writer: Callable[..., Path]) -> None:
+    """`estimate report --calibration docs/simulate/calibration.json`: a table per start, the drift plots beside."""
+    study = Path(__file__).resolve().parents[3] / "docs" / "simulate" / "calibration.json"
+    run = run_writer(tmp_path / "results", tiers=(1,), top_ks=(0,), lengths=(32, 128))
+    out = tmp_path / "report"
+    res = CliRunner().invoke(typer_app(), [str(run), "--out", str(out), "--calibration", str(study)])
+    assert res.exit_code == 0, res.output
+    page = (out / "report.html").read_text()
+    assert f'<section id="calibration"><h2>{html.escape(SECTIONS["calibration"])}</h2>' in page
+    assert "server floor (repeat vs first)" in page and "start-2: level" in page
+    assert page.count("E2E-mean error per 10 s window") == 2 * 3  # three drift plots: each alt text and caption
+    bad = tmp_path / "bad.json"
+    bad.write_text("[]")
+    res = CliRunner().invoke(typer_app(), [str(run), "--out", str(tmp_path / "r2"), "--calibration", str(bad)])
+    assert res.exit_code == 0 and "Calibration study unreadable" in (tmp_path / "r2" / "report.html").read_text()
+
+
+def typer_app() -> typer.Typer:
+    app = typer.Typer()
+    app.command()(report)
+    return app

@@ -17,7 +17,7 @@ from contract.workload import LengthDist, generate_workload, write_workload
 from estimator.data.runs import load_folder, run_loads
 from estimator.errors import EstimatorError
 from estimator.model.iteration import IterationEstimator
-from estimator.sim.calibrate import Calibration, calibrate, fit_steps, follow_level
+from estimator.sim.calibrate import Calibration, calibrate, fit_steps, follow_level, live_levels, predict, step_function
 from estimator.sim.measured import load_measured
 from estimator.sim.scheduler import EngineConfig, Frontend, simulate
 from estimator.sim.workload import Overheads, engine_config_from_manifest, run_workload
@@ -69,13 +69,17 @@ def test_a_calibration_finds_the_level_and_the_front_end_and_predicts_a_heavier_
     assert cal.frontend_request_ms + cal.frontend_token_ms > 0  # the measured CPU is spent somewhere
     assert abs(cal.fit["e2e_mean_error_pct"]) < 3.0
     heavy = load_measured(run, load=1)
-    from estimator.sim.calibrate import predict
-
     pred = predict(model, cal, heavy.workload)
     measured_mean = heavy.requests["e2e_ms"].mean()
     assert pred["e2e_ms"].mean() == pytest.approx(measured_mean, rel=0.08)
-    # following: the level re-fitted on the last seconds of a load finds the same start's level
+    # following: the level re-fitted on the last seconds of a load finds the same start's level, and so does a
+    # live follower at every step of the load (its queue simulated), where the level did not move
     assert follow_level(model, cal, heavy, last_s=10.0) == pytest.approx(KNOWN["level"], rel=0.08)
+    steps = live_levels(model, cal, heavy, start_level=1.0, step_s=3.0, window_s=6.0, min_requests=10)
+    assert steps[0] == (0.0, 1.0) and len(steps) >= 3
+    assert all(lv == pytest.approx(KNOWN["level"], rel=0.1) for _, lv in steps[1:])
+    moving = predict(model, cal, heavy.workload, level_at=step_function([(0.0, cal.level), (5.0, 2 * cal.level)]))
+    assert moving["e2e_ms"].mean() > 1.2 * pred["e2e_ms"].mean()  # a level that rises over the run slows it
     # saved and read back whole
     again = Calibration.read(cal.save(tmp_path / "cal"))
     assert again == cal
@@ -179,8 +183,9 @@ def test_bad_calibration_input_is_one_line(tmp_path: Path) -> None:
 
 
 def test_the_study_compares_each_load_with_the_floor_and_the_report_tables_it(tmp_path: Path) -> None:
+    from estimator.report.build import load_calibration_study
     from estimator.report.document import Bullets, Table
-    from estimator.report.sections.calibration import calibration_section, load_calibration_study
+    from estimator.report.sections.calibration import calibration_section
 
     mdir = model_dir(tmp_path)
     run = served_run(tmp_path, IterationEstimator.load(mdir), [5.0, 10.0, 5.0], count=160,
