@@ -15,7 +15,7 @@ import datetime as dt
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pandas as pd
 from pydantic import field_validator
@@ -44,6 +44,8 @@ from estimator.study.fits import latency_fits
 from estimator.study.nightly_results import NightlySummary, load_history, load_nightly_summary
 from estimator.study.results import ComparisonResult, load_comparison
 from estimator.study.scoring import ModelOnRuns, held_out_predictions, score_model_on_runs
+
+T = TypeVar("T")
 
 
 class ReportSpec(RunsSpec):
@@ -123,6 +125,14 @@ def load_calibration_study(path: Path) -> dict[str, Any]:
     return data
 
 
+def _or_error(load: Callable[[Path], T], path: Path) -> T | str:
+    """What `load` reads from `path`, or its one-line error (the section then says the input was unreadable)."""
+    try:
+        return load(path)
+    except EstimatorError as exc:
+        return str(exc)
+
+
 def _read_model(cls: Any, path: Path) -> Any:
     try:
         return cls.model_validate(json.loads(path.read_text()))
@@ -178,28 +188,17 @@ def build_report(spec: ReportSpec, progress: Callable[[str], None] | None = None
         say("simulation")
         from estimator.sim.validation import load_validation
 
-        try:
-            sim: SimulationValidation | str = load_validation(spec.simulation)
-        except EstimatorError as exc:
-            sim = str(exc)
+        sim: SimulationValidation | str = _or_error(load_validation, spec.simulation)
         sections.append(simulation_section(sim))
     if spec.calibration is not None:
         say("calibration")
         from estimator.report.sections.calibration import calibration_section
 
-        try:
-            study: dict[str, Any] | str = load_calibration_study(spec.calibration)
-        except EstimatorError as exc:
-            study = str(exc)
         drift = {p.stem.removeprefix("drift-"): p.read_bytes() for p in spec.calibration.parent.glob("drift-*.png")}
-        sections.append(calibration_section(study, drift))
+        sections.append(calibration_section(_or_error(load_calibration_study, spec.calibration), drift))
     if spec.scheduler is not None:
         say("scheduling")
-        try:
-            sched: dict[str, Any] | str = load_scheduling(spec.scheduler)
-        except EstimatorError as exc:
-            sched = str(exc)
-        sections.append(scheduling_section(sched))
+        sections.append(scheduling_section(_or_error(load_scheduling, spec.scheduler)))
     summary: NightlySummary | None = None
     if spec.nightly_summary is not None and spec.nightly_summary.is_file():
         summary = load_nightly_summary(spec.nightly_summary)

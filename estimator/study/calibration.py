@@ -34,12 +34,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from contract.slo import goodput, meets_slo
+from contract.slo import goodput
 from estimator.data.runs import run_loads
 from estimator.errors import EstimatorError
 from estimator.model.iteration import IterationEstimator
 from estimator.sim.calibrate import calibrate, follow_level, live_levels, predict, solve_level, step_function
 from estimator.sim.measured import MeasuredRun, compare, load_measured, paired
+from estimator.sim.workload import slo_attainment
 
 TARGETS = {"e2e_mean": 5.0, "e2e_p90": 5.0, "e2e_p99": 5.0, "ttft_mean": 10.0, "ttft_p90": 10.0, "e2e_mape": 10.0,
            "goodput": 10.0}
@@ -129,12 +130,6 @@ def drift(pairs: pd.DataFrame, arrivals: pd.Series, band: tuple[float, float], w
     return out
 
 
-def attainment(frame: pd.DataFrame, slo_ttft_ms: float, slo_tpot_ms: float) -> float:
-    ok = [meets_slo(float(a), None if pd.isna(b) else float(b), slo_ttft_ms, slo_tpot_ms)
-          for a, b in zip(frame["ttft_ms"], frame["tpot_ms"], strict=True)]
-    return float(np.mean(ok)) if ok else math.nan
-
-
 def study_start(model: IterationEstimator, model_dir: Path, run_dir: Path, calibrate_on: str = "cal",
                 follow_s: float = 30.0, slo: tuple[float, float] | None = None) -> dict[str, Any]:
     """One server start: calibrate on the load named `calibrate_on`, predict every other load (one-time and
@@ -180,8 +175,8 @@ def study_start(model: IterationEstimator, model_dir: Path, run_dir: Path, calib
         row["own_level"] = own  # the oracle: the level this load itself needed (known only after it ran)
         row["oracle"] = _errors(paired(predict(model, cal, m.workload, own), m.requests))
         if slo is not None:
-            row["slo_measured"] = attainment(m.requests, *slo)
-            row["slo_predicted"] = attainment(one, *slo)
+            row["slo_measured"] = slo_attainment(m.requests, *slo)
+            row["slo_predicted"] = slo_attainment(one, *slo)
         rows.append(row)
     for row in rows:  # the floor: the repeat against its first serving, given to every row of the start
         if row["repeat_of"] is not None:
