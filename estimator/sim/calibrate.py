@@ -219,8 +219,8 @@ def _score(model: IterationEstimator, cal: Calibration, requests: Sequence[Reque
 def calibrate(model: IterationEstimator, model_dir: Path, run: MeasuredRun, config: dict[str, Any] | None = None,
               start_s: float = 0.0, span_s: float | None = None, grid: int = 6,
               min_window_s: float = MIN_WINDOW_S) -> Calibration:
-    """Fit the level, the per-iteration term and the front end's costs on one window of a served load (module
-    docstring)."""
+    """Fit this start's level and the front end's costs (and the constant) on one window of a served load, with
+    MODEL/serving.json's per-step terms (module docstring)."""
     requests, measured = window_of(run, start_s, span_s)
     measured = _ok(measured)
     span = requests[-1].arrival_s if requests else 0.0
@@ -237,7 +237,7 @@ def calibrate(model: IterationEstimator, model_dir: Path, run: MeasuredRun, conf
         engine={**asdict(run.engine)}, level=1.0, frontend_request_ms=0.0, frontend_token_ms=0.0,
         window_s=span, window_start_s=start_s, requests=len(measured), fit={}, created_at=utc_now(),
     )
-    steps = Overheads.load(model_dir)  # the serving software's per-step costs (estimate simulate --fit-overheads)
+    steps = Overheads.load(model_dir)  # the serving software's per-step costs (estimate calibrate --steps)
     base = base.model_copy(update={"iteration_ms": steps.iteration_ms, "sequence_ms": steps.sequence_ms,
                                    "steps_from": steps.fitted_on or "none (no serving.json: 0)"})
     base = base.model_copy(update={"level": solve_level(model, base, requests, tpot)})

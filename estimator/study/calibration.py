@@ -49,9 +49,12 @@ WINDOW_S = 10.0
 
 
 def _kind(run: MeasuredRun) -> str:
-    """The load's role, from its workload file's stem (cal, rate-*, bursty, mix)."""
+    """The load's role, from its workload file's stem (cal, rate-*, bursty, mix), or `rate-R` for a load that
+    serve-bench generated at rate R (`--rates`)."""
     src = (run.manifest.get("loads") or [{}] * (run.load + 1))[run.load].get("source") or {}
     stem = Path(str(src.get("file") or "")).stem
+    if not stem and src.get("rate_per_s") is not None:
+        return f"rate-{float(src['rate_per_s']):g}"
     return stem or f"load-{run.load}"
 
 
