@@ -52,3 +52,16 @@ def goodput(rates_rps: Sequence[float], attainment: Sequence[float], target: flo
                 return Goodput(r0)
             return Goodput(r0 + (r1 - r0) * (a0 - target) / (a0 - a1))
     return Goodput(pts[-1][0], censored=True)
+
+
+def next_search_rate(lo: float, hi: float, steps: int, tried: Sequence[tuple[float, bool]]) -> float | None:
+    """The rate search's next rate (profile serve-bench --search, and its prediction): LO first, then the middle of
+    the highest rate that met the SLO and the lowest above it that missed (HI counts as missed until served), for
+    `steps` loads after the first; None when done, or when LO itself missed. `tried`: (rate, met) so far."""
+    if not tried:
+        return lo
+    if len(tried) > steps or not tried[0][1]:
+        return None
+    met = max(r for r, ok in tried if ok)
+    missed = min([r for r, ok in tried if not ok and r > met] + [hi])
+    return (met + missed) / 2

@@ -43,7 +43,7 @@ from estimator.sim.measured import MeasuredRun, compare, load_measured, paired
 from estimator.sim.workload import slo_attainment
 
 TARGETS = {"e2e_mean": 5.0, "e2e_p90": 5.0, "e2e_p99": 5.0, "ttft_mean": 10.0, "ttft_p90": 10.0, "e2e_mape": 10.0,
-           "goodput": 10.0}
+           "goodput": 10.0, "highest_rate": 10.0}
 FLOOR_RATIO = 1.2  # where the floor is wider than the target: error / floor <= 1.2
 WINDOW_S = 10.0
 
@@ -187,7 +187,9 @@ def study_start(model: IterationEstimator, model_dir: Path, run_dir: Path, calib
             break
     else:
         floor = {}
-    out: dict[str, Any] = {"run": str(run_dir), "calibrated_on": c, "calibration": cal.model_dump(mode="json"),
+    search = searched(model, cal, loads)
+    out: dict[str, Any] = {"run": str(run_dir), "calibrated_on": c, "rate_search": search,
+                           "calibration": cal.model_dump(mode="json"),
                            "band_e2e_mean_pct": list(band), "floor": floor, "rows": rows,
                            "holds_min": {w: holds_min(rows, c, key) for w, key in (("one_time", "drift"),
                                                                                   ("followed", "drift_followed"),
@@ -203,6 +205,39 @@ def study_start(model: IterationEstimator, model_dir: Path, run_dir: Path, calib
                           "predicted_censored": gp.censored,
                           "error_pct": (gp.rate_rps / gm.rate_rps - 1) * 100 if gm.rate_rps > 0 else None}
     return out
+
+
+def searched(model: IterationEstimator, cal: Any, loads: Sequence[MeasuredRun]) -> dict[str, Any] | None:
+    """The server's rate search (serve-bench --search: the manifest's `rate_search`) against the same search run on
+    the calibrated replica: the same rule (contract/slo.py `next_search_rate`), the same generator, seeds and SLO,
+    each step's attainment predicted instead of served. None without a search."""
+    from contract.slo import next_search_rate
+    from contract.workload import LengthDist, generate_workload
+
+    rs = loads[0].manifest.get("rate_search") if loads else None
+    records = loads[0].manifest.get("loads") or [] if loads else []
+    first = next((r for r in records if (r.get("source") or {}).get("rate_search")), None)
+    if not rs or first is None:
+        return None
+    src = first["source"]
+    texts = LengthDist.parse(src["text_tokens_dist"], "text_tokens_dist")
+    news = LengthDist.parse(src["new_tokens_dist"], "new_tokens_dist")
+    seed0 = int(src["seed"]) - int(first["index"])  # serve-bench seeds load i with --seed + i
+    tried: list[tuple[float, bool]] = []
+    steps = []
+    while (rate := next_search_rate(rs["lo"], rs["hi"], rs["steps"], tried)) is not None:
+        wl = generate_workload(rate, int(src["count"]), seed0 + int(first["index"]) + len(tried), texts, news,
+                               int(src["context"]), float(src.get("burstiness", 1.0)))
+        share = slo_attainment(predict(model, cal, wl), rs["slo_ttft_ms"], rs["slo_tpot_ms"])
+        tried.append((rate, share >= rs["target"]))
+        steps.append({"rate_rps": rate, "attainment": share, "met": share >= rs["target"]})
+    met = [r for r, ok in tried if ok]
+    predicted = max(met) if met else None
+    measured = rs.get("highest_rate_meeting_slo")
+    return {"slo_ttft_ms": rs["slo_ttft_ms"], "slo_tpot_ms": rs["slo_tpot_ms"], "measured_rps": measured,
+            "predicted_rps": predicted, "measured_steps": rs["tried"], "predicted_steps": steps,
+            "resolution_rps": (rs["hi"] - rs["lo"]) / 2 ** rs["steps"],
+            "error_pct": (predicted / measured - 1) * 100 if measured and predicted else None}
 
 
 def holds_min(rows: Sequence[dict[str, Any]], calibrated_on: int, key: str = "drift") -> dict[str, Any]:
@@ -224,6 +259,13 @@ def verdict(start: dict[str, Any], which: str = "one_time") -> dict[str, Any]:
     rows = [r for r in start["rows"] if r["load"] != start["calibrated_on"] and r["repeat_of"] is None
             and which in r]
     for key, target in TARGETS.items():
+        if key == "highest_rate":
+            rs = start.get("rate_search") or {}
+            if rs.get("error_pct") is None:
+                continue
+            err = abs(rs["error_pct"])
+            out[key] = {"worst_abs_error_pct": err, "floor_pct": None, "met": err <= target}
+            continue
         if key == "goodput":
             g = start.get("goodput") or {}
             if g.get("error_pct") is None:
@@ -245,7 +287,7 @@ def across_starts(starts: Sequence[dict[str, Any]], which: str = "one_time") -> 
     from scipy import stats as st
 
     out: dict[str, Any] = {}
-    for key in (k for k in TARGETS if k != "goodput"):
+    for key in (k for k in TARGETS if k not in ("goodput", "highest_rate")):
         per = []
         for s in starts:
             rows = [r for r in s["rows"] if r["load"] != s["calibrated_on"] and r["repeat_of"] is None and which in r]
@@ -314,6 +356,13 @@ def start_lines(start: dict[str, Any]) -> list[str]:
             first = "never" if h["first_flag_min"] is None else f"after {h['first_flag_min']:.1f} min"
             lines.append(f"drift ({w.replace('_', '-')}): first window out of the calibration's band {first}; "
                          f"{h['flagged_share'] * 100:.0f}% of {h['windows']} later windows flagged")
+    rs = start.get("rate_search")
+    if rs:
+        lines.append(f"rate search at TTFT <= {rs['slo_ttft_ms']:g} ms, TPOT <= {rs['slo_tpot_ms']:g} ms: served "
+                     + ", ".join(f"{t['rate_rps']:g} ({t['attainment'] * 100:.0f}%)" for t in rs["measured_steps"])
+                     + f" -> {rs['measured_rps']} req/s; predicted "
+                     + ", ".join(f"{t['rate_rps']:g} ({t['attainment'] * 100:.0f}%)" for t in rs["predicted_steps"])
+                     + f" -> {rs['predicted_rps']} req/s (resolution {rs['resolution_rps']:.2f} req/s)")
     v = verdict(start)
     lines.append("targets (one-time): " + ", ".join(f"{k} {'met' if x['met'] else 'missed'} "
                                                     f"({x['worst_abs_error_pct']:.1f}%)" for k, x in v.items()))

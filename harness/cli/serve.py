@@ -43,12 +43,17 @@ def engine_value(item: str) -> tuple[str, Any]:
 
 
 def serve_loads(workloads: list[Path], rate: float | None, rates: str | None, count: int | None, seed: int,
-                text_dist: str, new_dist: str, burstiness: float, context: int) -> list[Load]:
-    """The loads asked for: each --workload file, or one generated load per rate of --rates (or --rate)."""
+                text_dist: str, new_dist: str, burstiness: float, context: int, search: bool = False) -> list[Load]:
+    """The loads asked for: each --workload file, or one generated load per rate of --rates (or --rate); with a
+    rate search, the --workload files (if any) before it."""
     from harness.drivers.serve import Load
 
-    if workloads and (rate is not None or rates is not None or count is not None):
+    if workloads and (rate is not None or rates is not None or (count is not None and not search)):
         raise SpecError("give either --workload or --rate/--rates with --count, not both")
+    if search and (rate is not None or rates is not None):
+        raise SpecError("--search generates its own loads: drop --rate/--rates (--workload files are served first)")
+    if search and not workloads:
+        return []
     if rate is not None and rates is not None:
         raise SpecError("give --rate or --rates, not both")
     if workloads:
@@ -60,6 +65,34 @@ def serve_loads(workloads: list[Path], rate: float | None, rates: str | None, co
         requests, source = generated(r, count, seed + i, text_dist, new_dist, context, burstiness)
         loads.append(Load(f"{i}-rate-{r:g}", requests, source))
     return loads
+
+
+def rate_search(text: str | None, steps: int, slo_ttft_ms: float | None, slo_tpot_ms: float | None,
+                count: int | None, seed: int, text_dist: str, new_dist: str, burstiness: float,
+                context: int) -> Any:
+    """--search LO,HI: a RateSearch whose loads are generated at each rate (--count requests, seed --seed + index);
+    None without --search. SpecError (one line) on a bad range or a missing SLO or count."""
+    if text is None:
+        if slo_ttft_ms is not None or slo_tpot_ms is not None:
+            raise SpecError("--slo-ttft-ms/--slo-tpot-ms go with --search LO,HI")
+        return None
+    from harness.drivers.serve import Load, RateSearch
+
+    bounds = _rates(text)
+    if len(bounds) != 2 or bounds[0] >= bounds[1]:
+        raise SpecError(f"--search {text!r}: expected LO,HI with 0 < LO < HI, e.g. 10,40")
+    if slo_ttft_ms is None or slo_tpot_ms is None or min(slo_ttft_ms, slo_tpot_ms) <= 0:
+        raise SpecError("--search needs --slo-ttft-ms and --slo-tpot-ms (> 0): the SLO whose highest rate it finds")
+    if count is None or count < 1:
+        raise SpecError("--search needs --count N: the requests of each load it serves")
+    if steps < 1:
+        raise SpecError(f"--search-steps must be >= 1, got {steps}")
+
+    def make(rate: float, index: int) -> Load:
+        requests, source = generated(rate, count, seed + index, text_dist, new_dist, context, burstiness)
+        return Load(f"{index}-search-{rate:g}", requests, {**source, "rate_search": True})
+
+    return RateSearch(bounds[0], bounds[1], steps, slo_ttft_ms, slo_tpot_ms, make)
 
 
 def _rates(text: str) -> list[float]:
@@ -81,6 +114,11 @@ def serve_bench_command(
                                                  "--seed, --seed+1, ...)"),
     count: int | None = typer.Option(None, help="generate the workload: number of requests (per load)"),
     prewarm: int = typer.Option(16, help="requests served first and not counted (the first load's first ones)"),
+    search: str | None = typer.Option(None, help="after the loads, search LO,HI for the highest rate meeting the SLO "
+                                                 "(--slo-ttft-ms, --slo-tpot-ms; --count requests per load)"),
+    search_steps: int = typer.Option(4, help="--search: bisection loads after the one at LO"),
+    slo_ttft_ms: float | None = typer.Option(None, help="--search: TTFT objective (ms)"),
+    slo_tpot_ms: float | None = typer.Option(None, help="--search: TPOT objective (ms)"),
     seed: int = typer.Option(0, help="seed for a generated workload"),
     text_tokens_dist: str = typer.Option("uniform:32:512", help="generated prompt lengths (see profile workload)"),
     new_tokens_dist: str = typer.Option("uniform:8:64", help="generated new tokens per request"),
@@ -113,9 +151,12 @@ def serve_bench_command(
         options = ServeOptions(out_root=out_dir, run_id=name, port=port, startup_timeout_s=startup_timeout,
                                prewarm=prewarm)
         loads = serve_loads(workload, rate, rates, count, seed, text_tokens_dist, new_tokens_dist, burstiness,
-                            serving.context())
+                            serving.context(), search is not None)
+        searching = rate_search(search, search_steps, slo_ttft_ms, slo_tpot_ms, count, seed, text_tokens_dist,
+                                new_tokens_dist, burstiness, serving.context())
+        first = loads or ([searching.make(searching.lo, 0)] if searching is not None else [])
         options.source = {"loads": [load.source for load in loads]}
-        check_serve_spec(replay_spec(serving, [r for load in loads for r in load.requests]))  # one line if bad
+        check_serve_spec(replay_spec(serving, [r for load in first for r in load.requests]))  # one line if bad
 
         def report(event: str, info: dict[str, Any]) -> None:
             stamp = time.strftime("%H:%M:%S")
@@ -127,7 +168,7 @@ def serve_bench_command(
                       f"E2E mean {s.get('mean_e2el_ms', 0):.0f} ms, TTFT mean {s.get('mean_ttft_ms', 0):.0f} ms, "
                       f"TPOT mean {s.get('mean_tpot_ms', 0):.1f} ms", file=err.file, flush=True)
 
-        result = run_serve_bench(serving, loads, options, report)
+        result = run_serve_bench(serving, loads, options, report, searching)
     except (SpecError, StoreError, TelemetryError) as e:
         raise fail(str(e)) from None
     out.print(

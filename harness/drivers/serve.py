@@ -44,6 +44,7 @@ import pyarrow.parquet as pq
 from contract.manifest import engine_record
 from contract.prom import parse_exposition, window
 from contract.request import Request
+from contract.slo import GOODPUT_TARGET, meets_slo, next_search_rate
 from harness.drivers.plan import SweepOptions
 from harness.drivers.replay import plan_replay, replay_spec
 from harness.drivers.session import engine_settings, environment, stop_on_signals
@@ -84,6 +85,44 @@ class ServeOptions:
     prewarm: int = 16
     source: dict[str, Any] = field(default_factory=dict)
     command: list[str] = field(default_factory=lambda: list(sys.argv))
+
+
+@dataclass
+class RateSearch:
+    """The highest rate at which the server meets an SLO, searched on the running server (as `vllm bench sweep`
+    does for serving workloads): the lowest rate first, then bisection between the highest rate that met the SLO
+    and the lowest that missed (`hi` counts as missed until served), `steps` loads after the first (the rule is
+    contract/slo.py's, which the estimator's prediction of the search follows too). A load meets
+    the SLO when at least `target` of its requests meet both objectives (contract/slo.py, the one goodput
+    definition). `make(rate, index)` builds the load served at a rate."""
+
+    lo: float
+    hi: float
+    steps: int
+    slo_ttft_ms: float
+    slo_tpot_ms: float
+    make: Callable[[float, int], Load]
+    target: float = GOODPUT_TARGET
+    tried: list[dict[str, Any]] = field(default_factory=list)
+
+    def next_rate(self) -> float | None:
+        """The next rate to serve, or None when the search is done (contract/slo.py `next_search_rate`)."""
+        return next_search_rate(self.lo, self.hi, self.steps, [(t["rate_rps"], t["met"]) for t in self.tried])
+
+    def record(self, rate: float, frame: pd.DataFrame) -> dict[str, Any]:
+        ok = frame[frame["ok"].astype(bool)] if "ok" in frame else frame
+        meets = [meets_slo(float(t), None if pd.isna(p) else float(p), self.slo_ttft_ms, self.slo_tpot_ms)
+                 for t, p in zip(ok["ttft_ms"], ok["tpot_ms"], strict=True)]
+        share = sum(meets) / len(frame) if len(frame) else 0.0  # a failed request misses
+        entry = {"rate_rps": rate, "attainment": share, "met": share >= self.target}
+        self.tried.append(entry)
+        return entry
+
+    def summary(self) -> dict[str, Any]:
+        met = [t["rate_rps"] for t in self.tried if t["met"]]
+        return {"lo": self.lo, "hi": self.hi, "steps": self.steps, "slo_ttft_ms": self.slo_ttft_ms,
+                "slo_tpot_ms": self.slo_tpot_ms, "target": self.target, "tried": self.tried,
+                "highest_rate_meeting_slo": max(met) if met else None}
 
 
 @dataclass
@@ -479,12 +518,14 @@ def write_requests(folder: Path, frame: pd.DataFrame) -> Path:
 
 
 def run_serve_bench(
-    serving: ServingSpec, loads: list[Load], options: ServeOptions, report: Reporter
+    serving: ServingSpec, loads: list[Load], options: ServeOptions, report: Reporter, search: RateSearch | None = None
 ) -> ServeResult:
     """Serve each load in turn on one live server of the engine config `serving` under vLLM's client, into a new
-    run folder: `prewarm/` first (not counted), then `loads/<i>/`. Bad input fails with SpecError before a folder is
-    written or a server started; a load that fails ends the run and keeps the loads measured before it."""
-    every = [r for load in loads for r in load.requests]
+    run folder: `prewarm/` first (not counted), then `loads/<i>/`, then the rate search's loads (`search`, the
+    manifest's `rate_search`). Bad input fails with SpecError before a folder is written or a server started; a
+    load that fails ends the run and keeps the loads measured before it."""
+    shown = loads or ([search.make(search.lo, 0)] if search is not None else [])  # what the spec and prewarm see
+    every = [r for load in shown for r in load.requests]
     spec = replay_spec(serving, every)
     check_serve_spec(spec)
     plan, _, _ = plan_replay(spec, every, "workload")
@@ -520,6 +561,7 @@ def run_serve_bench(
             engine_exceptions=settings.exceptions(budget),
             requests_total=len(every),
             loads=[],
+            **({"rate_search": search.summary()} if search is not None else {}),
         )
     run_dir = store.run_dir
     model_dir = server_model_dir(settings.model_path, run_dir / "server-model")
@@ -555,11 +597,12 @@ def run_serve_bench(
                 server={"port": port, "command": server.cmd, "healthy_mono_s": healthy_mono_s},
             )
             report("log", {"message": f"server healthy after {seconds:.1f} s"})
-            if options.prewarm > 0 and loads:
-                warm = prewarm_load(loads[0], options.prewarm)
+            if options.prewarm > 0 and shown:
+                warm = prewarm_load(shown[0], options.prewarm)
                 report("log", {"message": f"prewarm: {len(warm.requests)} requests (not counted)"})
                 run_load(server, warm, run_dir / PREWARM_DIR, name, model_dir, stop)
-            for i, load in enumerate(loads):
+            def serve(i: int, load: Load) -> pd.DataFrame:
+                nonlocal ok
                 report("log", {"message": f"load {i} ({load.name}): {len(load.requests)} requests over "
                                           f"{load.requests[-1].arrival_s:.1f} s"})
                 record, frame = run_load(server, load, run_dir / LOADS_DIR / str(i), name, model_dir, stop, i)
@@ -570,6 +613,16 @@ def run_serve_bench(
                 report("load", record)
                 if record["error"]:
                     raise ServeError(record["error"])
+                return frame
+
+            for i, load in enumerate(loads):
+                serve(i, load)
+            while search is not None and (rate := search.next_rate()) is not None:
+                i = len(done)
+                entry = search.record(rate, serve(i, search.make(rate, i)))
+                store.update_manifest(rate_search=search.summary())
+                report("log", {"message": f"rate search: {rate:g} req/s, {entry['attainment'] * 100:.0f}% meet the "
+                                          f"SLO ({'met' if entry['met'] else 'missed'})"})
             status = "complete"
         except ServeError as e:
             status = "interrupted" if stop.signal is not None else "failed"
@@ -579,8 +632,9 @@ def run_serve_bench(
             if left:
                 report("log", {"message": f"server processes needed SIGTERM/SIGKILL: {left}"})
             shutil.rmtree(model_dir, ignore_errors=True)
-    store.update_manifest(status=status, ended_at=utc_now(), requests_ok=ok, error=error)
-    return ServeResult(run_dir, status, len(every), ok, error, len(done))
+    total = sum(int(d["requests_total"]) for d in done) if search is not None else len(every)
+    store.update_manifest(status=status, ended_at=utc_now(), requests_ok=ok, error=error, requests_total=total)
+    return ServeResult(run_dir, status, total, ok, error, len(done))
 
 
 def async_scheduling(args: dict[str, Any], device: str) -> bool:

@@ -55,6 +55,16 @@ def calibration_section(study: dict[str, Any] | str, plots: dict[str, bytes] | N
                      f"ms/token, constant {cal.get('request_ms', 0.0):.1f} ms"),
         ))
         name = Path(start["run"]).name
+        rs = start.get("rate_search")
+        if rs:
+            sec.add(Bullets([
+                f"{name}: highest rate meeting TTFT ≤ {rs['slo_ttft_ms']:g} ms and TPOT ≤ {rs['slo_tpot_ms']:g} ms, "
+                f"searched on the server: {rs['measured_rps']} req/s ("
+                + ", ".join(f"{t['rate_rps']:g}: {t['attainment'] * 100:.0f}%" for t in rs["measured_steps"])
+                + f"); the same search on the calibrated replica: {rs['predicted_rps']} req/s ("
+                + ", ".join(f"{t['rate_rps']:g}: {t['attainment'] * 100:.0f}%" for t in rs["predicted_steps"])
+                + f"); resolution {rs['resolution_rps']:.2f} req/s"
+            ]))
         if plots and name in plots:
             sec.add(Figure(f"drift-{name}", plots[name], f"{name}: E2E-mean error per 10 s window over the "
                                                            "server's life; red: out of the calibration's band"))

@@ -173,3 +173,41 @@ def test_a_server_that_dies_mid_load_is_one_line_and_the_loads_before_it_are_kep
     assert manifest["status"] == "failed" and [r["status"] for r in manifest["loads"]] == ["complete"]
     assert len(pd.read_parquet(run / "loads" / "0" / "requests")) == 4  # the load before it, kept
     assert not _ours(run), "a server process outlived the command"
+
+
+def test_a_rate_search_bisects_between_the_highest_met_and_the_lowest_missed_rate() -> None:
+    from harness.drivers.serve import Load, RateSearch
+
+    def frame(share_ok: float) -> pd.DataFrame:
+        n = 20
+        k = round(share_ok * n)
+        return pd.DataFrame({"ok": [True] * n, "ttft_ms": [10.0] * k + [999.0] * (n - k), "tpot_ms": [5.0] * n})
+
+    search = RateSearch(10.0, 40.0, 3, slo_ttft_ms=100.0, slo_tpot_ms=20.0, make=lambda r, i: Load(str(i), []))
+    capacity = 27.0  # the 'server' meets the SLO up to here
+    served = []
+    while (rate := search.next_rate()) is not None:
+        served.append(rate)
+        search.record(rate, frame(1.0 if rate <= capacity else 0.5))
+    assert served == [10.0, 25.0, 32.5, 28.75]  # LO, then halves of [highest met, lowest missed or HI]
+    summary = search.summary()
+    assert summary["highest_rate_meeting_slo"] == 25.0 and [t["met"] for t in summary["tried"]] == [1, 1, 0, 0]
+    failing = RateSearch(10.0, 40.0, 3, 100.0, 20.0, make=lambda r, i: Load(str(i), []))
+    failing.record(failing.next_rate() or 0.0, frame(0.8))  # 80% < 90%: even LO misses
+    assert failing.next_rate() is None and failing.summary()["highest_rate_meeting_slo"] is None
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--search", "10,40", "--count", "5"], "--search needs --slo-ttft-ms and --slo-tpot-ms"),
+        (["--search", "40,10", "--count", "5", "--slo-ttft-ms", "1", "--slo-tpot-ms", "1"], "0 < LO < HI"),
+        (["--search", "10,40", "--slo-ttft-ms", "1", "--slo-tpot-ms", "1"], "--search needs --count"),
+        (["--rate", "3", "--count", "5", "--slo-ttft-ms", "1"], "go with --search"),
+    ],
+)
+def test_bad_rate_search_is_one_line_and_starts_nothing(tmp_path: Path, args: list[str], message: str) -> None:
+    res = run_profile("serve-bench", *args, "--out", str(tmp_path / "out"))
+    assert res.returncode == 2 and message in res.stderr, res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
