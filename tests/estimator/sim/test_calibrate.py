@@ -190,6 +190,14 @@ def test_the_study_compares_each_load_with_the_floor_and_the_report_tables_it(tm
     mdir = model_dir(tmp_path)
     run = served_run(tmp_path, IterationEstimator.load(mdir), [5.0, 10.0, 5.0], count=160,
                      names=["cal", "rate-10", "cal"])
+    manifest = json.loads((run / "manifest.json").read_text())  # load 1 as the first load of a rate search
+    manifest["loads"][1]["source"] = {"rate_search": True, "rate_per_s": 10.0, "count": 160, "seed": 11,
+                                      "text_tokens_dist": "uniform:32:256", "new_tokens_dist": "uniform:4:24",
+                                      "context": 4096, "burstiness": 1.0}
+    manifest["rate_search"] = {"lo": 10.0, "hi": 60.0, "steps": 2, "slo_ttft_ms": 500.0, "slo_tpot_ms": 60.0,
+                               "target": 0.9, "tried": [{"rate_rps": 10.0, "attainment": 1.0, "met": True}],
+                               "highest_rate_meeting_slo": 10.0}
+    (run / "manifest.json").write_text(json.dumps(manifest))
     out = tmp_path / "study.json"
     code, text, err = invoke("experiment", "calibration", str(mdir), str(run), "--json", str(out), "--plots",
                              str(tmp_path), "--slo-ttft-ms", "500", "--slo-tpot-ms", "60")
@@ -201,6 +209,9 @@ def test_the_study_compares_each_load_with_the_floor_and_the_report_tables_it(tm
     heavy = start["rows"][1]
     assert abs(heavy["one_time"]["e2e_mean"]["value"]) < 10.0 and "followed" in heavy
     assert (tmp_path / "drift-served.png").read_bytes().startswith(b"\x89PNG")
+    search = start["rate_search"]  # the same search on the calibrated replica: LO, then two bisection steps
+    assert [t["rate_rps"] for t in search["predicted_steps"]][:1] == [10.0] and len(search["predicted_steps"]) == 3
+    assert search["measured_rps"] == 10.0 and search["predicted_rps"] is not None
     sec = calibration_section(study, {"served": (tmp_path / "drift-served.png").read_bytes()})
     (table,) = [b for b in sec.blocks if isinstance(b, Table)]
     assert [row[0] for row in table.rows] == ["0 cal (calibration)", "1 rate-10", "2 cal (repeat of 0)",
