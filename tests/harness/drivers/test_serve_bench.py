@@ -11,7 +11,8 @@ import pytest
 
 from contract.manifest import REQUEST_COLUMNS
 from contract.request import Request
-from harness.drivers.serve import parse_metrics, requests_from_client, server_command
+from harness.drivers.serve import requests_from_client
+from harness.drivers.vllm_server import parse_metrics, server_command
 from tests.conftest import run_profile
 
 
