@@ -162,6 +162,12 @@ def compare(
     repeated_decode_rows: Annotated[
         int, typer.Option(help="Decode training rows per fold (subsampled) in the repeated folds.")
     ] = 2000,
+    quick: Annotated[
+        bool,
+        typer.Option(help="What decides the verdict, in about a minute on 2 cores (the main job's default): the "
+                     "product's learner (LightGBM) × every variant, one seed of folds, no reference models, "
+                     "20 timed calls per model. Flags given beside it still apply."),
+    ] = False,
 ) -> None:
     """Experiment 2: feature variants × learners vs references, repeated folds with 95% intervals; verdict."""
     from estimator.study.compare import CompareSpec, print_comparison, run_compare, write_comparison
@@ -179,6 +185,10 @@ def compare(
             "seeds": seeds,
             "repeated_decode_rows": repeated_decode_rows,
         }
+        if quick:  # the full comparison's defaults, cut to what the verdict reads; explicit flags win below
+            given = _given_flags()
+            values.update({k: v for k, v in QUICK_COMPARE.items() if k.replace("_", "-") not in given})
+            values["learners"] = learner or ["lightgbm"]
         if variant:
             values["variants"] = variant
         if learner:
@@ -190,6 +200,16 @@ def compare(
         print_comparison(result, console)
 
     run_command(go)
+
+
+QUICK_COMPARE = {"seeds": 1, "references": False, "cost_calls": 20}
+
+
+def _given_flags() -> set[str]:
+    """The long flags on this command line (`--seeds 3` -> "seeds"), so that --quick never overrides one."""
+    import sys
+
+    return {a[2:].split("=")[0].removeprefix("no-") for a in sys.argv if a.startswith("--")}
 
 
 def _axis_value(text: str) -> int | float | str:

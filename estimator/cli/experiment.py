@@ -8,7 +8,9 @@
   followed), against the server's own floor, its histograms and over time (estimator/study/calibration.py);
 - `simulate-speed MODEL ENGINE_RUN`: 10,000 requests and an 8-rate curve through the replica;
 - `estimator-speed MODEL`: the compiled tables against the booster and a bare searchsorted;
-- `estimator-variants RUN...`: each feature variant's training, prediction cost and held-out MAPE.
+- `estimator-variants RUN...`: each feature variant's training, prediction cost and held-out MAPE;
+- `budget-accuracy ADAPTIVE FULL HELDOUT...`: the budgeted default's model against the full grid's on a held-out
+  run (estimator/study/budget_accuracy.py).
 Speed figures are printed, never asserted: run them alone on the machine.
 """
 
@@ -208,5 +210,42 @@ def estimator_variants(
         columns, rows, floor = variant_costs(runs, variant, calls, say=lambda m: typer.echo(m, err=True))
         _print_table("Estimator variants", columns, rows)
         typer.echo(floor)
+
+    run_command(go)
+
+
+@experiment.command("budget-accuracy")
+def budget_accuracy(
+    adaptive_model: Annotated[Path, typer.Argument(help="The budgeted default sweep's tokens model.")],
+    full_model: Annotated[Path, typer.Argument(help="The full grid's tokens model (profile sweep --study full-grid).")],
+    heldout: Annotated[list[Path], typer.Argument(help="Held-out run folder(s), measured in their own engine starts.")],
+    adaptive_compare: Annotated[
+        Path | None, typer.Option(help="compare.json of `estimate compare` on the budgeted run (verdict side by side).")
+    ] = None,
+    full_compare: Annotated[
+        Path | None, typer.Option(help="compare.json of `estimate compare` on the full grid.")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Write the figures as JSON here.")] = None,
+) -> None:
+    """Held-out MAPE of the budgeted default's model against the full grid's: ratio with its paired interval."""
+    from estimator.study.budget_accuracy import compare_on_heldout, verdict_readings
+
+    def go() -> None:
+        result = compare_on_heldout(adaptive_model, full_model, heldout)
+        if adaptive_compare is not None and full_compare is not None:
+            a, b = verdict_readings(adaptive_compare), verdict_readings(full_compare)
+            result["verdict"] = {"adaptive": a, "full": b, "unchanged": a == b}
+        rows: list[tuple[str, ...]] = [(k, f"{v['adaptive_mape']:.2f}", f"{v['full_mape']:.2f}",
+                 f"{v['ratio']:.3f} [{v['ratio_ci'][0]:.3f}, {v['ratio_ci'][1]:.3f}]", str(v["prompts"]))
+                for k, v in result["by_phase"].items()]
+        _print_table("Held-out MAPE: budgeted default vs full grid", ["what", "budgeted %", "full %",
+                                                                      "ratio [95% CI]", "prompts"], rows)
+        if "verdict" in result:
+            typer.echo(f"verdict unchanged: {result['verdict']['unchanged']} "
+                       f"(budgeted {result['verdict']['adaptive']}; full {result['verdict']['full']})")
+        if out is not None:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(result, indent=1) + "\n")
+            typer.echo(f"wrote {out}")
 
     run_command(go)

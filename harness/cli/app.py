@@ -27,6 +27,7 @@ from harness.cli.serve import serve_bench_command
 from harness.engine.log import EngineOutput
 from harness.rundata.spec import (
     CPU_LADDER,
+    DEFAULT_CPU_BUDGET,
     GPU_LADDER,
     SpecError,
     SweepSpec,
@@ -127,7 +128,24 @@ def resolve_spec(spec_file: Path | None, gpu: int | None, overrides: dict[str, A
         data["telemetry_interval_ms"] = overrides["telemetry_interval_ms"]
     if overrides.get("dtype"):
         data["engine"] = {**(data.get("engine") or {}), "dtype": overrides["dtype"]}
+    asked_axes = any(overrides.get(a) is not None for a in ("text_tokens", "tier", "top_k", "blocks", "model"))
+    if overrides.get("budget") is not None:
+        data["budget"] = None if overrides["budget"] == "off" else overrides["budget"]
+    elif spec_file is None and not asked_axes and data["device"] == "cpu":
+        data["budget"] = DEFAULT_CPU_BUDGET  # the embedded CPU default: the whole pipeline in minutes
     return build_spec(data)
+
+
+STUDIES_DIR = Path(__file__).resolve().parents[2] / "studies"
+
+
+def study_path(name: str) -> Path:
+    """A named study spec in studies/ (name or name.toml); SpecError listing them when there is none."""
+    path = STUDIES_DIR / (name if name.endswith(".toml") else f"{name}.toml")
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in STUDIES_DIR.glob("*.toml"))) or "none"
+        raise SpecError(f"no study '{name}' in {STUDIES_DIR} (known: {known})")
+    return path
 
 
 def dtype_warnings(spec: SweepSpec) -> list[str]:
@@ -259,6 +277,13 @@ def sweep(
         None, help="cpu or cuda (default: cuda where NVML sees a GPU and the CUDA vLLM build is installed)"
     ),
     spec_file: Path | None = typer.Option(None, "--spec", help="sweep spec, TOML or YAML"),
+    study: str | None = typer.Option(
+        None, help="a named study spec shipped in studies/ (e.g. full-grid: the whole default grid, no budget)"
+    ),
+    budget: str | None = typer.Option(
+        None, help="wall-clock budget, engine starts included (4m, 90s, 1h30m): the engine configs that fit, "
+        "measured adaptively; 'off' for the full grid [default: 4m for the embedded CPU default, else off]",
+    ),
     text_tokens: str | None = typer.Option(None, help="prompt lengths, e.g. 64,256,1024"),
     tier: str | None = typer.Option(
         None, help=f"model tiers, e.g. 0,1,2 (CPU ladder: {', '.join(CPU_LADDER)}; GPU ladder: {', '.join(GPU_LADDER)})"
@@ -339,7 +364,12 @@ def sweep(
                 "trust_remote_code": trust_remote_code,
                 "telemetry_interval_ms": telemetry_interval_ms,
                 "dtype": dtype,
+                "budget": budget,
             }
+            if study is not None:
+                if spec_file is not None:
+                    raise SpecError("--study and --spec both name a spec; give one")
+                spec_file = study_path(study)
             spec = resolve_spec(spec_file, gpu, overrides)
             device_why = overrides["device_why"]
         plan = plan_sweep(spec)
@@ -397,6 +427,9 @@ def sweep(
         if ray is not None:
             from harness.drivers.cluster import RayOptions, run_cluster_sweep
 
+            if spec.budget is not None:
+                raise SpecError("--budget plans one machine's time; with --ray give --budget off (the full grid)")
+
             ray_options = RayOptions(
                 address=None if ray == RAY_LOCAL else ray, workers=ray_workers,
                 cpus_per_worker=ray_cpus_per_worker, share_device=ray_share_device, max_retries=ray_retries,
@@ -445,11 +478,40 @@ def _print_plan(plan: Any, device_why: str = "") -> None:
             str(len(g)),
         )
     out.print(restarts)
+    if spec.budget_s is not None:
+        _print_budget(plan)
+        return
     n_req = len(plan.points) * spec.requests_per_point
     out.print(
         f"{len(plan.points)} points x {spec.requests_per_point} requests ({spec.reps} distinct prompts + "
         f"{spec.same_prompt_repeats} repeats of one) = {n_req} requests, {spec.max_new_tokens} tokens each; "
         f"estimated duration ~{plan.estimated_seconds() / 60:.1f} min (rough)"
+    )
+
+
+def _print_budget(plan: Any) -> None:
+    """The budget's plan: which engine configs fit, what each is expected to cost, and the coarse design."""
+    from harness.drivers.budget import CostCache, cost_cache_path, plan_budget
+
+    spec = plan.spec
+    budget = plan_budget(plan, spec.budget_s, CostCache.load())
+    table = Table(title=f"budget {spec.budget} ({spec.budget_s:.0f} s): {len(budget.chosen)} of {len(plan.groups)} "
+                  "engine configs fit")
+    for col in ("engine config", "start s", "start cost", "coarse points", "coarse s", "measured"):
+        table.add_column(col)
+    for g, chosen in [(g, True) for g in budget.chosen] + [(g, False) for g in budget.skipped]:
+        label = ", ".join(f"{k}={v}" for k, v in g.engine_values.items())
+        table.add_row(label, f"{g.start_s:.0f}", g.start_source, str(len(g.coarse)), f"{g.coarse_s:.0f}",
+                      "yes" if chosen else "skipped")
+    out.print(table)
+    lengths = sorted({p.text_tokens for g in budget.chosen for p in g.coarse})
+    out.print(
+        f"coarse design: text_tokens {', '.join(map(str, lengths))} x every sampling config, {spec.reps} distinct "
+        f"prompts + {spec.same_prompt_repeats} repeats of one; planned {budget.planned_s:.0f} s of "
+        f"{budget.budget_s:.0f} s, the rest refines where the prediction interval is widest against the noise floor; "
+        f"estimated duration {budget.budget_s / 60:.1f} min, the budget (start costs: {cost_cache_path()}; "
+        "--budget off for the full grid)",
+        highlight=False, soft_wrap=True,
     )
 
 

@@ -8,7 +8,9 @@ business: the run folder's RunStore, or a worker's stand-in that sends every wri
 from __future__ import annotations
 
 import contextlib
+import functools
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -17,10 +19,11 @@ import pandas as pd
 import pyarrow as pa
 
 from harness.drivers.batch_points import is_batch_spec, run_batch_group
+from harness.drivers.budget import CostCache, cost_key
 from harness.drivers.plan import Plan, Reporter, SweepOptions
 from harness.drivers.session import StopFlag, engine_settings, record_engine_start, sampling_of, start_engine, warm_up
 from harness.engine.device import cpu_model
-from harness.engine.log import LOG_NAME
+from harness.engine.log import LOG_NAME, count_levels, start_phases
 from harness.engine.settings import EngineSettings
 from harness.engine.vllm_engine import EngineError, MeasurementError, RequestRecord, VllmEngine
 from harness.rundata.prompts import Prompt, PromptSource
@@ -39,6 +42,20 @@ class GroupOutcome:
     failed: int
 
 
+@dataclass
+class PassOutcome:
+    """How one pass over some points of a running engine ended: `status` None (go on: every point written or
+    failed, or the engine died and the caller restarts it for the points left), `interrupted` or `failed`
+    (--fail-fast); `failed` counts its failed points, `written` holds the samples of the points it wrote."""
+
+    status: str | None
+    failed: int
+    written: list[pd.DataFrame]
+
+
+Refine = Callable[[str, Callable[[list[Point], "int | None"], PassOutcome]], PassOutcome]
+
+
 def measure_group(
     plan: Plan,
     group: list[Point],
@@ -52,10 +69,13 @@ def measure_group(
     *,
     failed_before: int = 0,
     engine_factory: Callable[[EngineSettings], VllmEngine] = VllmEngine,
+    refine: Refine | None = None,
 ) -> GroupOutcome:
     """Measure the points of one engine-config group (all not yet done): start its engine (again after an engine
     death, for the points left), warm up, run every request in one interleaved order and write each point when
-    its last request is done. `done` gains each written point; `failed_before` only feeds the manifest count."""
+    its last request is done. `done` gains each written point; `failed_before` only feeds the manifest count.
+    `refine(dtype, run)`, when given, runs once every point of the group is written, before the engine stops:
+    it may `run` more points on the same engine (a budgeted sweep's refinement, harness/drivers/budget.py)."""
     spec = plan.spec
     failed = 0
     first = group[0]
@@ -69,9 +89,11 @@ def measure_group(
             try:
                 log = options.engine_output
                 log_offset = log.offset() if log else 0
+                started_at = time.time()
                 started = start_engine(engine, spec, first)
                 seconds, effective = started.seconds, started.effective
-                warnings, errors = log.levels_since(log_offset) if log else (0, 0)
+                text = log.text_since(log_offset) if log else ""
+                warnings, errors = count_levels(text)
                 record_engine_start(
                     store,
                     {
@@ -79,12 +101,14 @@ def measure_group(
                         "model": m.name,
                         "block_size": effective["block_size"],
                         "seconds": round(seconds, 2),
+                        "phases_s": start_phases(text, started_at, seconds),
                         "log_warnings": warnings,
                         "log_errors": errors,
                         "effective": effective,
                     },
                     engine.exceptions,
                 )
+                CostCache.load().record(cost_key(plan, m.tier), start_s=seconds)
                 if started.mismatch:
                     raise MeasurementError(started.mismatch)
                 report(
@@ -124,55 +148,92 @@ def measure_group(
                 continue  # done, or an engine restart for the points left
             # every request of this engine start in one seeded, interleaved order; a point is written once
             # all its requests are done (so a kill or Ctrl-C loses only unfinished points)
-            batch = _EnginePass(plan, remaining, prompts, source, store.run_dir.name, engine.dtype)
-            report(
-                "log",
-                {
-                    "message": f"measuring {len(batch.order)} requests of {len(remaining)} points in one "
-                    "interleaved order (points are written as their last request finishes)"
-                },
+            passed = _run_pass(
+                engine, plan, prompts, source, store, done, stop, report, options, failed_before + failed, remaining
             )
-            sampler = TelemetrySampler(source, spec.telemetry_interval_ms, spec.telemetry_mode)
-            with sampler if spec.telemetry else contextlib.nullcontext():
-                for req in batch.order:
-                    point = req.point
-                    if stop.signal is not None:
-                        return GroupOutcome("interrupted", failed)
-                    if point not in remaining:  # it failed earlier in this pass
-                        continue
-                    try:
-                        record = engine.run_request(
-                            f"{point.point_id}-{req.rep}",
-                            batch.prompt(req).token_ids,
-                            spec.max_new_tokens,
-                            sampling_of(spec, point),
-                        )
-                    except (MeasurementError, EngineError) as e:
-                        if stop.signal is not None:
-                            return GroupOutcome("interrupted", failed)
-                        remaining.remove(point)
-                        batch.drop(point)
-                        _fail(store, point, e, report)
-                        failed += 1
-                        store.update_manifest(points_failed=failed_before + failed)
-                        if options.fail_fast:
-                            return GroupOutcome("failed", failed)
-                        if isinstance(e, EngineError):
-                            report("log", {"message": "restarting the engine for the rest of its points"})
-                            break  # restart the engine for the rest of the group
-                        continue
-                    report("request", {"seq": req.seq, "of": len(batch.order)})
-                    if not batch.add(req, record, sampler.drain()):
-                        continue
-                    tables, figures = batch.tables(point)
-                    store.write_point(point.point_id, tables)
-                    remaining.remove(point)
-                    done.add(point.point_id)
-                    store.update_manifest(points_done=len(done), points_failed=failed_before + failed)
-                    report("point", {"point": point, "done": len(done), "total": len(plan.points), **figures})
+            failed += passed.failed
+            if passed.status is not None:
+                return GroupOutcome(passed.status, failed)
+            if not remaining and refine is not None and stop.signal is None:
+                run = functools.partial(
+                    _run_pass, engine, plan, prompts, source, store, done, stop, report, options, failed_before + failed
+                )
+                passed = refine(engine.dtype, run)
+                failed += passed.failed
+                if passed.status is not None:
+                    return GroupOutcome(passed.status, failed)
         finally:
             engine.close()
     return GroupOutcome("done", failed)
+
+
+def _run_pass(
+    engine: VllmEngine,
+    plan: Plan,
+    prompts: PromptSource,
+    source: TelemetrySource,
+    store: RunStore,
+    done: set[str],
+    stop: StopFlag,
+    report: Reporter,
+    options: SweepOptions,
+    failed_before: int,
+    points: list[Point],
+    same_repeats: int | None = None,
+) -> PassOutcome:
+    """Run `points` (removed from the list as each is written or fails) on a started engine, in one interleaved
+    order; `same_repeats` overrides the spec's same-prompt repeats (refinement points have none)."""
+    spec = plan.spec
+    failed, written = 0, list[pd.DataFrame]()
+    batch = _EnginePass(plan, points, prompts, source, store.run_dir.name, engine.dtype, same_repeats)
+    if same_repeats is None:  # a refinement round says what it measures itself
+        report(
+            "log",
+            {
+                "message": f"measuring {len(batch.order)} requests of {len(points)} points in one "
+                "interleaved order (points are written as their last request finishes)"
+            },
+        )
+    sampler = TelemetrySampler(source, spec.telemetry_interval_ms, spec.telemetry_mode)
+    with sampler if spec.telemetry else contextlib.nullcontext():
+        for req in batch.order:
+            point = req.point
+            if stop.signal is not None:
+                return PassOutcome("interrupted", failed, written)
+            if point not in points:  # it failed earlier in this pass
+                continue
+            try:
+                record = engine.run_request(
+                    f"{point.point_id}-{req.rep}",
+                    batch.prompt(req).token_ids,
+                    spec.max_new_tokens,
+                    sampling_of(spec, point),
+                )
+            except (MeasurementError, EngineError) as e:
+                if stop.signal is not None:
+                    return PassOutcome("interrupted", failed, written)
+                points.remove(point)
+                batch.drop(point)
+                _fail(store, point, e, report)
+                failed += 1
+                store.update_manifest(points_failed=failed_before + failed)
+                if options.fail_fast:
+                    return PassOutcome("failed", failed, written)
+                if isinstance(e, EngineError):
+                    report("log", {"message": "restarting the engine for the rest of its points"})
+                    break  # the caller restarts the engine for the rest of the group
+                continue
+            report("request", {"seq": req.seq, "of": len(batch.order)})
+            if not batch.add(req, record, sampler.drain()):
+                continue
+            tables, figures = batch.tables(point)
+            store.write_point(point.point_id, tables)
+            written.append(tables["samples"].to_pandas())
+            points.remove(point)
+            done.add(point.point_id)
+            store.update_manifest(points_done=len(done), points_failed=failed_before + failed)
+            report("point", {"point": point, "done": len(done), "total": len(plan.points), **figures})
+    return PassOutcome(None, failed, written)
 
 
 def _fail(store: RunStore, point: Point, error: Exception, report: Reporter) -> None:
@@ -200,7 +261,7 @@ class PlannedRequest:
     rep: int
 
 
-def request_order(spec: SweepSpec, points: list[Point], key: str) -> list[PlannedRequest]:
+def request_order(spec: SweepSpec, points: list[Point], key: str, n: int | None = None) -> list[PlannedRequest]:
     """The order in which one engine start runs its points' requests: seeded by (spec.seed, key), interleaved.
 
     Requests go in rounds: round r holds one request of every point, in a shuffled order, and each point's own
@@ -209,7 +270,7 @@ def request_order(spec: SweepSpec, points: list[Point], key: str) -> list[Planne
     instead of on whichever ran last.
     """
     rng = random.Random(f"{spec.seed}:order:{key}")
-    n = spec.requests_per_point
+    n = spec.requests_per_point if n is None else n
     reps = {p.point_id: rng.sample(range(n), n) for p in points}
     order: list[tuple[Point, int]] = []
     for r in range(n):
@@ -224,21 +285,24 @@ class _EnginePass:
 
     def __init__(
         self, plan: Plan, points: list[Point], prompts: PromptSource, source: TelemetrySource, run_id: str,
-        dtype: str,
+        dtype: str, same_repeats: int | None = None,
     ) -> None:
         spec = self.spec = plan.spec
         self.plan, self.source, self.run_id, self.dtype = plan, source, run_id, dtype
-        self.order = request_order(spec, points, points[0].engine_config_id)
+        same_n = spec.same_prompt_repeats if same_repeats is None else same_repeats
+        first = points[0]
+        key = first.engine_config_id if same_repeats is None else f"{first.engine_config_id}:{first.point_id}"
+        self.order = request_order(spec, points, key, spec.reps + same_n)
         self.prompts: dict[str, list[tuple[Prompt, str]]] = {}
         for p in points:  # cut per point as before the interleaving: a resumed run cuts the same prompts
             prompts.reseed(p.point_id)
             plist = [(prompts.cut(p.text_tokens, i), "distinct") for i in range(spec.reps)]
-            if spec.same_prompt_repeats:
+            if same_n:
                 same = prompts.cut(p.text_tokens, spec.reps)
-                plist += [(same, "same")] * spec.same_prompt_repeats
+                plist += [(same, "same")] * same_n
             self.prompts[p.point_id] = plist
         self.rows: dict[str, list[dict[str, Any]]] = {p.point_id: [] for p in points}
-        self.left = {p.point_id: spec.requests_per_point for p in points}
+        self.left = {p.point_id: spec.reps + same_n for p in points}
         self.telemetry: list[dict[str, Any]] = []  # every sample of this pass (snapshots join against it)
         self.unwritten: list[dict[str, Any]] = []  # samples not yet in a telemetry file
         self.device_name = source.info.get("device_name") or cpu_model()

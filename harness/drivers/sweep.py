@@ -6,12 +6,23 @@ The CLI builds a `SweepSpec` and `SweepOptions` and calls `run_sweep`; the same 
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from harness.drivers.batch_points import is_batch_spec
+from harness.drivers.budget import (
+    BudgetClock,
+    BudgetPlan,
+    CostCache,
+    GroupPlan,
+    GroupRefiner,
+    plan_budget,
+    refine_point,
+)
 from harness.drivers.measure import measure_group
 from harness.drivers.plan import Plan, Reporter, SweepOptions, plan_sweep, prompt_sources
 from harness.drivers.session import StopFlag, environment, stop_on_signals
@@ -54,6 +65,9 @@ def run_sweep(spec: SweepSpec, options: SweepOptions, report: Reporter) -> Sweep
     """
     plan = plan_sweep(spec)
     sources = prompt_sources(plan)
+    budget, adaptive = budget_plan(plan, options)  # a budget that holds nothing fails before the folder is made
+    if budget is not None:
+        plan = budget.plan
     if options.resume_dir is None:
         check_writable(options.out_root)
     with open_source(options.gpu) as source:
@@ -67,12 +81,13 @@ def run_sweep(spec: SweepSpec, options: SweepOptions, report: Reporter) -> Sweep
             "power_field": source.info.get("power_field"),
             "clocks_locked_mhz": options.lock_clocks_mhz,
         }
-        store = open_store(plan, options, environment(source.info, spec.device), telemetry, report)
+        extra = {"adaptive": adaptive} if adaptive is not None else None
+        store = open_store(plan, options, environment(source.info, spec.device), telemetry, report, extra)
         if options.engine_output is not None:
             options.engine_output.attach(store.run_dir / LOG_NAME)
         with lock_clocks(source, options.lock_clocks_mhz), stop_on_signals() as stop:
             try:
-                status = _run_points(plan, store, options, source, sources, stop, report)
+                status = _run_points(plan, store, options, source, sources, stop, report, budget, adaptive)
             except KeyboardInterrupt:  # a second Ctrl-C: the engine is already closed, the point not written
                 status = "interrupted"
     return finish_sweep(store, plan, status, report)
@@ -115,6 +130,28 @@ def open_store(
     )
 
 
+def budget_plan(plan: Plan, options: SweepOptions) -> tuple[BudgetPlan | None, dict[str, Any] | None]:
+    """A budgeted sweep's plan (harness/drivers/budget.py) and its manifest record; (None, None) for a full grid.
+    A resumed run keeps its recorded choice of engine configs and the points its refinement added."""
+    if plan.spec.budget_s is None:
+        return None, None
+    if is_batch_spec(plan.spec):
+        raise SpecError("--budget plans batch-1 points only; drop it for a spec with a batch axis")
+    prior = RunStore.open(options.resume_dir).read_manifest().get("adaptive") if options.resume_dir else None
+    chosen = [g["engine_config_id"] for g in prior["budget"]["chosen"]] if prior else None
+    budget = plan_budget(plan, plan.spec.budget_s, CostCache.load(), chosen)
+    if prior is None:
+        return budget, {"budget": budget.as_dict(), "groups": {}, "spent_s": 0.0}
+    known = {p.point_id for p in budget.plan.points}
+    for group in prior["groups"].values():
+        for entry in group["points"]:
+            if entry["why"] == "refine" and entry["point_id"] not in known:
+                axes = {a: entry[a] for a in plan.spec.axes}
+                budget.plan.points.append(refine_point(plan.spec, axes))
+                known.add(entry["point_id"])
+    return budget, prior
+
+
 def _run_points(
     plan: Plan,
     store: RunStore,
@@ -123,6 +160,8 @@ def _run_points(
     sources: dict[str, PromptSource],
     stop: StopFlag,
     report: Reporter,
+    budget: BudgetPlan | None = None,
+    adaptive: dict[str, Any] | None = None,
 ) -> str:
     done = store.done_points()
     todo_groups = [[p for p in g if p.point_id not in done] for g in plan.groups]
@@ -137,6 +176,8 @@ def _run_points(
         },
     )
     failed = 0  # in this attempt; a resumed run retries earlier failures
+    if budget is not None and adaptive is not None:
+        return _run_budgeted(plan, budget, adaptive, store, options, source, sources, stop, report, done)
     for group in todo_groups:
         outcome = measure_group(
             plan, group, options, source, sources, store, done, stop, report,
@@ -146,6 +187,71 @@ def _run_points(
         if outcome.status != "done":
             return outcome.status
     return "complete" if failed == 0 else "failed"
+
+
+def _run_budgeted(
+    plan: Plan,
+    budget: BudgetPlan,
+    adaptive: dict[str, Any],
+    store: RunStore,
+    options: SweepOptions,
+    source: TelemetrySource,
+    sources: dict[str, PromptSource],
+    stop: StopFlag,
+    report: Reporter,
+    done: set[str],
+) -> str:
+    """A budgeted sweep: the chosen engine configs one by one, each refined within its share, and the choice of
+    the configs not yet started made again after each with what this machine has measured since."""
+    clock = BudgetClock(budget, float(adaptive.get("spent_s", 0.0)))
+    started = {g.engine_config_id for g in budget.chosen if all(p.point_id in done for p in g.coarse)}
+    failed = 0
+    while (nxt := next((g for g in budget.chosen if g.engine_config_id not in started), None)) is not None:
+        started.add(nxt.engine_config_id)
+        group = [p for p in nxt.coarse if p.point_id not in done]
+        if group:
+            refine, t0 = _refiner(clock, nxt, store, adaptive, started, report), time.monotonic()
+            outcome = measure_group(
+                plan, group, options, source, sources, store, done, stop, report,
+                failed_before=failed, engine_factory=VllmEngine, refine=refine,
+            )
+            log = refine.log
+            log["group_s"] = round(time.monotonic() - t0, 2)
+            log["start_and_coarse_s"] = round(log["group_s"] - log.get("refine_s", 0.0) - log.get("fit_s", 0.0), 2)
+            failed += outcome.failed
+            if outcome.status != "done":
+                adaptive["spent_s"] = round(clock.spent_s(), 2)
+                store.update_manifest(adaptive=adaptive)
+                return outcome.status
+        budget.replan(started, clock.left_s(), CostCache.load())
+        adaptive["budget"]["chosen"] = [g.as_dict() for g in budget.chosen]
+        adaptive["budget"]["skipped"] = [g.as_dict() for g in budget.skipped]
+        adaptive["spent_s"] = round(clock.spent_s(), 2)
+        store.update_manifest(adaptive=adaptive, points_total=len(plan.points))
+    return "complete" if failed == 0 else "failed"
+
+
+def _refiner(
+    clock: BudgetClock, g: GroupPlan, store: RunStore, adaptive: dict[str, Any], started: set[str], report: Reporter
+) -> GroupRefiner:
+    """The refinement hook of one engine config, its manifest record started with the coarse points."""
+    budget = clock.budget
+    log = adaptive["groups"].setdefault(g.engine_config_id, {**g.engine_values, "points": []})
+    logged = {e["point_id"] for e in log["points"]}
+    log["points"] += [
+        {"point_id": p.point_id, **p.axes, "why": "coarse"} for p in g.coarse if p.point_id not in logged
+    ]
+
+    def save() -> None:
+        adaptive["spent_s"] = round(clock.spent_s(), 2)
+        store.update_manifest(adaptive=adaptive)
+
+    def replan() -> None:
+        budget.replan(started, clock.left_s(), CostCache.load())
+        adaptive["budget"]["chosen"] = [c.as_dict() for c in budget.chosen]
+        adaptive["budget"]["skipped"] = [c.as_dict() for c in budget.skipped]
+
+    return GroupRefiner(budget, clock, g, store, log, save, replan, report)
 
 
 def finish_sweep(store: RunStore, plan: Plan, status: str, report: Reporter) -> SweepResult:

@@ -13,6 +13,7 @@ import re
 import sys
 import tempfile
 import threading
+import time
 import traceback
 from pathlib import Path
 from types import TracebackType
@@ -23,6 +24,42 @@ LOG_NAME = "engine.log"
 _PREFIX = r"^(\([^)]*\)\s*)?"  # "(EngineCore pid=123) " on lines from vLLM's other processes
 _WARNING = re.compile(_PREFIX + r"WARNING\s|^\[W\d{4} ")
 _ERROR = re.compile(_PREFIX + r"(ERROR|CRITICAL)\s|^\[E\d{4} |^Traceback \(most recent call last\)")
+
+
+# vLLM's own lines that end each phase of an engine start (v0.32 CPU build; a line it no longer writes leaves its
+# phase out): the engine-core process is up (spawned, vLLM imported), the worker process is up, the model is
+# built, torch.compile's warm-up is done (compiled or loaded from the inductor cache), and the engine is ready
+# (memory profile, KV cache, warm-up runs).
+START_MARKS = (
+    ("engine_core_up", "Initializing a V1 LLM engine"),
+    ("worker_up", "Starting to load model"),
+    ("model_loaded", "Warming up model for the compilation"),
+    ("compiled", "Warming up done"),
+    ("ready", "init engine (profile, create kv cache, warmup model) took"),
+)
+_STAMP = re.compile(r"\d\d-\d\d (\d\d):(\d\d):(\d\d)")
+
+
+def start_phases(text: str, started_at_s: float, seconds: float) -> dict[str, float]:
+    """An engine start's breakdown from its log lines, seconds per phase (1 s resolution: vLLM stamps seconds):
+    each phase ends at the first line of its mark in START_MARKS; `started_at_s` is the start's wall-clock time
+    (epoch seconds) and `seconds` its length, whose rest after `ready` is `handshake` (the harness's side)."""
+    t0 = time.localtime(started_at_s)
+    base = started_at_s - (t0.tm_hour * 3600 + t0.tm_min * 60 + t0.tm_sec)
+    out: dict[str, float] = {}
+    last = started_at_s
+    for name, mark in START_MARKS:
+        line = next((ln for ln in text.splitlines() if mark in ln), None)
+        stamp = _STAMP.search(line) if line else None
+        if stamp is None:
+            continue
+        at = base + int(stamp[1]) * 3600 + int(stamp[2]) * 60 + int(stamp[3])
+        at += 86400 if at < started_at_s - 43200 else 0  # past midnight
+        out[name] = round(max(at - last, 0.0), 1)
+        last = max(at, last)
+    if out:
+        out["handshake"] = round(max(started_at_s + seconds - last, 0.0), 1)
+    return out
 
 
 def count_levels(text: str) -> tuple[int, int]:
@@ -111,13 +148,17 @@ class EngineOutput:
 
     def levels_since(self, offset: int) -> tuple[int, int]:
         """(warning lines, error lines) written to the log since `offset`."""
+        return count_levels(self.text_since(offset))
+
+    def text_since(self, offset: int) -> str:
+        """What was written to the log since `offset` ("" without a log)."""
         if self.path is None:
-            return 0, 0
+            return ""
         sys.stdout.flush()
         sys.stderr.flush()
         with self.path.open("rb") as f:
             f.seek(offset)
-            return count_levels(f.read().decode("utf-8", errors="replace"))
+            return f.read().decode("utf-8", errors="replace")
 
     def _tee(self, read_fd: int) -> None:
         while True:

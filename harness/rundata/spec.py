@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import re
 import tomllib
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -106,6 +107,18 @@ class SweepSpec(BaseModel):
         False, description="a prefill over several engine iterations is recorded chunk by chunk instead of failing"
     )
     trust_remote_code: bool = False
+    budget: str | None = Field(
+        None, description="wall-clock budget for the whole sweep, engine starts included (\"4m\", \"90s\", "
+        "\"1h30m\"): the engine configs that fit are measured adaptively (harness/drivers/budget.py); None = the "
+        "full grid"
+    )
+
+    @field_validator("budget")
+    @classmethod
+    def _budget_duration(cls, budget: str | None) -> str | None:
+        if budget is not None:
+            parse_duration(budget)
+        return budget
 
     @field_validator("axes")
     @classmethod
@@ -185,6 +198,11 @@ class SweepSpec(BaseModel):
     @property
     def requests_per_point(self) -> int:
         return self.reps + self.same_prompt_repeats
+
+    @property
+    def budget_s(self) -> float | None:
+        """The budget in seconds; None for a full-grid sweep."""
+        return None if self.budget is None else parse_duration(self.budget)
 
     def target(self, axis: str) -> Target:
         """Where `axis` goes (its mapping, parsed)."""
@@ -273,6 +291,25 @@ def _check_plain(where: str, value: Any) -> None:
         raise ValueError(f"{where} holds {value!r}, which is not plain data ({e})") from None
     if not same:
         raise ValueError(f"{where} holds {value!r}, which is not plain data (a table key that is not a string?)")
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(h|m|s)")
+DEFAULT_CPU_BUDGET = "3m"  # the embedded CPU default's budget (the full grid is the study studies/full-grid.toml)
+
+
+def parse_duration(text: str) -> float:
+    """"4m", "90s", "1h30m" or plain seconds ("240") in seconds; ValueError naming the forms otherwise."""
+    t = str(text).strip().lower()
+    try:
+        seconds = float(t)
+    except ValueError:
+        parts = _DURATION.findall(t)
+        if not parts or "".join(n + u for n, u in parts) != t:
+            raise ValueError(f"budget '{text}' is not a duration; expected e.g. 4m, 90s, 1h30m or 240") from None
+        seconds = sum(float(n) * {"h": 3600, "m": 60, "s": 1}[u] for n, u in parts)
+    if not seconds > 0:
+        raise ValueError(f"budget '{text}' must be positive")
+    return seconds
 
 
 def default_axes(device: str) -> dict[str, list[Any]]:
