@@ -34,7 +34,7 @@ class Candidate:
     """A length to measure next for one sampling config, and why: its widest target's interval ÷ floor."""
 
     config: tuple[tuple[str, Any], ...]
-    text_tokens: int
+    length: int  # the text_tokens axis value to measure (a sweep point's, not a request's: contract/request.py)
     target: str
     halfwidth_ms: float
     floor_ms: float
@@ -55,8 +55,11 @@ class Candidate:
 def per_request(samples: pd.DataFrame, config_axes: list[str]) -> pd.DataFrame:
     """One row per request: its config, point, prompt kind, length, prefill ms and mean decode-step ms."""
     keys = [*config_axes, "point_id", "rep", "prompt_kind"]
-    pre = samples[samples.phase == "prefill"].groupby(keys, dropna=False).agg(
-        text_tokens=("text_tokens", "first"), prefill=("latency_ms", "sum"))
+    pre = (
+        samples[samples.phase == "prefill"]
+        .groupby(keys, dropna=False)
+        .agg(text_tokens=("text_tokens", "first"), prefill=("latency_ms", "sum"))
+    )
     dec = samples[samples.phase == "decode"].groupby(keys, dropna=False).latency_ms.mean().rename("decode")
     return pre.join(dec).reset_index()
 
@@ -94,7 +97,10 @@ def candidates(measured: list[int], axis: list[int], low: int, high: int) -> lis
 
 
 def rank(
-    requests: pd.DataFrame, config_axes: list[str], axis: list[int], seed: int = 0,
+    requests: pd.DataFrame,
+    config_axes: list[str],
+    axis: list[int],
+    seed: int = 0,
     tried: set[tuple[tuple[tuple[str, Any], ...], int]] | None = None,
 ) -> list[Candidate]:
     """Every (config, candidate length) with its widest target's interval and floor, widest ratio first; a

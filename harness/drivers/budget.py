@@ -30,11 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-
-from harness.drivers.adaptive import choose, per_request, rank
 from harness.drivers.plan import ESTIMATE, Plan
-from harness.rundata.spec import Point, SpecError, engine_axes, expand
+from harness.rundata.spec import Point, SpecError, engine_axes
 
 DEFAULT_START_S = {"cpu": 80.0, "cuda": 120.0}  # no start measured yet: the slowest first start seen (AVX2 EPYC)
 COARSE_LENGTHS = 4  # distinct text_tokens per sampling config in the coarse design
@@ -78,8 +75,13 @@ class CostCache:
         at = max(float(entry.get("request_text_tokens", text_tokens)), 1.0)
         return float(entry["request_s"]) * max(text_tokens / at, 0.25)
 
-    def record(self, key: str, start_s: float | None = None, request_s: float | None = None,
-               request_text_tokens: float | None = None) -> None:
+    def record(
+        self,
+        key: str,
+        start_s: float | None = None,
+        request_s: float | None = None,
+        request_text_tokens: float | None = None,
+    ) -> None:
         """Add a measured start and/or request cost, merged into what the file holds now (another process may
         have written it since this one was loaded)."""
         self.data = {**self.data, **CostCache.load(self.path).data}
@@ -186,7 +188,7 @@ def coarse_lengths(lengths: list[int], k: int = COARSE_LENGTHS) -> list[int]:
     return sorted({ordered[round(i * (len(ordered) - 1) / (k - 1))] for i in range(k)})
 
 
-def _request_cost(plan: Plan, cache: CostCache, tier: int, text_tokens: int) -> float:
+def request_cost(plan: Plan, cache: CostCache, tier: int, text_tokens: int) -> float:
     measured = cache.request_s(cost_key(plan, tier), text_tokens)
     if measured is not None:
         return measured
@@ -215,8 +217,8 @@ def _costed(plan: Plan, cache: CostCache, group: list[Point]) -> GroupPlan:
     tier = int(group[0].axes["tier"])
     coarse = [p for p in group if p.text_tokens in coarse_n]
     start_s, source = _start_cost(plan, cache, tier)
-    coarse_s = sum(spec.requests_per_point * _request_cost(plan, cache, tier, p.text_tokens) for p in coarse)
-    coarse_s += spec.warmup_requests * _request_cost(plan, cache, tier, max(coarse_n))
+    coarse_s = sum(spec.requests_per_point * request_cost(plan, cache, tier, p.text_tokens) for p in coarse)
+    coarse_s += spec.warmup_requests * request_cost(plan, cache, tier, max(coarse_n))
     eng = engine_axes(spec)
     return GroupPlan(group[0].engine_config_id, {a: group[0].axes[a] for a in eng}, coarse, start_s, source, coarse_s)
 
@@ -240,8 +242,9 @@ def plan_budget(plan: Plan, budget_s: float, cache: CostCache, chosen_ids: list[
     groups = [_costed(plan, cache, g) for g in coverage_order(plan)]
     budget = BudgetPlan(budget_s, [], [], Plan(plan.spec, [], [], plan.models), plan)
     if chosen_ids is not None:
-        budget.chosen = sorted((g for g in groups if g.engine_config_id in chosen_ids),
-                               key=lambda g: chosen_ids.index(g.engine_config_id))
+        budget.chosen = sorted(
+            (g for g in groups if g.engine_config_id in chosen_ids), key=lambda g: chosen_ids.index(g.engine_config_id)
+        )
         budget.skipped = [g for g in groups if g.engine_config_id not in chosen_ids]
     else:
         budget.select(groups, budget_s)
@@ -276,104 +279,3 @@ class BudgetClock:
 
     def spent_s(self) -> float:
         return self.spent_before_s + (time.monotonic() - self.t0)
-
-
-def request_wall_s(samples: pd.DataFrame) -> pd.DataFrame:
-    """Wall seconds per request (first step's start to last step's end) with its text_tokens."""
-    g = samples.groupby(["point_id", "rep"])
-    return pd.DataFrame({"text_tokens": g.text_tokens.first(), "wall_s": g.t_end_s.max() - g.t_start_s.min()})
-
-
-class GroupRefiner:
-    """The refinement of one engine config within its share of the budget (the `refine` hook of
-    harness/drivers/measure.py's `measure_group`): rounds of fit → choose → measure on the running engine.
-    Everything it decides goes to `log` (the manifest's record of this config)."""
-
-    def __init__(self, budget: BudgetPlan, clock: BudgetClock, group: GroupPlan, store: Any, log: dict[str, Any],
-                 save: Any, replan: Any, report: Any) -> None:
-        self.budget, self.clock, self.group, self.store = budget, clock, group, store
-        self.cache = CostCache.load()
-        self.log, self.save, self.replan, self.report = log, save, replan, report
-        spec = budget.plan.spec
-        self.config_axes = [a for a in spec.axes if a != "text_tokens" and a not in engine_axes(spec)]
-
-    def _measured(self) -> pd.DataFrame:
-        table = self.store.read_table("samples")
-        samples = table.to_pandas() if table is not None else pd.DataFrame()
-        return samples[samples.engine_config_id == self.group.engine_config_id] if len(samples) else samples
-
-    def __call__(self, dtype: str, run: Any) -> Any:  # dtype: the engine's (the hook's signature)
-        from harness.drivers.measure import PassOutcome
-
-        spec, plan = self.budget.plan.spec, self.budget.plan
-        t0 = time.monotonic()
-        samples = self._measured()
-        walls = request_wall_s(samples)
-        tier = int(self.group.engine_values["tier"])
-        key = cost_key(plan, tier)
-        if len(walls):
-            self.cache.record(key, request_s=float(walls.wall_s.mean()),
-                              request_text_tokens=float(walls.text_tokens.mean()))
-        self.cache = CostCache.load()  # with this start's cost, just measured
-        self.replan()  # the configs still to come, with what this start has taught about the machine
-        ids = [g.engine_config_id for g in self.budget.chosen]
-        share = self.clock.refine_share_s(self.budget.chosen[ids.index(self.group.engine_config_id) + 1:])
-        deadline = t0 + share
-        self.log.update(refine_share_s=round(share, 1), fit_s=0.0, refine_s=0.0, rounds=0)
-        axis = [int(n) for n in spec.axes["text_tokens"]]
-        requests = per_request(samples, self.config_axes) if len(samples) else pd.DataFrame()
-        failed, stopped = 0, "no lengths left to measure"
-        tried: set[tuple[tuple[tuple[str, Any], ...], int]] = set()
-
-        def cost(n: int) -> float:
-            return spec.reps * (self.cache.request_s(key, n) or _request_cost(plan, self.cache, tier, n))
-
-        while len(requests):
-            tf = time.monotonic()
-            ranked = rank(requests, self.config_axes, axis, spec.seed + int(self.log["rounds"]), tried)
-            picked = choose(ranked, lambda c: time.monotonic() + cost(c.text_tokens) <= deadline)
-            self.log["fit_s"] = round(self.log["fit_s"] + time.monotonic() - tf, 3)
-            if not picked:
-                if not ranked:
-                    stopped = "no lengths left to measure"
-                elif ranked[0].ratio <= 1:
-                    stopped = "every interval within the noise floor"
-                else:
-                    stopped = "budget spent"
-                break
-            points = []
-            for c in picked:
-                axes = {**self.group.engine_values, **dict(c.config), "text_tokens": c.text_tokens}
-                point = refine_point(spec, axes)
-                points.append(point)
-                tried.add((c.config, c.text_tokens))
-                plan.points.append(point)
-                self.log["points"].append(
-                    {"point_id": point.point_id, **axes, "why": "refine", "round": self.log["rounds"], **c.why()})
-            self.log["rounds"] += 1
-            self.report("log", {"message": f"refine round {self.log['rounds']}: " + "; ".join(
-                f"text_tokens {c.text_tokens} ({', '.join(f'{k}={v}' for k, v in c.config)}): {c.target} interval "
-                f"±{c.halfwidth_ms:.2f} ms vs floor {c.floor_ms:.2f} ms" for c in picked)})
-            self.store.update_manifest(points_total=len(plan.points))
-            self.save()
-            tr = time.monotonic()
-            passed = run(points, 0)
-            self.log["refine_s"] = round(self.log["refine_s"] + time.monotonic() - tr, 3)
-            failed += passed.failed
-            if passed.status is not None:
-                self.log["stopped"] = passed.status
-                self.save()
-                return PassOutcome(passed.status, failed, [])
-            if passed.written:
-                new = pd.concat(passed.written, ignore_index=True)
-                requests = pd.concat([requests, per_request(new, self.config_axes)], ignore_index=True)
-        self.log["stopped"] = stopped
-        self.report("log", {"message": f"refinement stopped after {self.log['rounds']} round(s): {stopped}"})
-        self.save()
-        return PassOutcome(None, failed, [])
-
-
-def refine_point(spec: Any, axes: dict[str, Any]) -> Point:
-    """The grid's Point for these axis values (same ids), whatever its text_tokens."""
-    one = spec.model_copy(update={"axes": {a: [axes[a]] for a in spec.axes}})
-    return expand(one)[0]

@@ -19,12 +19,11 @@ from harness.drivers.budget import (
     BudgetPlan,
     CostCache,
     GroupPlan,
-    GroupRefiner,
     plan_budget,
-    refine_point,
 )
 from harness.drivers.measure import measure_group
 from harness.drivers.plan import Plan, Reporter, SweepOptions, plan_sweep, prompt_sources
+from harness.drivers.refine import GroupRefiner, refine_point
 from harness.drivers.session import StopFlag, environment, stop_on_signals
 from harness.engine.log import LOG_NAME
 from harness.engine.vllm_engine import VllmEngine
@@ -42,7 +41,6 @@ class SweepResult:
     points_failed: int
     summary: pd.DataFrame
     figures: dict[str, Any]
-
 
 
 def _select_gpu(gpu: int | None) -> None:
@@ -118,7 +116,10 @@ def open_store(
             )
         return store
     return RunStore.new(
-        "sweep", options, spec, env,
+        "sweep",
+        options,
+        spec,
+        env,
         telemetry=telemetry,
         engine_mode=spec.engine_mode,
         points_total=len(plan.points),
@@ -180,8 +181,17 @@ def _run_points(
         return _run_budgeted(plan, budget, adaptive, store, options, source, sources, stop, report, done)
     for group in todo_groups:
         outcome = measure_group(
-            plan, group, options, source, sources, store, done, stop, report,
-            failed_before=failed, engine_factory=VllmEngine,  # looked up here, so tests can patch it
+            plan,
+            group,
+            options,
+            source,
+            sources,
+            store,
+            done,
+            stop,
+            report,
+            failed_before=failed,
+            engine_factory=VllmEngine,  # looked up here, so tests can patch it
         )
         failed += outcome.failed
         if outcome.status != "done":
@@ -212,8 +222,18 @@ def _run_budgeted(
         if group:
             refine, t0 = _refiner(clock, nxt, store, adaptive, started, report), time.monotonic()
             outcome = measure_group(
-                plan, group, options, source, sources, store, done, stop, report,
-                failed_before=failed, engine_factory=VllmEngine, refine=refine,
+                plan,
+                group,
+                options,
+                source,
+                sources,
+                store,
+                done,
+                stop,
+                report,
+                failed_before=failed,
+                engine_factory=VllmEngine,
+                refine=refine,
             )
             log = refine.log
             log["group_s"] = round(time.monotonic() - t0, 2)
@@ -238,9 +258,7 @@ def _refiner(
     budget = clock.budget
     log = adaptive["groups"].setdefault(g.engine_config_id, {**g.engine_values, "points": []})
     logged = {e["point_id"] for e in log["points"]}
-    log["points"] += [
-        {"point_id": p.point_id, **p.axes, "why": "coarse"} for p in g.coarse if p.point_id not in logged
-    ]
+    log["points"] += [{"point_id": p.point_id, **p.axes, "why": "coarse"} for p in g.coarse if p.point_id not in logged]
 
     def save() -> None:
         adaptive["spent_s"] = round(clock.spent_s(), 2)

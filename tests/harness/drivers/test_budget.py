@@ -98,11 +98,29 @@ def _requests(noise_same: float, seed: int = 0) -> pd.DataFrame:
     for n in (16, 128, 256, 1024):
         true = 2 + 60 * (n / 1000) ** 2
         for rep in range(4):
-            rows.append({"top_k": 0, "point_id": f"p{n}", "rep": rep, "prompt_kind": "distinct", "text_tokens": n,
-                         "prefill": true * (1 + 0.05 * rng.standard_normal()), "decode": 2.0})
+            rows.append(
+                {
+                    "top_k": 0,
+                    "point_id": f"p{n}",
+                    "rep": rep,
+                    "prompt_kind": "distinct",
+                    "text_tokens": n,
+                    "prefill": true * (1 + 0.05 * rng.standard_normal()),
+                    "decode": 2.0,
+                }
+            )
         for rep in range(4, 7):
-            rows.append({"top_k": 0, "point_id": f"p{n}", "rep": rep, "prompt_kind": "same", "text_tokens": n,
-                         "prefill": true * (1 + noise_same * rng.standard_normal()), "decode": 2.0})
+            rows.append(
+                {
+                    "top_k": 0,
+                    "point_id": f"p{n}",
+                    "rep": rep,
+                    "prompt_kind": "same",
+                    "text_tokens": n,
+                    "prefill": true * (1 + noise_same * rng.standard_normal()),
+                    "decode": 2.0,
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -113,10 +131,10 @@ def test_refinement_picks_the_widest_interval_over_the_floor() -> None:
     assert ranked and ranked == sorted(ranked, key=lambda c: -c.ratio)
     assert ranked[0].ratio > 1 and ranked[0].target == "prefill"
     picked = choose(ranked, lambda c: True)
-    assert [c.text_tokens for c in picked] == [ranked[0].text_tokens]  # one per sampling config
+    assert [c.length for c in picked] == [ranked[0].length]  # one per sampling config
     assert choose(ranked, lambda c: False) == []  # nothing fits the time left
-    tried = {(ranked[0].config, ranked[0].text_tokens)}
-    assert all(c.text_tokens != ranked[0].text_tokens for c in rank(_requests(0.001), ["top_k"], axis, 0, tried))
+    tried = {(ranked[0].config, ranked[0].length)}
+    assert all(c.length != ranked[0].length for c in rank(_requests(0.001), ["top_k"], axis, 0, tried))
 
 
 def test_refinement_stops_when_every_interval_is_within_the_floor() -> None:
