@@ -6,8 +6,10 @@ so the budget is spent per engine config, in this order:
 
 1. **Planning** (here, before any engine starts). Each engine config costs its start plus its coarse design. A start
    costs what this machine measured for that model (the per-machine cache `engine-costs-<machine>.json`, the
-   largest of the last starts recorded; else another model's on this machine), or `DEFAULT_START_S` when nothing
-   is cached; a request costs its measured mean (scaled by length), or the dry run's FLOPs estimate. Configs are
+   median of the last starts recorded, so one cold-compile start does not price every later one; else the slowest
+   other model's on this machine, a model's first start compiling cold), or `DEFAULT_START_S` when nothing is
+   cached; a request costs its measured mean (scaled by length), else a measured model's scaled by the FLOPs
+   estimates' ratio, else the dry run's FLOPs estimate. Configs are
    taken coverage first (every value of the first engine axis, the tier ladder, at the other engine axes' first
    values; then the other values) while their cost fits; the rest are skipped and named in the manifest. After
    each config, the configs not yet started are chosen again with the costs measured since and the time left.
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,7 +68,7 @@ class CostCache:
 
     def start_s(self, key: str) -> float | None:
         starts = self.data.get(key, {}).get("start_s") or []
-        return float(max(starts)) if starts else None
+        return float(statistics.median(starts)) if starts else None
 
     def request_s(self, key: str, text_tokens: float) -> float | None:
         """Seconds per request at `text_tokens`, scaled linearly from the measured mean (None: none measured)."""
@@ -188,13 +191,28 @@ def coarse_lengths(lengths: list[int], k: int = COARSE_LENGTHS) -> list[int]:
     return sorted({ordered[round(i * (len(ordered) - 1) / (k - 1))] for i in range(k)})
 
 
-def request_cost(plan: Plan, cache: CostCache, tier: int, text_tokens: int) -> float:
-    measured = cache.request_s(cost_key(plan, tier), text_tokens)
-    if measured is not None:
-        return measured
+def _flops_estimate_s(plan: Plan, tier: int, text_tokens: int) -> float:
     est, m = ESTIMATE[plan.spec.device], plan.models[tier]
     work = text_tokens + plan.spec.max_new_tokens
     return 2 * m.params * work / est["flops"] + plan.spec.max_new_tokens * est["step_overhead_s"]
+
+
+def request_cost(plan: Plan, cache: CostCache, tier: int, text_tokens: int) -> float:
+    """Seconds per request of this tier's model at `text_tokens`: measured on this machine, else a measured model's
+    cost scaled by the two models' FLOPs estimates (the nearest in size: this machine's speed, the size ratio), else
+    the dry run's FLOPs estimate alone (calibrated on a slow CPU: conservative)."""
+    measured = cache.request_s(cost_key(plan, tier), text_tokens)
+    if measured is not None:
+        return measured
+    known = [
+        (abs(plan.models[t].params - plan.models[tier].params), t, s)
+        for t in plan.models
+        if (s := cache.request_s(cost_key(plan, t), text_tokens)) is not None
+    ]
+    if known:
+        _, other, seconds = min(known)
+        return seconds * _flops_estimate_s(plan, tier, text_tokens) / _flops_estimate_s(plan, other, text_tokens)
+    return _flops_estimate_s(plan, tier, text_tokens)
 
 
 def _start_cost(plan: Plan, cache: CostCache, tier: int) -> tuple[float, str]:

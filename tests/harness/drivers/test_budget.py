@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from harness.cli.app import app
 from harness.drivers.adaptive import candidates, choose, rank
-from harness.drivers.budget import CostCache, coarse_lengths, cost_key, plan_budget
+from harness.drivers.budget import CostCache, coarse_lengths, cost_key, plan_budget, request_cost
 from harness.drivers.plan import plan_sweep
 from harness.rundata.spec import SpecError, build_spec, parse_duration
 
@@ -78,6 +78,20 @@ def test_replan_learns_the_machine_after_the_first_start(tmp_path: Path) -> None
     assert len(budget.chosen) > 2
     assert budget.chosen[1].start_source == "another model's"
     assert len(budget.plan.points) == 8 * len(budget.chosen)
+
+
+def test_an_unmeasured_model_costs_a_measured_one_scaled_by_size(tmp_path: Path) -> None:
+    """Tier 2 never ran here: its requests cost tier 1's measured seconds times the FLOPs estimates' ratio (this
+    machine's speed), not the dry run's slow-CPU estimate; with nothing measured, that estimate."""
+    plan, cache = _plan(), CostCache(tmp_path / "costs.json")
+    alone = request_cost(plan, cache, 2, 256)
+    cache.record(cost_key(plan, 1), request_s=0.05, request_text_tokens=256)
+    scaled = request_cost(plan, cache, 2, 256)
+    ratio = plan.models[2].params / plan.models[1].params
+    assert 1 < scaled / 0.05 < ratio  # bigger model, and the per-step overhead is not scaled by size
+    assert scaled < alone  # a fast machine's measurement wins over the slow-CPU estimate
+    cache.record(cost_key(plan, 0), request_s=0.01, request_text_tokens=256)
+    assert request_cost(plan, cache, 2, 256) == pytest.approx(scaled)  # the nearest measured size: tier 1
 
 
 def test_cost_cache_merges_what_another_process_wrote(tmp_path: Path) -> None:
