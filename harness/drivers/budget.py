@@ -66,9 +66,19 @@ class CostCache:
             data = {}
         return cls(path, data if isinstance(data, dict) else {})
 
-    def start_s(self, key: str) -> float | None:
-        starts = self.data.get(key, {}).get("start_s") or []
-        return float(statistics.median(starts)) if starts else None
+    def first_start(self, key: str) -> tuple[float, float] | None:
+        """This model's first start on this machine (its compile cold): (seconds, when as a UNIX time)."""
+        entry = self.data.get(key, {})
+        if "first_start_s" in entry:
+            return float(entry["first_start_s"]), float(entry.get("first_at", 0.0))
+        starts = entry.get("start_s") or []  # a cache written before first starts were kept apart
+        return (float(starts[0]), 0.0) if starts else None
+
+    def later_start_s(self, key: str) -> float | None:
+        """The median of this model's last starts after its first (compiled kernels reused), None if none."""
+        entry = self.data.get(key, {})
+        later = entry.get("later_start_s") if "first_start_s" in entry else (entry.get("start_s") or [])[1:]
+        return float(statistics.median(later)) if later else None
 
     def request_s(self, key: str, text_tokens: float) -> float | None:
         """Seconds per request at `text_tokens`, scaled linearly from the measured mean (None: none measured)."""
@@ -90,6 +100,12 @@ class CostCache:
         self.data = {**self.data, **CostCache.load(self.path).data}
         entry = self.data.setdefault(key, {})
         if start_s is not None:
+            if self.first_start(key) is None:
+                entry["first_start_s"], entry["first_at"] = round(start_s, 2), time.time()
+            else:
+                entry.setdefault("first_start_s", entry["start_s"][0])
+                entry["later_start_s"] = [*(entry.get("later_start_s") or entry["start_s"][1:]), round(start_s, 2)]
+                entry["later_start_s"] = entry["later_start_s"][-KEEP_STARTS:]
             entry["start_s"] = [*(entry.get("start_s") or []), round(start_s, 2)][-KEEP_STARTS:]
         if request_s is not None:
             entry["request_s"], entry["request_text_tokens"] = round(request_s, 4), round(request_text_tokens or 0, 1)
@@ -215,17 +231,26 @@ def request_cost(plan: Plan, cache: CostCache, tier: int, text_tokens: int) -> f
     return _flops_estimate_s(plan, tier, text_tokens)
 
 
-def _start_cost(plan: Plan, cache: CostCache, tier: int) -> tuple[float, str]:
-    """A start's expected seconds and where the figure comes from: this model's measured starts, else the slowest
-    start of any model measured on this machine (a start is mostly imports and the compile, not the model's size),
-    else the conservative default."""
-    measured = cache.start_s(cost_key(plan, tier))
-    if measured is not None:
-        return measured, "measured"
-    others = [cache.start_s(k) for k in cache.data if k.startswith(f"{plan.spec.device}|")]
-    known = [s for s in others if s is not None]
-    if known:
-        return max(known), "another model's"
+def start_cost(plan: Plan, cache: CostCache, tier: int) -> tuple[float, str]:
+    """A start's expected seconds and where the figure comes from. A model's first start on a machine compiles its
+    kernels cold (20-28 s of a 35-55 s start on a 2-core CPU); later starts reuse them (18-23 s). So: this model's
+    later starts; else, after its first start, other models' later starts (a later start is mostly imports, not
+    the model's size), else that first start; a model never started costs the most recent first start of another
+    model (the machine's very first start also pays cold imports: 20 s against 7), else the conservative default."""
+    key = cost_key(plan, tier)
+    later = cache.later_start_s(key)
+    if later is not None:
+        return later, "measured"
+    others = [k for k in cache.data if k.startswith(f"{plan.spec.device}|") and k != key]
+    others_later = [s for k in others if (s := cache.later_start_s(k)) is not None]
+    first = cache.first_start(key)
+    if first is not None:
+        if others_later:
+            return float(statistics.median(others_later)), "another model's later starts"
+        return first[0], "measured (its first start)"
+    firsts = [f for k in others if (f := cache.first_start(k)) is not None]
+    if firsts:
+        return max(firsts, key=lambda f: f[1])[0], "another model's first start"
     return DEFAULT_START_S[plan.spec.device], "default"
 
 
@@ -234,7 +259,7 @@ def _costed(plan: Plan, cache: CostCache, group: list[Point]) -> GroupPlan:
     coarse_n = set(coarse_lengths(list(spec.axes["text_tokens"])))
     tier = int(group[0].axes["tier"])
     coarse = [p for p in group if p.text_tokens in coarse_n]
-    start_s, source = _start_cost(plan, cache, tier)
+    start_s, source = start_cost(plan, cache, tier)
     coarse_s = sum(spec.requests_per_point * request_cost(plan, cache, tier, p.text_tokens) for p in coarse)
     coarse_s += spec.warmup_requests * request_cost(plan, cache, tier, max(coarse_n))
     eng = engine_axes(spec)

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from harness.cli.app import app
 from harness.drivers.adaptive import candidates, choose, rank
-from harness.drivers.budget import CostCache, coarse_lengths, cost_key, plan_budget, request_cost
+from harness.drivers.budget import CostCache, coarse_lengths, cost_key, plan_budget, request_cost, start_cost
 from harness.drivers.plan import plan_sweep
 from harness.rundata.spec import SpecError, build_spec, parse_duration
 
@@ -54,7 +54,7 @@ def test_configs_are_taken_coverage_first(tmp_path: Path) -> None:
     block size, and the plan's points are the chosen configs' coarse design (4 lengths x 2 top_k each)."""
     budget = plan_budget(_plan(), 3 * 60, _cache(tmp_path, start_s=50, request_s=0.01))
     assert [(g.engine_values["tier"], g.engine_values["blocks"]) for g in budget.chosen] == [(0, 32), (1, 32), (2, 32)]
-    assert all(g.start_source == "measured" for g in budget.chosen)
+    assert all(g.start_source.startswith("measured") for g in budget.chosen)
     assert len(budget.plan.points) == 3 * 8 and len(budget.plan.groups) == 3
     assert {p.text_tokens for p in budget.plan.points} == {16, 128, 256, 1024}
     assert budget.planned_s <= 180
@@ -76,7 +76,7 @@ def test_replan_learns_the_machine_after_the_first_start(tmp_path: Path) -> None
     budget.replan({first}, 150, CostCache.load(cache.path))
     assert budget.chosen[0].engine_config_id == first
     assert len(budget.chosen) > 2
-    assert budget.chosen[1].start_source == "another model's"
+    assert budget.chosen[1].start_source == "another model's first start"
     assert len(budget.plan.points) == 8 * len(budget.chosen)
 
 
@@ -92,6 +92,23 @@ def test_an_unmeasured_model_costs_a_measured_one_scaled_by_size(tmp_path: Path)
     assert scaled < alone  # a fast machine's measurement wins over the slow-CPU estimate
     cache.record(cost_key(plan, 0), request_s=0.01, request_text_tokens=256)
     assert request_cost(plan, cache, 2, 256) == pytest.approx(scaled)  # the nearest measured size: tier 1
+
+
+def test_a_start_is_priced_by_first_and_later_starts(tmp_path: Path) -> None:
+    """A first run from nothing on a 2-core Xeon: cpu-tiny's first start 55.9 s (cold imports and compile), then
+    cpu-small's first 34.2 s. Tier 2, never started, costs the latest first start (34.2), not the machine's very
+    first; tier 0 again costs its own first start until some model has started twice, then the later starts."""
+    plan, cache = _plan(), CostCache(tmp_path / "costs.json")
+    cache.record(cost_key(plan, 0), start_s=55.9)
+    cache.record(cost_key(plan, 1), start_s=34.2)
+    assert start_cost(plan, cache, 2) == (34.2, "another model's first start")
+    assert start_cost(plan, cache, 0) == (55.9, "measured (its first start)")
+    cache.record(cost_key(plan, 0), start_s=18.5)
+    assert start_cost(plan, cache, 0) == (18.5, "measured")
+    assert start_cost(plan, cache, 1) == (18.5, "another model's later starts")
+    for s in (20.0, 22.0):
+        cache.record(cost_key(plan, 0), start_s=s)
+    assert CostCache.load(cache.path).later_start_s(cost_key(plan, 0)) == 20.0  # the median, first start left out
 
 
 def test_cost_cache_merges_what_another_process_wrote(tmp_path: Path) -> None:
