@@ -240,6 +240,12 @@ def budget_accuracy(
                 for k, v in result["by_phase"].items()]
         _print_table("Held-out MAPE: budgeted default vs full grid", ["what", "budgeted %", "full %",
                                                                       "ratio [95% CI]", "prompts"], rows)
+        rows = [(k, f"{v['adaptive_mape']:.2f}", f"{v['full_mape']:.2f}",
+                 f"{v['ratio']:.3f} [{v['ratio_ci'][0]:.3f}, {v['ratio_ci'][1]:.3f}]", str(v["prompts"]))
+                for k, v in result["level_removed"]["by_phase"].items()]
+        _print_table(f"The same, each model's level removed per held-out engine start "
+                     f"({result['level_removed']['starts']} starts)", ["what", "budgeted %", "full %",
+                                                                      "ratio [95% CI]", "prompts"], rows)
         if "verdict" in result:
             typer.echo(f"verdict unchanged: {result['verdict']['unchanged']} "
                        f"(budgeted {result['verdict']['adaptive']}; full {result['verdict']['full']})")
