@@ -2,6 +2,7 @@
 
     python scripts/bench_vs_vllm.py                      # both points, 15 harness requests, 15 vLLM iterations
     python scripts/bench_vs_vllm.py --points seqs8 --requests 30 --iters 30
+    python scripts/bench_vs_vllm.py --points defaults --rounds 3   # 3 interleaved starts of each, ratio ± interval
     python scripts/bench_vs_vllm.py --smoke              # seconds-long check that it runs; figures mean nothing
 
 Same model folder (a temporary copy of harness/presets/cpu-tiny with a 10,240-token vocabulary: vLLM's benchmark
@@ -19,6 +20,9 @@ goes: the engine core's own iteration times (a stat logger is attached to vLLM's
 and decode in each, and the caller's share (request time minus the engine core's own time) in each. If the
 engine core's own times differ, the engines ran differently (config, threads, placement); if they agree and the
 totals do not, the difference is on the caller's side (the harness's loop vs LLM.generate).
+
+With `--rounds N` each point runs harness, vLLM, harness, vLLM, ... (N starts of each, interleaved, so a drift of
+the machine's level falls on both): the ratio per round, their geometric mean and its 95% t-interval over rounds.
 
 Run it on a quiet machine (nothing else running). It takes a few minutes per point on 2 cores (two engine
 starts each). Output also goes to --out as JSON.
@@ -244,6 +248,7 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=15, help="vLLM benchmark iterations per point")
     ap.add_argument("--warmup-iters", type=int, default=5, help="vLLM benchmark warm-up iterations")
     ap.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "bench-vs-vllm")
+    ap.add_argument("--rounds", type=int, default=1, help="interleaved engine starts of each per point")
     ap.add_argument("--smoke", action="store_true", help="3 requests and 2 iterations: checks that it runs")
     args = ap.parse_args()
     if args.smoke:
@@ -255,25 +260,48 @@ def main() -> None:
     for point in args.points.split(","):
         if point not in POINTS:
             sys.exit(f"unknown point {point!r}; expected {', '.join(POINTS)}")
-        name = f"{point}-{os.getpid()}"
-        print(f"[{point}] harness: {args.requests} requests ...", file=sys.stderr, flush=True)
-        h, h_eff = harness_figures(run_harness(model, POINTS[point], args.requests, args.out, name))
-        print(f"[{point}] vLLM's latency benchmark: {args.iters} iterations ...", file=sys.stderr, flush=True)
-        v, v_eff = vllm_figures(run_vllm_bench(model, h_eff, args.iters, args.warmup_iters, args.out, name), args.iters)
-        ratio = h["request_ms"] / v["request_ms"]
-        mismatch = {k: (h_eff.get(k), v_eff.get(k)) for k in COMPARED if h_eff.get(k) != v_eff.get(k)}
-        report[point] = {"ratio": ratio, "harness": h, "vllm": v, "config_mismatch": mismatch}
-        print(f"\n== {point} (max_num_seqs {h_eff.get('max_num_seqs')}, token budget "
-              f"{h_eff.get('max_num_batched_tokens')}, block size {h_eff.get('block_size')})")
-        print(f"vLLM benchmark: {v['request_ms']:.2f} ms per request (median of {v['requests']})")
-        print(f"harness:        {h['request_ms']:.2f} ms per request (median of {h['requests']}; "
-              f"{h['client_lagged_rows']} client-lagged rows)")
-        inside = 0.9 <= ratio <= 1.1
-        print(f"ratio harness / vLLM: {ratio:.3f} ({'inside' if inside else 'OUTSIDE'} the 0.9-1.1 target)")
-        for k, (a, b) in mismatch.items():
-            print(f"  effective config differs: {k}: harness {a!r}, vLLM benchmark {b!r}")
-        for line in explain(h, v):
-            print(line)
+        ratios = []
+        for r in range(max(args.rounds, 1)):
+            name = f"{point}-{os.getpid()}-r{r}"
+            print(f"[{point}] round {r + 1}: harness, {args.requests} requests ...", file=sys.stderr, flush=True)
+            h, h_eff = harness_figures(run_harness(model, POINTS[point], args.requests, args.out, name))
+            print(f"[{point}] round {r + 1}: vLLM's latency benchmark, {args.iters} iterations ...", file=sys.stderr,
+                  flush=True)
+            v, v_eff = vllm_figures(
+                run_vllm_bench(model, h_eff, args.iters, args.warmup_iters, args.out, name), args.iters
+            )
+            ratio = h["request_ms"] / v["request_ms"]
+            ratios.append(ratio)
+            mismatch = {k: (h_eff.get(k), v_eff.get(k)) for k in COMPARED if h_eff.get(k) != v_eff.get(k)}
+            report.setdefault(point, {"rounds": []})["rounds"].append(
+                {"ratio": ratio, "harness": h, "vllm": v, "config_mismatch": mismatch}
+            )
+            print(f"\n== {point} round {r + 1} (max_num_seqs {h_eff.get('max_num_seqs')}, token budget "
+                  f"{h_eff.get('max_num_batched_tokens')}, block size {h_eff.get('block_size')}, dtype "
+                  f"{h_eff.get('dtype')})")
+            print(f"vLLM benchmark: {v['request_ms']:.2f} ms per request (median of {v['requests']})")
+            print(f"harness:        {h['request_ms']:.2f} ms per request (median of {h['requests']}; "
+                  f"{h['client_lagged_rows']} client-lagged rows)")
+            print(f"ratio harness / vLLM: {ratio:.3f}")
+            for k, (a, b) in mismatch.items():
+                print(f"  effective config differs: {k}: harness {a!r}, vLLM benchmark {b!r}")
+            for line in explain(h, v):
+                print(line)
+        logs = np.log(ratios)
+        mean = float(np.exp(logs.mean()))
+        if len(ratios) > 1:
+            from scipy import stats
+
+            half = float(stats.t.ppf(0.975, len(ratios) - 1) * logs.std(ddof=1) / np.sqrt(len(ratios)))
+            ci = [float(np.exp(logs.mean() - half)), float(np.exp(logs.mean() + half))]
+        else:
+            ci = None
+        report[point].update(ratio=mean, ratio_ci=ci, ratios=ratios)
+        inside = ci is not None and ci[0] >= 0.95 and ci[1] <= 1.05
+        print(f"\n[{point}] ratio harness / vLLM over {len(ratios)} round(s): {mean:.3f}"
+              + (f" [{ci[0]:.3f}, {ci[1]:.3f}] (95% t-interval over rounds)" if ci else "")
+              + f"; per round {', '.join(f'{x:.3f}' for x in ratios)}; "
+              + ("inside" if inside else "not shown inside") + " the 0.95-1.05 target")
     (args.out / "bench_vs_vllm.json").write_text(json.dumps(report, indent=2))
     print(f"\nwritten: {args.out / 'bench_vs_vllm.json'}")
 
