@@ -181,17 +181,8 @@ def _run_points(
         return _run_budgeted(plan, budget, adaptive, store, options, source, sources, stop, report, done)
     for group in todo_groups:
         outcome = measure_group(
-            plan,
-            group,
-            options,
-            source,
-            sources,
-            store,
-            done,
-            stop,
-            report,
-            failed_before=failed,
-            engine_factory=VllmEngine,  # looked up here, so tests can patch it
+            plan, group, options, source, sources, store, done, stop, report,
+            failed_before=failed, engine_factory=VllmEngine,  # looked up here, so tests can patch it
         )
         failed += outcome.failed
         if outcome.status != "done":
@@ -200,16 +191,8 @@ def _run_points(
 
 
 def _run_budgeted(
-    plan: Plan,
-    budget: BudgetPlan,
-    adaptive: dict[str, Any],
-    store: RunStore,
-    options: SweepOptions,
-    source: TelemetrySource,
-    sources: dict[str, PromptSource],
-    stop: StopFlag,
-    report: Reporter,
-    done: set[str],
+    plan: Plan, budget: BudgetPlan, adaptive: dict[str, Any], store: RunStore, options: SweepOptions,
+    source: TelemetrySource, sources: dict[str, PromptSource], stop: StopFlag, report: Reporter, done: set[str],
 ) -> str:
     """A budgeted sweep: the chosen engine configs one by one, each refined within its share, and the choice of
     the configs not yet started made again after each with what this machine has measured since."""
@@ -222,18 +205,8 @@ def _run_budgeted(
         if group:
             refine, t0 = _refiner(clock, nxt, store, adaptive, started, report), time.monotonic()
             outcome = measure_group(
-                plan,
-                group,
-                options,
-                source,
-                sources,
-                store,
-                done,
-                stop,
-                report,
-                failed_before=failed,
-                engine_factory=VllmEngine,
-                refine=refine,
+                plan, group, options, source, sources, store, done, stop, report,
+                failed_before=failed, engine_factory=VllmEngine, refine=refine,
             )
             log = refine.log
             log["group_s"] = round(time.monotonic() - t0, 2)
