@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -235,17 +235,17 @@ def budget_accuracy(
         if adaptive_compare is not None and full_compare is not None:
             a, b = verdict_readings(adaptive_compare), verdict_readings(full_compare)
             result["verdict"] = {"adaptive": a, "full": b, "unchanged": a == b}
-        rows: list[tuple[str, ...]] = [(k, f"{v['adaptive_mape']:.2f}", f"{v['full_mape']:.2f}",
-                 f"{v['ratio']:.3f} [{v['ratio_ci'][0]:.3f}, {v['ratio_ci'][1]:.3f}]", str(v["prompts"]))
-                for k, v in result["by_phase"].items()]
-        _print_table("Held-out MAPE: budgeted default vs full grid", ["what", "budgeted %", "full %",
-                                                                      "ratio [95% CI]", "prompts"], rows)
-        rows = [(k, f"{v['adaptive_mape']:.2f}", f"{v['full_mape']:.2f}",
-                 f"{v['ratio']:.3f} [{v['ratio_ci'][0]:.3f}, {v['ratio_ci'][1]:.3f}]", str(v["prompts"]))
-                for k, v in result["level_removed"]["by_phase"].items()]
-        _print_table(f"The same, each model's level removed per held-out engine start "
-                     f"({result['level_removed']['starts']} starts)", ["what", "budgeted %", "full %",
-                                                                      "ratio [95% CI]", "prompts"], rows)
+
+        def table(title: str, by_phase: dict[str, Any]) -> None:
+            rows: list[tuple[str, ...]] = [(k, f"{v['adaptive_mape']:.2f}", f"{v['full_mape']:.2f}",
+                     f"{v['ratio']:.3f} [{v['ratio_ci'][0]:.3f}, {v['ratio_ci'][1]:.3f}]", str(v["prompts"]))
+                    for k, v in by_phase.items()]
+            _print_table(title, ["what", "budgeted %", "full %", "ratio [95% CI]", "prompts"], rows)
+
+        table("Held-out MAPE: budgeted default vs full grid", result["by_phase"])
+        shape = result["level_removed"]
+        table(f"The same, each model's level removed per held-out engine start ({shape['starts']} starts)",
+              shape["by_phase"])
         if "verdict" in result:
             typer.echo(f"verdict unchanged: {result['verdict']['unchanged']} "
                        f"(budgeted {result['verdict']['adaptive']}; full {result['verdict']['full']})")

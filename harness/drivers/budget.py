@@ -51,8 +51,9 @@ def cost_cache_path() -> Path:
 
 @dataclass
 class CostCache:
-    """Measured costs on this machine, keyed by `device|model`: the last start seconds and the mean seconds
-    per request (with the mean text_tokens it was measured at)."""
+    """Measured costs on this machine, keyed by `device|model`: the model's first start (`first_start_s`, when:
+    `first_at`), its last later starts (`later_start_s`), its last starts in order (`start_s`, for a reader), and
+    the mean seconds per request (with the mean text_tokens it was measured at)."""
 
     path: Path
     data: dict[str, Any] = field(default_factory=dict)
@@ -69,15 +70,11 @@ class CostCache:
     def first_start(self, key: str) -> tuple[float, float] | None:
         """This model's first start on this machine (its compile cold): (seconds, when as a UNIX time)."""
         entry = self.data.get(key, {})
-        if "first_start_s" in entry:
-            return float(entry["first_start_s"]), float(entry.get("first_at", 0.0))
-        starts = entry.get("start_s") or []  # a cache written before first starts were kept apart
-        return (float(starts[0]), 0.0) if starts else None
+        return (float(entry["first_start_s"]), float(entry["first_at"])) if "first_start_s" in entry else None
 
     def later_start_s(self, key: str) -> float | None:
         """The median of this model's last starts after its first (compiled kernels reused), None if none."""
-        entry = self.data.get(key, {})
-        later = entry.get("later_start_s") if "first_start_s" in entry else (entry.get("start_s") or [])[1:]
+        later = self.data.get(key, {}).get("later_start_s")
         return float(statistics.median(later)) if later else None
 
     def request_s(self, key: str, text_tokens: float) -> float | None:
@@ -100,12 +97,10 @@ class CostCache:
         self.data = {**self.data, **CostCache.load(self.path).data}
         entry = self.data.setdefault(key, {})
         if start_s is not None:
-            if self.first_start(key) is None:
+            if "first_start_s" not in entry:
                 entry["first_start_s"], entry["first_at"] = round(start_s, 2), time.time()
             else:
-                entry.setdefault("first_start_s", entry["start_s"][0])
-                entry["later_start_s"] = [*(entry.get("later_start_s") or entry["start_s"][1:]), round(start_s, 2)]
-                entry["later_start_s"] = entry["later_start_s"][-KEEP_STARTS:]
+                entry["later_start_s"] = [*entry.get("later_start_s", []), round(start_s, 2)][-KEEP_STARTS:]
             entry["start_s"] = [*(entry.get("start_s") or []), round(start_s, 2)][-KEEP_STARTS:]
         if request_s is not None:
             entry["request_s"], entry["request_text_tokens"] = round(request_s, 4), round(request_text_tokens or 0, 1)
@@ -131,7 +126,7 @@ class GroupPlan:
     engine_values: dict[str, Any]
     coarse: list[Point]
     start_s: float
-    start_source: str  # "measured" (the cost cache) or "default"
+    start_source: str  # where start_s comes from (start_cost's labels: "measured", ..., "default")
     coarse_s: float
 
     def as_dict(self) -> dict[str, Any]:

@@ -39,7 +39,6 @@ class GroupRefiner:
         report: Any,
     ) -> None:
         self.budget, self.clock, self.group, self.store = budget, clock, group, store
-        self.cache = CostCache.load()
         self.log, self.save, self.replan, self.report = log, save, replan, report
         spec = budget.plan.spec
         self.config_axes = [a for a in spec.axes if a != "text_tokens" and a not in engine_axes(spec)]
@@ -55,12 +54,13 @@ class GroupRefiner:
         samples = self._measured()
         walls = request_wall_s(samples)
         tier = int(self.group.engine_values["tier"])
-        key = cost_key(plan, tier)
+        cache = CostCache.load()  # with this start's cost, just measured (record() merges the file again)
         if len(walls):
-            self.cache.record(
-                key, request_s=float(walls.wall_s.mean()), request_text_tokens=float(walls.text_tokens.mean())
+            cache.record(
+                cost_key(plan, tier),
+                request_s=float(walls.wall_s.mean()),
+                request_text_tokens=float(walls.text_tokens.mean()),
             )
-        self.cache = CostCache.load()  # with this start's cost, just measured
         self.replan()  # the configs still to come, with what this start has taught about the machine
         ids = [g.engine_config_id for g in self.budget.chosen]
         share = self.clock.refine_share_s(self.budget.chosen[ids.index(self.group.engine_config_id) + 1 :])
@@ -72,7 +72,7 @@ class GroupRefiner:
         tried: set[tuple[tuple[tuple[str, Any], ...], int]] = set()
 
         def cost(n: int) -> float:
-            return spec.reps * (self.cache.request_s(key, n) or request_cost(plan, self.cache, tier, n))
+            return spec.reps * request_cost(plan, cache, tier, n)
 
         while len(requests):
             tf = time.monotonic()

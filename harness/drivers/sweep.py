@@ -14,13 +14,7 @@ from typing import Any
 import pandas as pd
 
 from harness.drivers.batch_points import is_batch_spec
-from harness.drivers.budget import (
-    BudgetClock,
-    BudgetPlan,
-    CostCache,
-    GroupPlan,
-    plan_budget,
-)
+from harness.drivers.budget import BudgetClock, BudgetPlan, CostCache, GroupPlan, plan_budget
 from harness.drivers.measure import measure_group
 from harness.drivers.plan import Plan, Reporter, SweepOptions, plan_sweep, prompt_sources
 from harness.drivers.refine import GroupRefiner, refine_point
@@ -116,10 +110,7 @@ def open_store(
             )
         return store
     return RunStore.new(
-        "sweep",
-        options,
-        spec,
-        env,
+        "sweep", options, spec, env,
         telemetry=telemetry,
         engine_mode=spec.engine_mode,
         points_total=len(plan.points),

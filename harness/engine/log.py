@@ -146,10 +146,6 @@ class EngineOutput:
         sys.stderr.flush()
         return self.path.stat().st_size if self.path is not None and self.path.exists() else 0
 
-    def levels_since(self, offset: int) -> tuple[int, int]:
-        """(warning lines, error lines) written to the log since `offset`."""
-        return count_levels(self.text_since(offset))
-
     def text_since(self, offset: int) -> str:
         """What was written to the log since `offset` ("" without a log)."""
         if self.path is None:
