@@ -140,6 +140,7 @@ def _train_iterations(runs: list[Path], out: Path, seed: int) -> None:
 
 @app.command()
 def compare(
+    ctx: typer.Context,
     runs: RunsArg,
     out: Annotated[Path | None, typer.Option(help="Output folder [default: <first run>/compare].")] = None,
     variant: Annotated[
@@ -186,8 +187,9 @@ def compare(
             "repeated_decode_rows": repeated_decode_rows,
         }
         if quick:  # the full comparison's defaults, cut to what the verdict reads; explicit flags win below
-            given = _given_flags()
-            values.update({k: v for k, v in QUICK_COMPARE.items() if k.replace("_", "-") not in given})
+            # by name: typer vendors its own click, whose ParameterSource is not click's
+            given = {k for k in QUICK_COMPARE if getattr(ctx.get_parameter_source(k), "name", "") == "COMMANDLINE"}
+            values.update({k: v for k, v in QUICK_COMPARE.items() if k not in given})
             values["learners"] = learner or ["lightgbm"]
         if variant:
             values["variants"] = variant
@@ -202,14 +204,7 @@ def compare(
     run_command(go)
 
 
-QUICK_COMPARE = {"seeds": 1, "references": False, "cost_calls": 20}
-
-
-def _given_flags() -> set[str]:
-    """The long flags on this command line (`--seeds 3` -> "seeds"), so that --quick never overrides one."""
-    import sys
-
-    return {a[2:].split("=")[0].removeprefix("no-") for a in sys.argv if a.startswith("--")}
+QUICK_COMPARE = {"seeds": 1, "references": False, "cost_calls": 20}  # --quick's values; flags given beside it win
 
 
 def _axis_value(text: str) -> int | float | str:

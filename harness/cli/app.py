@@ -282,7 +282,8 @@ def sweep(
     ),
     budget: str | None = typer.Option(
         None, help="wall-clock budget, engine starts included (4m, 90s, 1h30m): the engine configs that fit, "
-        "measured adaptively; 'off' for the full grid [default: 4m for the embedded CPU default, else off]",
+        f"measured adaptively; 'off' for the full grid [default: {DEFAULT_CPU_BUDGET} for the embedded CPU default, "
+        "else off]",
     ),
     text_tokens: str | None = typer.Option(None, help="prompt lengths, e.g. 64,256,1024"),
     tier: str | None = typer.Option(

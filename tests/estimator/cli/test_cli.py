@@ -10,6 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from estimator.cli import app
+from estimator.errors import EstimatorError
 
 runner = CliRunner()
 
@@ -96,3 +97,22 @@ def test_predict_errors_and_warnings(cli_model: Path) -> None:
     result = runner.invoke(app, [*long_prompt, "--allow-unseen"])
     assert result.exit_code == 0
     assert "unseen           text_tokens=5000" in result.stdout
+
+
+def test_quick_compare_keeps_the_flags_given_beside_it(synthetic_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--quick cuts seeds, references and timed calls to what the verdict reads, and a flag given beside it wins,
+    also when the command is not run from a shell (no sys.argv to read)."""
+    import estimator.study.compare as compare_mod
+
+    seen: list[object] = []
+
+    def stop_here(spec: object, progress: object = None) -> None:
+        seen.append(spec)
+        raise EstimatorError("stopped before the comparison runs")
+
+    monkeypatch.setattr(compare_mod, "run_compare", stop_here)
+    runner.invoke(app, ["compare", str(synthetic_run), "--quick"])
+    runner.invoke(app, ["compare", str(synthetic_run), "--quick", "--seeds", "2", "--references"])
+    quick, flagged = seen
+    assert (quick.seeds, quick.references, quick.cost_calls, quick.learners) == (1, False, 20, ["lightgbm"])
+    assert (flagged.seeds, flagged.references, flagged.cost_calls) == (2, True, 20)
