@@ -18,7 +18,7 @@ import json
 import math
 import random
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -303,3 +303,88 @@ def bimodal(rate: float, count: int, seed: int) -> list[Request]:
         (p_lo, p_hi), (n_lo, n_hi) = BIMODAL_SHORT if lengths.random() < BIMODAL_SHORT_SHARE else BIMODAL_LONG
         out.append(Request.numbered(i, round(t, 6), lengths.randint(p_lo, p_hi), lengths.randint(n_lo, n_hi)))
     return out
+
+
+# --- the scheduler proof's mixes (issue 34): what a client declares is not the true output length -------------
+
+OUTPUT_CAP = 256  # the `max_tokens` every client of a mix declares; true outputs are drawn below it
+
+
+@dataclass(frozen=True)
+class MixClass:
+    """One kind of request in a mix: the `client_class` label its client sends (None: it sends none), its share of
+    the requests, and its prompt and true-output length distributions (clipped to `prompt_range` and 1..cap)."""
+
+    label: str | None
+    share: float
+    prompt: LengthDist
+    output: LengthDist
+    prompt_range: tuple[int, int] = (16, 1024)
+
+
+@dataclass(frozen=True)
+class Mix:
+    """A scheduler-experiment mix: its classes (shares summing to 1) and the cap each client declares."""
+
+    name: str
+    classes: tuple[MixClass, ...]
+    cap: int = OUTPUT_CAP
+    note: str = field(default="", compare=False)
+
+    def describe(self) -> dict[str, Any]:
+        """The mix's published parameters (as recorded in an experiment's setup.json)."""
+        return {"name": self.name, "cap": self.cap, "note": self.note, "classes": [
+            {"label": c.label, "share": c.share, "prompt": str(c.prompt), "output": str(c.output),
+             "prompt_range": list(c.prompt_range)} for c in self.classes]}
+
+
+MIXES = {
+    "bimodal": Mix("bimodal", (
+        MixClass(None, BIMODAL_SHORT_SHARE, LengthDist("uniform", *BIMODAL_SHORT[0]),
+                 LengthDist("uniform", *BIMODAL_SHORT[1])),
+        MixClass(None, 1 - BIMODAL_SHORT_SHARE, LengthDist("uniform", *BIMODAL_LONG[0]),
+                 LengthDist("uniform", *BIMODAL_LONG[1])),
+    ), note="(a) the earlier bimodal lengths (uniform within each kind; the same draws per seed as `bimodal`): "
+            "prompt length orders the work"),
+    "independent": Mix("independent", (
+        MixClass(None, 1.0, LengthDist("lognormal", 192, 0.8), LengthDist("lognormal", 24, 1.0)),
+    ), note="(b) output independent of the prompt (rho ~ 0), heavy-tailed; no class label"),
+    "classes": Mix("classes", (
+        MixClass("code", 0.5, LengthDist("lognormal", 640, 0.25), LengthDist("lognormal", 10, 0.5), (256, 1024)),
+        MixClass("chat", 0.5, LengthDist("lognormal", 64, 0.5), LengthDist("lognormal", 64, 0.7), (16, 1024)),
+    ), note="(c) two declared client classes, like Azure's code/conversation split: code has long prompts and "
+            "short outputs, chat short prompts and long outputs (rho < 0)"),
+}
+
+
+def mix_requests(mix: str, rate: float, count: int, seed: int) -> list[Request]:
+    """`count` requests of the named mix (MIXES), Poisson arrivals at `rate` (the seed's unit-rate gaps divided by
+    `rate`: every rate replays the same requests in the same order). Each client declares the mix's cap as
+    `max_tokens` and, where its class has one, its `client_class`; the true output length is the trace's alone."""
+    if mix not in MIXES:
+        raise WorkloadError(f"unknown mix {mix!r}; expected one of {', '.join(MIXES)}")
+    m = MIXES[mix]
+    lengths, gaps = random.Random(f"{mix}:{seed}"), random.Random(f"gaps:{seed}")
+    t, out = 0.0, []
+    for i in range(count):
+        if i:
+            t += gaps.expovariate(1.0) / rate
+        u, kind = lengths.random(), m.classes[-1]
+        for c in m.classes:
+            if u < c.share:
+                kind = c
+                break
+            u -= c.share
+        lo, hi = kind.prompt_range
+        prompt = min(max(kind.prompt.draw(lengths), lo), hi)
+        output = min(max(kind.output.draw(lengths), 1), m.cap)
+        out.append(Request.numbered(i, round(t, 6), prompt, output, max_tokens=m.cap, client_class=kind.label))
+    return out
+
+
+def slo_class(text_tokens: int, client_class: str | None) -> str:
+    """The SLO class of a request: its declared client class, or else `long` / `short` by its prompt
+    (LONG_PROMPT_MIN)."""
+    if client_class:
+        return client_class
+    return "long" if text_tokens >= LONG_PROMPT_MIN else "short"

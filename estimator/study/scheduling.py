@@ -29,7 +29,7 @@ from scipy import stats
 
 from contract.request import Request
 from contract.slo import goodput, meets_slo
-from contract.workload import LONG_PROMPT_MIN, bimodal
+from contract.workload import bimodal, mix_requests, slo_class
 from estimator.errors import EstimatorError
 from estimator.sim.policies import EstimatePolicy
 from estimator.sim.workload import Overheads, engine_config_from_manifest, run_workload
@@ -53,18 +53,31 @@ def read_setup(folder: Path) -> dict[str, Any]:
     return setup
 
 
-def is_long(text_tokens: Any) -> Any:
-    return text_tokens >= LONG_PROMPT_MIN
+def classes(frame: pd.DataFrame) -> pd.Series:
+    """Each request row's SLO class (contract/workload.py `slo_class`: its declared class, else short/long by its
+    prompt; rows written before classes were recorded are short/long)."""
+    labels = frame["client_class"] if "client_class" in frame else pd.Series([""] * len(frame), index=frame.index)
+    return pd.Series([slo_class(int(n), c or None) for n, c in zip(frame["text_tokens"], labels, strict=True)],
+                     index=frame.index)
 
 
 def slo_of(alone: pd.DataFrame, scale: float) -> dict[str, dict[str, float]]:
     """Per class: TTFT and TPOT SLO = `scale` x the class's median alone."""
     slo = {}
-    for long, g in alone.groupby(is_long(alone["text_tokens"])):
+    for name, g in alone.groupby(classes(alone)):
         t, p = float(g["ttft_ms"].median()), float(g["tpot_ms"].median())
-        slo["long" if long else "short"] = {"ttft_ms": scale * t, "tpot_ms": scale * p, "alone_ttft_ms": t,
-                                            "alone_tpot_ms": p}
+        slo[str(name)] = {"ttft_ms": scale * t, "tpot_ms": scale * p, "alone_ttft_ms": t, "alone_tpot_ms": p,
+                          "alone_e2e_ms": float(g["e2e_ms"].median())}
     return slo
+
+
+def request_sets(setup: Mapping[str, Any], seeds: Sequence[int]) -> dict[int, list[Request]]:
+    """Each seed's requests at unit rate, as the harness drew them: the setup's mix, or the bimodal traces of
+    results written before mixes (every client declaring its true length)."""
+    count = int(setup["count"])
+    if "mix" in setup:
+        return {s: mix_requests(setup["mix"]["name"], 1.0, count, s) for s in seeds}
+    return {s: bimodal(1.0, count, s) for s in seeds}
 
 
 def met(frame: pd.DataFrame, slo: Mapping[str, Any]) -> np.ndarray:
@@ -72,9 +85,9 @@ def met(frame: pd.DataFrame, slo: Mapping[str, Any]) -> np.ndarray:
     request has no TPOT)."""
     rejected = frame["rejected"].to_numpy(dtype=bool) if "rejected" in frame else np.zeros(len(frame), bool)
     out = []
-    for n, new, ttft, tpot, rej in zip(frame["text_tokens"], frame["new_tokens"], frame["ttft_ms"],
+    for c, new, ttft, tpot, rej in zip(classes(frame), frame["new_tokens"], frame["ttft_ms"],
                                        frame["tpot_ms"], rejected, strict=True):
-        lim = slo["long" if is_long(n) else "short"]
+        lim = slo[c]
         out.append(meets_slo(float(ttft), None if new <= 1 else float(tpot), lim["ttft_ms"], lim["tpot_ms"],
                              served=not rej))
     return np.asarray(out, dtype=bool)
@@ -91,14 +104,16 @@ def t_interval(values: Sequence[float]) -> tuple[float, float, float]:
 
 
 def simulated(setup: Mapping[str, Any], sets: Mapping[int, list[Request]], mults: Sequence[float],
-              policies: Sequence[str] = ("fcfs", "estimate", "estimate, preemptive")) -> list[dict[str, Any]]:
+              policies: Sequence[str] = ("fcfs", "estimate", "estimate, preemptive"),
+              lengths: Path | None = None) -> list[dict[str, Any]]:
     """SIMULATED, not measured: the same traces in the replica under FCFS, the estimate policy as vLLM runs it
     (priority orders the waiting queue only) and with preemptive priority (what vLLM does not do, vLLM issue
     #40004): SLO attainment per policy, rate multiple and seed. The estimate's priorities are the `estimate`
-    policy's own (`EstimatePolicy.alone_us`: each request alone through the replica)."""
+    policy's own (`EstimatePolicy.alone_us`: each request alone through the replica, its output length predicted
+    from `lengths`, the training trace, where given)."""
     config = dict(setup.get("config") or CONFIG)
     engine = engine_config_from_manifest({"engine": setup["engine"]})
-    policy = EstimatePolicy(setup["model"], config)
+    policy = EstimatePolicy(setup["model"], config, lengths)
     policy.start(setup["engine"], config)
     overheads = Overheads.load(Path(setup["model"]))
     cap, slo = setup["capacity_rps"], setup["slo"]
@@ -116,6 +131,8 @@ def simulated(setup: Mapping[str, Any], sets: Mapping[int, list[Request]], mults
                     continue
                 frame, _ = run_workload(base, eng, policy.model, config, overheads, priorities=pr)
                 frame = frame.rename(columns={"prompt_tokens": "text_tokens", "output_tokens": "new_tokens"})
+                labels = {r.request_id: r.client_class or "" for r in base}
+                frame["client_class"] = frame["request_id"].map(labels)
                 rows.append({"policy": name, "mult": mult, "seed": seed, "attainment": float(met(frame, slo).mean())})
     return rows
 
@@ -128,8 +145,7 @@ def set_slo(folder: Path, scale: float | None) -> dict[str, Any]:
                              "estimate experiment scheduler DIR --slo-scale K instead")
     alone = pd.read_parquet(folder / "alone.parquet")
     if scale is None:
-        seeds = sorted(int(s) for s in alone["seed"].unique())
-        sets = {s: bimodal(1.0, int(setup["count"]), s) for s in seeds}
+        sets = request_sets(setup, sorted(int(s) for s in alone["seed"].unique()))
         lowest = min(float(m) for m in setup.get("mults") or [0.5])
         scale, rule = SCALES[-1], SCALE_RULE
         for k in SCALES:
@@ -189,6 +205,7 @@ def analyze(folder: Path, slo_scale: float | None = None) -> tuple[dict[str, Any
     slo, cap = setup["slo"], setup["capacity_rps"]
     frame = pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
     frame["met"] = met(frame, slo)
+    frame["slo_class"] = classes(frame)
     policies = [p for p in POLICIES if p in set(frame["policy"])]
     seeds = sorted(int(s) for s in frame["seed"].unique())
     mults = sorted(float(m) for m in frame["mult"].unique())
@@ -199,6 +216,7 @@ def analyze(folder: Path, slo_scale: float | None = None) -> tuple[dict[str, Any
                      "attainment": float(g["met"].mean()), "rejected": float(g["rejected"].astype(bool).mean()),
                      "e2e_mean_ms": float(served["e2e_ms"].mean()), "e2e_p99_ms": float(served["e2e_ms"].quantile(.99)),
                      "ttft_p99_ms": float(served["ttft_ms"].quantile(.99)),
+                     "tpot_p99_ms": float(served["tpot_ms"].quantile(.99)),
                      "decision_us": float(g["decision_us"].mean()) if g["decision_us"].notna().any() else 0.0})
     table = pd.DataFrame(rows)
     table = table.assign(_o=table["policy"].map(POLICIES.index)).sort_values(["_o", "mult", "seed"]).drop(columns="_o")
@@ -229,6 +247,10 @@ def analyze(folder: Path, slo_scale: float | None = None) -> tuple[dict[str, Any
         for p in policies:
             boot[p].append(statistics.mean(gp[p]) / base if base > 0 else math.nan)
     summary = []
+    sets = request_sets(setup, seeds)
+    evaluated = [r for rs in sets.values() for r in rs]
+    rho = float(stats.spearmanr([r.text_tokens for r in evaluated], [r.output_tokens for r in evaluated])[0])
+    long_class = max(slo, key=lambda k: slo[k].get("alone_e2e_ms", slo[k]["alone_ttft_ms"]))
     lines.append("policy | goodput req/s mean [95% t over seeds] (per seed) | x FCFS per seed: mean [t] | "
                  "x FCFS paired bootstrap [95%] | decision us mean")
     for p in policies:
@@ -236,9 +258,35 @@ def analyze(folder: Path, slo_scale: float | None = None) -> tuple[dict[str, Any
         b = b[np.isfinite(b)]
         bi = (float(np.percentile(b, 2.5)), float(np.percentile(b, 97.5))) if len(b) else (math.nan, math.nan)
         row = _summary_row(p, point, censored, bi, float(table[table.policy == p].decision_us.mean()))
+        mine = frame[frame.policy == p]
+        served = mine[~mine["rejected"].astype(bool)]
+        top = mine[mine["mult"] == mine["mult"].max()]["decision_us"].dropna()
+        vs_prompt = ([a / b if b > 0 else math.nan for a, b in zip(point[p], point["prompt"], strict=True)]
+                     if "prompt" in point else [])
+        row.update({
+            "mix": setup.get("mix", {}).get("name", "bimodal"), "spearman_rho": rho, "output_known": p == "oracle",
+            "seeds": seeds, "ratio_to_prompt": vs_prompt,
+            "ratio_to_prompt_t95": list(t_interval(vs_prompt)) if vs_prompt else None,
+            "decision_us": float(top.quantile(0.99)) if len(top) else 0.0,
+            "decision_us_mean": float(mine["decision_us"].mean()) if mine["decision_us"].notna().any() else 0.0,
+            "ttft_p99_ms": float(served["ttft_ms"].quantile(0.99)),
+            "tpot_p99_ms": float(served["tpot_ms"].quantile(0.99)),
+            "long_class": long_class,
+            "long_class_max_wait_ms": float(served[served["slo_class"] == long_class]["ttft_ms"].max()),
+        })
         summary.append(row)
         lines.append(_goodput_line(row))
-    sim = simulated(setup, {s: bimodal(1.0, int(setup["count"]), s) for s in seeds}, mults)
+    lines.append(f"mix {setup.get('mix', {}).get('name', 'bimodal')}: Spearman rho(prompt, output) {rho:.2f} over "
+                 f"{len(evaluated)} requests; long class {long_class}")
+    lines.append("policy | output known | x prompt per seed: mean [t] | decision us p99 (highest rate) | "
+                 "TTFT p99 ms | TPOT p99 ms | long class's max wait ms (TTFT, all rates)")
+    for row in summary:
+        pm, plo, phi = row["ratio_to_prompt_t95"] or (math.nan,) * 3
+        lines.append(f"{row['policy']} | {row['output_known']} | {pm:.2f} [{plo:.2f}, {phi:.2f}] | "
+                     f"{row['decision_us']:.0f} | {row['ttft_p99_ms']:.0f} | {row['tpot_p99_ms']:.1f} | "
+                     f"{row['long_class_max_wait_ms']:.0f}")
+    trace = folder / str(setup.get("lengths", ""))
+    sim = simulated(setup, sets, mults, lengths=trace if setup.get("lengths") and trace.is_file() else None)
     lines.append("SIMULATED (the replica, not the engine): SLO attainment % by policy and rate x capacity")
     for (name, mult), g in pd.DataFrame(sim).groupby(["policy", "mult"], sort=False):
         lines.append(f"  {name} | {mult:g} | {g.attainment.mean() * 100:.0f}")
@@ -251,7 +299,8 @@ def _goodput_line(row: Mapping[str, Any]) -> str:
     blo, bhi = row["ratio_bootstrap95"]
     cens = " (censored: meets the target at the highest rate)" if any(row["censored"]) else ""
     return (f"{row['policy']} | {m:.2f} [{lo:.2f}, {hi:.2f}] ({', '.join(f'{x:.2f}' for x in row['goodput_rps'])})"
-            f"{cens} | {rm:.2f} [{rlo:.2f}, {rhi:.2f}] | [{blo:.2f}, {bhi:.2f}] | {row['decision_us']:.1f}")
+            f"{cens} | {rm:.2f} [{rlo:.2f}, {rhi:.2f}] | [{blo:.2f}, {bhi:.2f}] | "
+            f"{row.get('decision_us_mean', row['decision_us']):.1f}")
 
 
 def regoodput(result: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:

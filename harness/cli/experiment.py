@@ -32,8 +32,10 @@ def _floats(text: str, name: str) -> list[float]:
 def scheduler_command(
     model: Path = typer.Argument(..., help="an iteration model folder (estimate train RUN --target iteration)"),
     out: Path = typer.Option(..., "--out", help="the experiment's folder (resumed when it holds rows)"),
+    mix: str = typer.Option("classes", help="the request mix: bimodal, independent or classes (contract/workload.py "
+                                            "MIXES; every client declares max_tokens 256, not its true length)"),
     mults: str = typer.Option("0.5,0.7,0.9,1.1,1.3", help="arrival rates as multiples of the measured capacity"),
-    seeds: str = typer.Option("1,2,3", help="trace seeds (each a bimodal request set)"),
+    seeds: str = typer.Option("1,2,3", help="trace seeds (each a request set of the mix)"),
     policies: str = typer.Option("fcfs,prompt,estimate,estimate-admit,oracle", help="policies, fcfs included"),
     count: int = typer.Option(80, help="requests per trace"),
     max_num_seqs: int = typer.Option(4, help="the engine's max_num_seqs"),
@@ -44,7 +46,7 @@ def scheduler_command(
     from harness.experiments.scheduler import SchedulerSpec, run_scheduler
 
     try:
-        spec = SchedulerSpec(model=model, out=out, mults=_floats(mults, "mults"),
+        spec = SchedulerSpec(model=model, out=out, mix=mix, mults=_floats(mults, "mults"),
                              seeds=[int(x) for x in _floats(seeds, "seeds")],
                              policies=[p.strip() for p in policies.split(",") if p.strip()], count=count,
                              max_num_seqs=max_num_seqs, slo_scale=slo_scale)

@@ -395,6 +395,8 @@ class Drive:
                     "add_lag_ms": (st.added_t - a) * 1e3 if st.rejected is None else nan,
                     "text_tokens": len(req.token_ids),
                     "new_tokens": req.request.output_tokens,
+                    "max_tokens": req.request.max_tokens,
+                    "client_class": req.request.client_class or "",
                     "prompt_id": req.prompt_id,
                     "first_iteration": first,
                     "last_iteration": st.last_iteration if st.last_iteration is not None else -1,

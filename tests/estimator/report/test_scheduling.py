@@ -27,7 +27,8 @@ def _results() -> dict:
          "censored": [False, False], "decision_us": 0.0},
         {"policy": "estimate-admit", "goodput_rps": [8.0, 9.0], "goodput_mean_rps": 8.5, "goodput_t95": [2.1, 14.9],
          "ratio_to_fcfs": [1.6, 1.8], "ratio_t95": [1.7, 0.43, 2.97], "ratio_bootstrap95": [1.2, 2.1],
-         "censored": [False, True], "decision_us": 400.0},
+         "censored": [False, True], "decision_us": 400.0, "ratio_to_prompt_t95": [1.3, 1.1, 1.5],
+         "long_class_max_wait_ms": 1234.4},
     ]
     setup = {"capacity_rps": 10.0, "slo_scale": 5, "slo_scale_rule": "given", "count": 80, "max_num_seqs": 4,
              "engine": {"dtype": "float32"},
@@ -44,7 +45,9 @@ def test_section_tables_the_goodput_with_its_intervals_and_draws_attainment(tmp_
     goodput = tables[0]
     assert goodput.rows[1][0] == "estimate-admit"
     assert goodput.rows[1][1] == "8.50 [2.10, 14.90] ≥"  # censored in one seed
-    assert goodput.rows[1][4] == "[1.20, 2.10]" and goodput.rows[1][5] == "5.0" and goodput.rows[1][6] == "400"
+    assert goodput.rows[1][4] == "[1.20, 2.10]" and goodput.rows[1][5] == "5.0"
+    assert goodput.rows[1][6:] == ["[1.10, 1.50]", "400", "1234"]  # x prompt, decision, the long class's wait
+    assert goodput.rows[0][6:] == ["–", "0", "–"]  # results written before mixes have neither
     assert any("SIMULATED" in t.columns[0] for t in tables)
     (fig,) = [b for b in sec.blocks if isinstance(b, Figure)]
     assert fig.png.startswith(b"\x89PNG")

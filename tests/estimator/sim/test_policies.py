@@ -60,8 +60,8 @@ def test_estimate_orders_by_predicted_latency_alone(model: Path) -> None:
 def test_estimate_admit_rejects_what_would_miss_its_slo_and_says_why(model: Path) -> None:
     policy = EstimateAdmitPolicy(model, ["0:100:20", "500:400:20"])
     policy.start(ENGINE, CONFIG)
-    assert policy.limits_ms(10, 5) == (100.0, 180.0)
-    assert policy.limits_ms(600, 5) == (400.0, 480.0)
+    assert policy.limits_ms(Declared("a", 0.0, 10, 256), 5) == (100.0, 180.0)
+    assert policy.limits_ms(Declared("b", 0.0, 600, 256), 5) == (400.0, 480.0)
     assert policy.decide(Declared("a", 0.0, 10, 5), []).admit  # alone: TTFT 10 ms
     # 19 more iterations ahead of it with max_num_seqs 1
     busy = [Held(Declared("h", -0.1, 10, 20), 0, 0.1, 10, 1, True)]
@@ -74,7 +74,8 @@ def test_estimate_admit_rejects_what_would_miss_its_slo_and_says_why(model: Path
 
 def test_slo_entries_are_checked() -> None:
     assert parse_slo(["500:400:20", "0:100:5"]) == [(0, 100.0, 5.0), (500, 400.0, 20.0)]
-    for bad in (["100:20"], ["0:x:1"], ["0:100:0"], ["5:100:1"], []):
+    assert parse_slo(["chat:300:10", "code:100:5"]) == [("chat", 300.0, 10.0), ("code", 100.0, 5.0)]
+    for bad in (["100:20"], ["0:x:1"], ["0:100:0"], ["5:100:1"], [], [":1:1"], ["0:1:1:1"]):
         with pytest.raises(EstimatorError):
             parse_slo(bad)
 
@@ -89,3 +90,31 @@ def test_the_estimator_registers_its_policies_for_the_harness(model: Path) -> No
         load_registered("estimate", {"model": str(model.parent / "missing")})
     with pytest.raises(PolicyError, match="no installed policy 'lifo'"):
         load_registered("lifo", {})
+
+
+def trace(path: Path) -> Path:
+    """A training trace: class `code` always 4 outputs, `chat` 40 (30 each); the cap declared is 256."""
+    lines = [f'{{"arrival_s": 0, "text_tokens": {n}, "new_tokens": {out}, "max_tokens": 256, "client_class": "{c}"}}'
+             for c, n, out in [("code", 600, 4), ("chat", 60, 40)] for _ in range(30)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_estimate_predicts_the_output_it_is_not_told(model: Path, tmp_path: Path) -> None:
+    blind, learned = EstimatePolicy(model), EstimatePolicy(model, lengths=trace(tmp_path / "t.jsonl"))
+    for p in (blind, learned):
+        p.start(ENGINE, CONFIG)
+    code, chat = Declared("a", 0.0, 600, 256, "code"), Declared("b", 0.0, 60, 256, "chat")
+    # told only the cap, every request looks the same length; with the trace, the class sets the order
+    assert blind.decide(code, []).priority == blind.decide(chat, []).priority == 2_560_000
+    assert (learned.decide(code, []).priority, learned.decide(chat, []).priority) == (40_000, 400_000)
+    # a held chat request that has produced 10 tokens is expected to run to 40: 30 iterations before a new one
+    admit = EstimateAdmitPolicy(model, ["code:100:20", "chat:1000:20"], lengths=tmp_path / "t.jsonl")
+    admit.start(ENGINE, CONFIG)
+    busy = [Held(chat, 0, 0.1, 60, 10, True)]
+    assert admit.predict_ms(code, 0, busy) == pytest.approx((310.0, 340.0))
+    d = admit.decide(code, busy)
+    assert not d.admit and "SLO 100 ms" in d.reason  # the code class's own SLO, not a prompt-length one
+    assert admit.limits_ms(chat, 40) == (1000.0, 1000.0 + 20 * 39)
+    with pytest.raises(EstimatorError, match="no SLO for class 'other'"):
+        admit.limits_ms(Declared("c", 0.0, 60, 256, "other"), 5)
