@@ -191,6 +191,30 @@ def _summary_row(p: str, point: Mapping[str, list[float]], censored: Mapping[str
             "censored": censored[p], "decision_us": decision_us}
 
 
+ROW_COLUMNS = ("policy", "mult", "seed", "request_id", "text_tokens", "new_tokens", "max_tokens", "client_class",
+               "ttft_ms", "e2e_ms", "tpot_ms", "priority", "decision_us", "rejected", "rejected_reason")
+
+
+def request_rows(folder: Path) -> pd.DataFrame:
+    """Every request row of the experiment: `raw/` (one file per policy, rate and seed, as measured) and the cells
+    of `requests.parquet` that `raw/` lacks, written back as one compact `requests.parquet` (ROW_COLUMNS: what the
+    analysis reads; small enough to commit, so a study reruns its statistics, and resumes, from a clone without
+    its raw cells)."""
+    compact = folder / "requests.parquet"
+    frames = [pd.read_parquet(p) for p in sorted((folder / "raw").glob("*.parquet"))]
+    if compact.is_file():
+        kept = pd.read_parquet(compact)
+        have = {(str(f["policy"].iloc[0]), float(f["mult"].iloc[0]), int(f["seed"].iloc[0])) for f in frames}
+        cell = list(zip(kept["policy"].astype(str), kept["mult"].astype(float), kept["seed"].astype(int), strict=True))
+        frames.append(kept[[c not in have for c in cell]])
+    frames = [f for f in frames if len(f)]
+    if not frames:
+        raise EstimatorError(f"{folder} holds no request rows (raw/ nor requests.parquet)")
+    frame = pd.concat(frames, ignore_index=True)
+    frame[[c for c in ROW_COLUMNS if c in frame]].to_parquet(compact, index=False)
+    return frame
+
+
 def analyze(folder: Path, slo_scale: float | None = None) -> tuple[dict[str, Any], list[str]]:
     """The results (setup, rows, goodput, simulated) from `folder`'s raw rows, and the lines to print."""
     setup = read_setup(folder)
@@ -199,11 +223,8 @@ def analyze(folder: Path, slo_scale: float | None = None) -> tuple[dict[str, Any
                  "slo": slo_of(pd.read_parquet(folder / "alone.parquet"), slo_scale)}
     if "slo" not in setup:
         raise EstimatorError(f"{folder}/setup.json has no SLOs yet (estimate experiment scheduler DIR --set-slo)")
-    parts = sorted((folder / "raw").glob("*.parquet"))
-    if not parts:
-        raise EstimatorError(f"{folder}/raw holds no request rows")
     slo, cap = setup["slo"], setup["capacity_rps"]
-    frame = pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
+    frame = request_rows(folder)
     frame["met"] = met(frame, slo)
     frame["slo_class"] = classes(frame)
     policies = [p for p in POLICIES if p in set(frame["policy"])]

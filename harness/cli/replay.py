@@ -105,8 +105,12 @@ def replay_command(
                                             "a request predicted to miss its --slo)"),
     policy_model: Path | None = typer.Option(None, help="--policy estimate/estimate-admit: the iteration model "
                                                         "(estimate train RUN --target iteration)"),
-    slo: list[str] = typer.Option([], help="--policy estimate-admit: MIN_PROMPT:TTFT_MS:TPOT_MS per request "
-                                           "class, repeatable (e.g. --slo 0:200:20 --slo 768:1500:40)"),
+    policy_lengths: Path | None = typer.Option(None, help="--policy estimate/estimate-admit: a training workload "
+                                                          "(JSONL) to learn output lengths from; without it a "
+                                                          "request is assumed to generate its declared max_tokens"),
+    slo: list[str] = typer.Option([], help="--policy estimate-admit: MIN_PROMPT:TTFT_MS:TPOT_MS or "
+                                           "CLASS:TTFT_MS:TPOT_MS per request class, repeatable (e.g. --slo "
+                                           "0:200:20 --slo 768:1500:40 --slo code:300:20)"),
     oracle_run: Path | None = typer.Option(None, help="--policy oracle: a --solo replay of the same workload"),
     solo: bool = typer.Option(False, help="send each request only when the engine is idle: latencies alone"),
     tier: int = typer.Option(0, help="model tier (one engine config per replay)"),
@@ -157,6 +161,8 @@ def replay_command(
                 if policy_model is None:
                     raise SpecError(f"--policy {policy} needs --policy-model MODEL (an iteration model)")
                 policy_options: dict[str, Any] = {"model": str(policy_model)}
+                if policy_lengths is not None:
+                    policy_options["lengths"] = str(policy_lengths)
                 if policy == "estimate-admit":
                     policy_options["slo"] = list(slo)
                 options.policy = live_policy(policy, policy_options)

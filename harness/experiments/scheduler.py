@@ -29,6 +29,8 @@ every policy; the policies are interleaved per trace in a rotating order:
      oracle          the request's end-to-end latency measured alone (step 2) as its priority: the only policy
                      that knows the true output length.
 DIR/raw/ keeps every request row, so the analysis reruns; a killed run resumes the cells it has not finished.
+The analysis also writes DIR/requests.parquet, the rows it reads in one compact file: a study commits that (and
+setup.json, alone.parquet, lengths-train.jsonl), and a clone without raw/ resumes after the cells it holds.
 The harness never imports the estimator: the estimate policies come through the contract's policy registry, and
 the SLO choice and the statistics run as `estimate experiment scheduler` over DIR's files. Run it alone.
 """
@@ -110,6 +112,16 @@ def estimator_step(args: list[str], say: Callable[[str], None]) -> None:
                         f"{(proc.stderr.strip().splitlines() or ['no message'])[-1]}")
 
 
+def done_cells(out: Path) -> set[tuple[str, float, int]]:
+    """(policy, rate multiple, seed) of the cells kept in `out/requests.parquet` (the compact rows the estimator's
+    analysis writes and a study commits): measured already, so a clone without `raw/` resumes after them."""
+    path = out / "requests.parquet"
+    if not path.is_file():
+        return set()
+    frame = pd.read_parquet(path, columns=["policy", "mult", "seed"]).drop_duplicates()
+    return {(str(p), float(m), int(s)) for p, m, s in zip(frame["policy"], frame["mult"], frame["seed"], strict=True)}
+
+
 def run_scheduler(spec: SchedulerSpec, say: Callable[[str], None] = print) -> None:
     """Measure (capacity, alone, every trace under every policy) into spec.out, then the estimator's analysis."""
     spec.check()
@@ -120,7 +132,9 @@ def run_scheduler(spec: SchedulerSpec, say: Callable[[str], None] = print) -> No
     sets = {seed: mix_requests(spec.mix, 1.0, spec.count, seed) for seed in [0, *spec.seeds]}
     everything = [r for s in sets.values() for r in s]
     cells = [(seed, mult) for seed in spec.seeds for mult in spec.mults]
-    todo = [(s, m, p) for s, m in cells for p in spec.policies if not (raw / f"{p}-{m:g}-{s}.parquet").is_file()]
+    kept = done_cells(out)
+    todo = [(s, m, p) for s, m in cells for p in spec.policies
+            if not (raw / f"{p}-{m:g}-{s}.parquet").is_file() and (p, m, s) not in kept]
     setup = json.loads(setup_file.read_text()) if setup_file.is_file() else {}
     held_mix = setup.get("mix", {}).get("name", "bimodal, declared = true length (before mixes)")
     if setup and held_mix != spec.mix:
@@ -170,7 +184,7 @@ def run_scheduler(spec: SchedulerSpec, say: Callable[[str], None] = print) -> No
             policies = spec.policies[k % len(spec.policies):] + spec.policies[: k % len(spec.policies)]  # rotate
             for policy in policies:
                 part = raw / f"{policy}-{mult:g}-{seed}.parquet"
-                if part.is_file():
+                if part.is_file() or (policy, mult, seed) in kept:
                     continue
                 reqs = [r.declaring(arrival_s=r.arrival_s / (mult * cap)) for r in sets[seed]]
                 live: ArrivalPolicy | None = None

@@ -12,6 +12,7 @@ import pytest
 
 from contract.slo import Goodput, goodput, meets_slo
 from contract.workload import LONG_PROMPT_MIN, bimodal
+from estimator.errors import EstimatorError
 from estimator.model.iteration import ITERATION_FORMAT, TERMS, IterationConfigFit, IterationEstimator, IterationMeta
 from estimator.sim.policies import EstimatePolicy
 from estimator.study.scheduling import met, regoodput
@@ -74,3 +75,34 @@ def test_the_published_goodput_is_recomputed_from_its_rows() -> None:
     _, lines = regoodput(changed)
     assert any("prompt" in line and "moved: goodput_rps" in line for line in lines)
     assert again["goodput"][0]["policy"] == "fcfs"
+
+
+def test_the_rows_are_kept_compact_so_a_clone_without_raw_cells_reruns(tmp_path: Path) -> None:
+    from estimator.study.scheduling import ROW_COLUMNS, classes, request_rows
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    cell = pd.DataFrame({"request_id": ["req-00000", "req-00001"], "text_tokens": [600, 60], "new_tokens": [5, 80],
+                         "max_tokens": [256, 256], "client_class": ["code", "chat"], "ttft_ms": [20.0, 5.0],
+                         "e2e_ms": [30.0, 200.0], "tpot_ms": [2.5, 2.4], "priority": [1, 2],
+                         "decision_us": [300.0, 310.0], "rejected": [False, False], "rejected_reason": ["", ""],
+                         "token_times_ms": [[20.0, 30.0], [5.0, 200.0]], "policy": "estimate", "mult": 0.5, "seed": 1})
+    cell.to_parquet(raw / "estimate-0.5-1.parquet")
+    assert len(request_rows(tmp_path)) == 2
+    compact = pd.read_parquet(tmp_path / "requests.parquet")
+    assert list(compact.columns) == list(ROW_COLUMNS)  # the per-token times stay in raw/
+    for p in raw.iterdir():
+        p.unlink()
+    again = request_rows(tmp_path)
+    assert list(classes(again)) == ["code", "chat"] and again["e2e_ms"].tolist() == [30.0, 200.0]
+    # a cell measured since (raw/) joins the kept ones; a cell in both is read from raw/ once
+    cell.assign(policy="fcfs").to_parquet(raw / "fcfs-0.5-1.parquet")
+    cell.assign(e2e_ms=[31.0, 201.0]).to_parquet(raw / "estimate-0.5-1.parquet")
+    both = request_rows(tmp_path)
+    assert sorted(both["policy"]) == ["estimate", "estimate", "fcfs", "fcfs"]
+    assert sorted(both[both.policy == "estimate"]["e2e_ms"]) == [31.0, 201.0]
+    for p in raw.iterdir():
+        p.unlink()
+    (tmp_path / "requests.parquet").unlink()
+    with pytest.raises(EstimatorError, match="holds no request rows"):
+        request_rows(tmp_path)

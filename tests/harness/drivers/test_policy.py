@@ -166,6 +166,9 @@ def test_solo_then_oracle_priorities_are_the_latencies_alone(tmp_path: Path, mon
     assert code == 2 and "needs --oracle-run" in out
     code, out = _run(tmp_path, "--workload", str(w), "--blocks", "32", "--policy", "estimate")
     assert code == 2 and "needs --policy-model" in out
+    code, out = _run(tmp_path, "--workload", str(w), "--blocks", "32", "--policy", "estimate", "--policy-model",
+                     str(_model(tmp_path)), "--policy-lengths", str(tmp_path / "missing.jsonl"))
+    assert code == 2 and "output-length training trace: cannot read workload file" in out
 
 
 def test_the_harness_records_its_gap_before_each_iteration(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

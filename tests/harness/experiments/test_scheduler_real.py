@@ -28,11 +28,19 @@ def test_the_scheduler_experiment_runs_every_policy_on_one_start(tmp_path: Path)
     assert sorted(p.name for p in (tmp_path / "x" / "raw").iterdir()) == [
         f"{p}-{m}-1.parquet" for p in ("estimate", "fcfs", "oracle") for m in ("0.5", "1.5")]
     setup = json.loads((tmp_path / "x" / "setup.json").read_text())
-    assert setup["slo_scale"] >= 2 and set(setup["slo"]) <= {"short", "long"} and setup["engine"]["max_num_seqs"] == 4
+    assert setup["slo_scale"] >= 2 and set(setup["slo"]) == {"chat", "code"} and setup["engine"]["max_num_seqs"] == 4
+    assert setup["mix"]["name"] == "classes" and (tmp_path / "x" / setup["lengths"]).is_file()
     result = json.loads((tmp_path / "x" / "results.json").read_text())
     assert [g["policy"] for g in result["goodput"]] == ["fcfs", "estimate", "oracle"]
+    assert [g["output_known"] for g in result["goodput"]] == [False, False, True]
+    assert all(g["mix"] == "classes" and g["spearman_rho"] < 0 and g["seeds"] == [1] for g in result["goodput"])
     estimate = pd.read_parquet(tmp_path / "x" / "raw" / "estimate-1.5-1.parquet")
     assert (estimate["decision_us"] > 0).all() and len(estimate) == 6  # decided at arrival by the installed policy
+    # the engine generated the true lengths while every client declared the cap
+    assert (estimate["max_tokens"] == 256).all() and (estimate["new_tokens"] < 256).all()
+    assert set(estimate["client_class"]) == {"chat", "code"}
     assert "goodput req/s" in proc.stdout and (tmp_path / "x" / "attainment.png").stat().st_size > 1000
     again = subprocess.run(args, capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert again.returncode == 0 and "the analysis only" in again.stdout  # every cell kept: no engine start
+    other = subprocess.run([*args, "--mix", "bimodal"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert other.returncode == 2 and "holds the mix classes, not bimodal" in other.stdout + other.stderr
