@@ -163,6 +163,10 @@ def run_scheduler(spec: SchedulerSpec, say: Callable[[str], None] = print) -> No
                           "model": str(spec.model), "config": session.config, "seeds": spec.seeds,
                           "mults": spec.mults})
             setup_file.write_text(json.dumps(setup, indent=1, default=str))
+        elif added := sorted(set(spec.mults) - set(setup.get("mults", []))):  # the grid extended on a later start
+            setup["mults"] = sorted({*setup.get("mults", []), *spec.mults})
+            setup.setdefault("later_starts", []).append({"engine_start_s": session.start_s, "mults_added": added})
+            setup_file.write_text(json.dumps(setup, indent=1, default=str))
         if "slo" not in setup:  # chosen by the estimator from the replica, before any policy runs
             estimator_step([str(out), "--set-slo", *(["--slo-scale", str(spec.slo_scale)] if spec.slo_scale else [])],
                            say)
