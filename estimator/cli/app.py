@@ -17,6 +17,7 @@ from estimator.cli.calibrate import calibrate
 from estimator.cli.common import build_spec, run_command
 from estimator.cli.experiment import experiment
 from estimator.cli.extra import nightly, report
+from estimator.cli.serve import serve
 from estimator.cli.simulate import simulate
 from estimator.errors import EstimatorError
 
@@ -363,4 +364,5 @@ app.command()(report)
 app.command()(nightly)
 app.command()(simulate)
 app.command()(calibrate)
+app.command()(serve)
 app.add_typer(experiment, name="experiment")

@@ -20,7 +20,7 @@ from estimator.cli.common import run_command
 from estimator.errors import EstimatorError
 
 
-def _config(model: Any, given: list[str]) -> list[dict[str, Any]]:
+def chosen_configs(model: Any, given: list[str]) -> list[dict[str, Any]]:
     """The configs to simulate: the given axis values (AXIS=VALUE), else every trained config."""
     if not given:
         return [dict(c) for c in model.trained_configs]
@@ -295,7 +295,7 @@ class Arrivals:
         elif run_m is not None and not o.config:
             configs = [run_m.config]
         else:
-            configs = _config(model, o.config)
+            configs = chosen_configs(model, o.config)
         try:
             texts = LengthDist.parse(o.text_tokens_dist, "text-tokens-dist")
             news = LengthDist.parse(o.new_tokens_dist, "new-tokens-dist")
