@@ -50,13 +50,15 @@ LEVEL_STEP = 0.2  # how far one actual moves the level toward its own (geometric
 DRIFT_WINDOW = 200  # actuals the drift figures cover
 TPOT_STEPS = 16  # decode steps the llm-d TPOT is averaged over
 GRID_PER_OCTAVE = 4  # prompt-length grid points per doubling (llm-d table)
-KV_GRID = 0.05  # kv_cache_percentage grid step (llm-d table)
+KV_STEPS = 4  # the table's KV-use grid: 0, 1/4, ..., 4/4 of the most the engine's running requests can hold
 MAX_WAITING_TABLE = 64  # beyond this many waiting requests the table extrapolates linearly from 32 and 64
 
 LLMD_MAPPING = """\
 llm-d feature -> the replica's stand-in state:
 - num_request_running R: min(R, max_num_seqs) running requests (any above max_num_seqs wait); each holds
-  kv_cache_percentage x the engine's KV tokens / R as its context, and has TYPICAL_REMAINING output tokens left;
+  kv_cache_percentage x the engine's KV tokens / R as its context (at most max_model_len), and has half the typical
+  output left; the table keeps KV use in KV_STEPS steps up to the most max_num_seqs requests can hold (above it,
+  that most) and interpolates between them;
 - num_request_waiting W: W waiting requests of the typical prompt and output length (the --lengths trace's means,
   else 256 and 64 tokens);
 - input_token_length x (1 - prefix_cache_score): the new request's prompt tokens to compute (a prefix-cache hit
@@ -119,6 +121,8 @@ class Predictor:
         self._pairs: deque[tuple[float, float, float, float]] = deque(maxlen=DRIFT_WINDOW)
         self.actuals = 0
         self.typical_prompt, self.typical_output = typical  # (prompt, output) tokens of the stand-in requests
+        # the KV use (a fraction) at which the running requests are full: max_num_seqs x max_model_len tokens
+        self.kv_full = min(1.0, engine.max_num_seqs * engine.max_model_len / (engine.num_blocks * engine.block_size))
 
     @property
     def level(self) -> float:
@@ -173,13 +177,21 @@ class Predictor:
                 self.engine.max_model_len:
             raise PredictError(f"input_token_length {input_token_length} (+ {num_tokens_generated} generated) "
                                f"exceeds the engine's max_model_len {self.engine.max_model_len}")
-        kv = min(max(round(kv_cache_percentage / KV_GRID), 0), round(1 / KV_GRID))
         lo, hi, w = grid_neighbours(tokens)
+        at = min(kv_cache_percentage / self.kv_full, 1.0) * KV_STEPS  # on the KV grid, interpolated between steps
+        kv_lo = min(int(at), KV_STEPS - 1)
+
+        def cell(waiting: int) -> tuple[float, float]:
+            a = self._interp(lo, hi, w, num_request_running, waiting, kv_lo)
+            b = self._interp(lo, hi, w, num_request_running, waiting, kv_lo + 1)
+            f = at - kv_lo
+            return a[0] + f * (b[0] - a[0]), a[1] + f * (b[1] - a[1])
+
         if num_request_waiting <= MAX_WAITING_TABLE:
-            ttft_1, tpot_1 = self._interp(lo, hi, w, num_request_running, num_request_waiting, kv)
+            ttft_1, tpot_1 = cell(num_request_waiting)
         else:  # linear in the waiting count beyond the table
-            t32, p32 = self._interp(lo, hi, w, num_request_running, 32, kv)
-            t64, p64 = self._interp(lo, hi, w, num_request_running, 64, kv)
+            t32, p32 = cell(32)
+            t64, p64 = cell(64)
             f = (num_request_waiting - 64) / 32
             ttft_1, tpot_1 = t64 + f * (t64 - t32), p64 + f * (p64 - p32)
         # the request's own context grows by the tokens generated: the model's cost per decode-context token
@@ -198,7 +210,7 @@ class Predictor:
 
     def _entry(self, tokens: int, running: int, waiting: int, kv: int) -> tuple[float, float]:
         """(TTFT ms with request_ms, TPOT ms) at level 1 for one grid point (a prompt length on the grid, the
-        running and waiting counts, KV use in KV_GRID steps): from the table, else the replica."""
+        running and waiting counts, KV use in steps of kv_full / KV_STEPS): from the table, else the replica."""
         seqs = self.engine.max_num_seqs
         key = (tokens, min(running, seqs), waiting + max(running - seqs, 0), kv)
         found = self._table.get(key)
@@ -213,7 +225,7 @@ class Predictor:
         room = e.max_model_len - remaining - 1
         state = []
         if running:
-            ctx = min(max(round(kv * KV_GRID * e.num_blocks * e.block_size / running), 1), room)
+            ctx = min(max(round(kv / KV_STEPS * self.kv_full * e.num_blocks * e.block_size / running), 1), room)
             for i in range(running):
                 r = Request.make(f"run{i}", -1.0, ctx, remaining + 1)
                 state.append(InEngine(r, ctx, 1, True))
@@ -227,12 +239,12 @@ class Predictor:
 
     def warm(self, waiting_max: int = 8) -> int:
         """Fill the table's common grid (every prompt grid point up to max_model_len / 2, running 0 to
-        max_num_seqs, waiting 0 to `waiting_max`, KV use 0, 25, 50, 75, 100%): entries computed."""
+        max_num_seqs, waiting 0 to `waiting_max`, every KV step): entries computed."""
         before = len(self._table)
         for g in (t for t in GRID if t <= self.engine.max_model_len // 2):
             for running in range(self.engine.max_num_seqs + 1):
                 for waiting in range(waiting_max + 1):
-                    for kv in (0, 5, 10, 15, 20):
+                    for kv in range(KV_STEPS + 1):
                         self._entry(g, running, waiting, kv)
         return len(self._table) - before
 
