@@ -6,7 +6,7 @@
 # Extra arguments go to both phases (e.g. -q, -x, -k name); a phase with no test selected is not a failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh dev,ray,serve  # setup.sh adds the build for this machine; ray, serve: their tests run in CI too
+bash scripts/setup.sh dev,ray,serve,serve-study  # setup.sh adds the build for this machine; the extras' tests run in CI too
 .venv/bin/python -m ruff check .
 .venv/bin/python -m mypy contract harness estimator scripts  # types: a renamed field fails here, not mid-run
 workers="${TEST_WORKERS:-2}"

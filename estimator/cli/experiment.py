@@ -10,7 +10,9 @@
 - `estimator-speed MODEL`: the compiled tables against the booster and a bare searchsorted;
 - `estimator-variants RUN...`: each feature variant's training, prediction cost and held-out MAPE;
 - `budget-accuracy ADAPTIVE FULL HELDOUT...`: the budgeted default's model against the full grid's on a held-out
-  run (estimator/study/budget_accuracy.py).
+  run (estimator/study/budget_accuracy.py);
+- `serve-accuracy MODEL RUN`: `estimate serve`'s llm-d answers against llm-d's XGBoost recipe on one serve-bench
+  run's requests (estimator/study/serve_accuracy.py).
 Speed figures are printed, never asserted: run them alone on the machine.
 """
 
@@ -251,6 +253,41 @@ def budget_accuracy(
                        f"(budgeted {result['verdict']['adaptive']}; full {result['verdict']['full']})")
         if out is not None:
             out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(result, indent=1) + "\n")
+            typer.echo(f"wrote {out}")
+
+    run_command(go)
+
+
+@experiment.command("serve-accuracy")
+def serve_accuracy(
+    model: Annotated[Path, typer.Argument(help="Iteration model folder (what estimate serve serves).")],
+    run: Annotated[Path, typer.Argument(help="A profile serve-bench run of at least 2 loads (its /metrics scrapes).")],
+    lengths: Annotated[Path | None, typer.Option(help="Output-length trace for the stand-in requests.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Write the results JSON here.")] = None,
+) -> None:
+    """estimate serve's llm-d answers against llm-d's own recipe (XGBoost on its features) on the same live-server
+    requests, two-fold by load: pinball loss at p90 and MAPE of the means, with intervals."""
+    from estimator.serve.predictor import load_predictor
+    from estimator.study.serve_accuracy import serve_accuracy as compare
+
+    def go() -> None:
+        try:
+            import xgboost  # noqa: F401 - llm-d's model
+        except ImportError:
+            raise EstimatorError("serve-accuracy needs xgboost: pip install -e '.[serve-study]'") from None
+        result = compare(load_predictor(model, engine=run, lengths=lengths), run)
+        rows = []
+        for target, s in result["scores"].items():
+            for metric in ("pinball_p90_ms", "mape_mean_pct"):
+                cells = [f"{s[metric][k]['value']:.3f} [{s[metric][k]['lo']:.3f}, {s[metric][k]['hi']:.3f}]"
+                         for k in ("llmd_xgboost", "ours", "ours_minus_llmd")]
+                rows.append((f"{target} {metric}", *cells))
+            rows.append((f"{target} p90 coverage", f"{s['coverage_p90']['llmd_xgboost']:.3f}",
+                         f"{s['coverage_p90']['ours']:.3f}", ""))
+        _print_table(f"estimate serve vs llm-d's XGBoost recipe: {result['requests']} requests, loads "
+                     f"{result['loads']}, two-fold by load", ["figure", "llm-d XGBoost", "ours", "ours - llm-d"], rows)
+        if out is not None:
             out.write_text(json.dumps(result, indent=1) + "\n")
             typer.echo(f"wrote {out}")
 
