@@ -17,6 +17,7 @@ import pytest
 
 from contract.policy import Held
 from contract.request import Declared, Request
+from estimator.errors import EstimatorError
 from estimator.serve.predictor import GRID, Predictor, grid_neighbours, load_predictor
 from estimator.sim.scheduler import simulate
 from estimator.sim.workload import iteration_fn
@@ -214,3 +215,20 @@ def _listening(pid: int) -> list:  # type: ignore[type-arg]
     import psutil
 
     return [c for c in psutil.Process(pid).net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN]
+
+
+def test_a_calibration_sets_the_engine_the_level_and_the_front_end(tmp_path: Path, predictor: Predictor) -> None:
+    from dataclasses import asdict
+
+    cal = {"model": str(MODEL), "run": "r", "load": 0, "config": predictor.config, "engine": asdict(predictor.engine),
+           "level": 2.0, "frontend_request_ms": 3.0, "frontend_token_ms": 0.0, "window_s": 60.0, "requests": 100,
+           "fit": {}, "created_at": "2026-12-06T00:00:00Z"}
+    (tmp_path / "calibration.json").write_text(json.dumps(cal))
+    calibrated = load_predictor(MODEL, calibration=tmp_path)
+    assert calibrated.level == 2.0 and "calibration" in calibrated.source
+    d = Declared("x", 0.0, 300, 256)
+    slow, base = calibrated.native(d, [], output_tokens=20), predictor.native(d, [], output_tokens=20)
+    assert slow.tpot_ms == pytest.approx(2 * base.tpot_ms, rel=0.05)
+    assert slow.ttft_ms > 2 * (base.ttft_ms - predictor.overheads.request_ms)  # the level and the front end's 3 ms
+    with pytest.raises(EstimatorError, match="drop --engine"):
+        load_predictor(MODEL, calibration=tmp_path, engine=SETUP)
