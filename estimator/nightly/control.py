@@ -7,10 +7,10 @@ between-night spread s (standard deviation of log medians). Tonight is beyond th
 log(tonight / centre) > k · s · sqrt(1 + 1/m) (m nights: a prediction limit for one new night), with s at least
 the spread pooled over all configs (drift is mostly machine-wide) and at least `min_spread`. While fewer than
 `min_nights` accepted nights exist, s falls back to the pooled spread (when there are two or more nights) or to
-`default_spread` (5%), whichever is larger: the limit is then x1.24 after one night and x1.19-1.20 after two or
-three, so a 20% slowdown is flagged only from the second night, a 10% busy night is not. Once the nights' own
-spread is learned it sets the limit; on the recorded nights of a shared 2-core VM that was x1.4-1.9, where a 20%
-slowdown cannot be told from drift (docs/nightly-history/README.md).
+`default_spread` (5%), whichever is larger: the limit is then x1.236 after one night, x1.202 after two and x1.189
+after three, so a 20% slowdown (x1.200) is flagged only from the third night, a 10% busy night is not. Once the
+nights' own spread is learned it sets the limit; on the recorded nights of a shared 2-core VM that was x1.4-1.9,
+where a 20% slowdown cannot be told from drift (docs/nightly-history/README.md).
 
 The estimator's held-out MAPE gets the same treatment per phase (`apply_mape_history`): on a few prompts per point
 it moves by about 15-20% between unchanged nights (five real nights on a 2-core CPU: prefill 6.4-10.0%), so a

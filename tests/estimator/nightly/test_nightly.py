@@ -24,6 +24,7 @@ from estimator.nightly.job import run_nightly
 from estimator.nightly.spec import EXIT_OK, EXIT_REGRESSION, EXIT_SWEEP_FAILED, NightlySpec
 from estimator.nightly.stats import (
     RatioCI,
+    apply_confirmation,
     bootstrap_ratio,
     compare_latency,
     compare_mape,
@@ -329,7 +330,12 @@ def test_real_runs_regression_check(small_run: Path, tmp_path: Path) -> None:
     # nightly's re-run confirms or clears a decode flag; this check holds decode to it only on the stable path.
     varies = {"decode"} if any("cpu_decode_path" in (r.manifest.get("environment") or {})
                                for r in [*base.runs, *tiny.runs]) else set()
-    assert not [c for c in same if c.flagged and c.phase not in varies], [c.as_dict() for c in same]
+    if any(c.flagged and c.phase not in varies for c in same):
+        # the start-to-start drift went past the one-night limit (it did once in CI: issue 35's subject): the
+        # nightly then measures once more and keeps only the flags the re-run repeats, and so does this check
+        again, _ = compare_latency(base, load_runs([_sweep(tmp_path / "confirm")]), axes)
+        apply_confirmation(same, again)
+    assert not [c for c in same if c.flagged and c.phase not in varies], [c.model_dump() for c in same]
     history_slow = [{"run_id": "tiny", "accepted": True, "medians": config_medians(tiny, axes)}]
     apply_history(slow, config_medians(base_model, axes), control_limits(history_slow))
     assert all(c.flagged for c in slow)  # the real slowdown still stands under the full rule
