@@ -21,6 +21,7 @@ from estimator.report.plots import (
     png_bytes,
     style_axes,
 )
+from estimator.study.changepoints import MIN_SIZE, PENALTY_K, history_change_points
 from estimator.study.nightly_results import HistoryLine, NightlySummary
 
 # ---------------------------------------------------------------- nightly trend
@@ -117,6 +118,7 @@ def nightly_section(history: Sequence[HistoryLine], summary: NightlySummary | No
     if not history:
         sec.add(Note("No nightly history yet."))
         return sec
+    changes = history_change_points(history)
     fig = new_figure(13, 4.6)
     axes = fig.subplots(1, 2)
     nights = [h.run_id for h in history]
@@ -137,6 +139,13 @@ def nightly_section(history: Sequence[HistoryLine], summary: NightlySummary | No
             if h.accepted:
                 ax.axvline(i, color="#2ca02c", linestyle=":", linewidth=1.2)
         colour = {label: palette(j) for j, label in enumerate(sorted(series))}
+        at = {h.run_id: i for i, h in enumerate(history)}
+        for cp in changes:
+            if cp.phase == phase and cp.label in colour and cp.run_id in at:
+                x = at[cp.run_id]
+                ax.axvline(x - 0.5, color=colour[cp.label], linestyle="-.", linewidth=1.4, alpha=0.9)
+                ax.annotate(f"×{cp.ratio:.2f}", (x - 0.45, 0.5), xycoords=("data", "axes fraction"), fontsize=8,
+                            color=colour[cp.label])
         for c in summary.comparisons if summary else []:
             lim = c.history or {}
             if c.phase == phase and c.label in colour and lim.get("center_ms") and lim.get("limit_ratio"):
@@ -155,7 +164,16 @@ def nightly_section(history: Sequence[HistoryLine], summary: NightlySummary | No
             png_bytes(fig),
             "Median latency per config over nights (one point per nightly run; red rings: flagged as a "
             "regression that night; green dotted lines: nights accepted as the baseline). A control chart: "
-            "per config, the centre of the accepted nights (dotted) and tonight's upper control limit (dashed).",
+            "per config, the centre of the accepted nights (dotted) and tonight's upper control limit (dashed). "
+            "Dash-dot lines: change points over all nights (estimator/study/changepoints.py), labelled with the new "
+            "level / the old.",
         )
     )
+    if changes:
+        sec.add(Table(["config", "phase", "from night", "before ms", "after ms", "after / before"],
+                      [[c.label, c.phase, c.run_id, fmt(c.before_ms, 2), fmt(c.after_ms, 2), fmt(c.ratio, 3)]
+                       for c in changes],
+                      "Change points: PELT (least absolute deviation) on the log medians of every night, a segment "
+                      f"at least {MIN_SIZE} nights long (a change is confirmed by its second night), penalty "
+                      f"{PENALTY_K:g}·σ·ln(n) with σ the series' own night-to-night noise."))
     return sec
