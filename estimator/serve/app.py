@@ -3,8 +3,10 @@ Prometheus metrics, over Starlette (the `serve` extra: no vLLM needed).
 
 Endpoints (JSON in and out; every error is a 4xx with {"detail": one line}, and the server goes on serving):
 - POST /predict, /predict/bulk: llm-d's request and response fields (`LlmdFeatures`; predictor.py LLMD_MAPPING);
-- POST /v1/predict: the contract's declared request and the engine's state (`NativeQuery`);
-- POST /v1/actuals: a measured request (`Actual`): paired with its prediction, it moves the online level;
+- POST /v1/predict: the contract's declared request and the engine's state (`parse_declared`, `parse_held`),
+  optionally its true output length and the config the caller expects (refused when it is not the one served);
+- POST /v1/actuals: a measured request (the same, plus `output_tokens`, `ttft_ms`, `tpot_ms`): paired with its
+  prediction, it moves the online level;
 - GET /healthz, GET /metrics (Prometheus text: predictions, their latency, errors, the level, the drift).
 
 No endpoint takes a path: the server reads only its model (and calibration, lengths) folders, at start-up.
@@ -52,55 +54,79 @@ class LlmdBulk(BaseModel):
     requests: list[dict[str, Any]] = Field(max_length=MAX_BULK)
 
 
-class DeclaredIn(BaseModel):
-    """What a client declares (contract/request.py `Declared`)."""
+class BadRequest(Exception):
+    """A request the server refuses: its HTTP status and a one-line `detail`."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    request_id: str = "new"
-    text_tokens: int = Field(ge=1)
-    max_tokens: int = Field(ge=1)
-    client_class: str | None = None
-
-    def declared(self) -> Declared:
-        return Declared(self.request_id, 0.0, self.text_tokens, self.max_tokens, self.client_class)
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
 
 
-class HeldIn(DeclaredIn):
-    """A request the engine holds (contract/policy.py `Held`); `output_tokens`: its total length where known."""
-
-    computed_tokens: int = Field(default=0, ge=0)
-    outputs: int = Field(default=0, ge=0)
-    running: bool = False
-    arrived_s_ago: float = Field(default=0.0, ge=0.0, le=86_400.0)
-    output_tokens: int | None = Field(default=None, ge=1)
-
-    def held(self) -> Held:
-        return Held(self.declared(), 0, self.arrived_s_ago, self.computed_tokens, self.outputs, self.running)
+# The native endpoints' bodies are parsed by hand into the contract's own types (contract/request.py `Declared`,
+# contract/policy.py `Held`): the request lengths are declared there and nowhere else.
+DECLARED_KEYS = {"request_id", "text_tokens", "max_tokens", "client_class"}
+HELD_KEYS = DECLARED_KEYS | {"computed_tokens", "outputs", "running", "arrived_s_ago", "output_tokens"}
+MAX_TOKENS = 10_000_000  # beyond any engine's max_model_len: a larger count is refused as absurd
 
 
-class NativeQuery(BaseModel):
-    """POST /v1/predict: the request, the engine's state (in the engine's order) and, optionally, its true output
-    length and the config the caller expects to be served (refused when it is not)."""
+def _object(data: Any, where: str, required: set[str], allowed: set[str]) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise BadRequest(422, f"{where}: expected a JSON object")
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise BadRequest(422, f"{where}: unknown field(s) {', '.join(unknown)}")
+    missing = sorted(required - set(data))
+    if missing:
+        raise BadRequest(422, f"{where}: missing field(s) {', '.join(missing)}")
+    return data
 
-    model_config = ConfigDict(extra="forbid")
 
-    request: DeclaredIn
-    held: list[HeldIn] = Field(default_factory=list, max_length=MAX_HELD)
-    output_tokens: int | None = Field(default=None, ge=1)
-    config: dict[str, Any] | None = None
+def _count(data: dict[str, Any], key: str, where: str, minimum: int, default: int | None = None) -> int | None:
+    v = data.get(key, default)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int) or not minimum <= v <= MAX_TOKENS:
+        raise BadRequest(422, f"{where}.{key}: expected an integer in [{minimum}, {MAX_TOKENS}], got {v!r}")
+    return v
 
 
-class Actual(BaseModel):
-    """POST /v1/actuals: a finished request as measured, and the engine's state it arrived on."""
+def _number(data: dict[str, Any], key: str, where: str, low: float, high: float, default: float | None = None
+            ) -> float | None:
+    v = data.get(key, default)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int | float) or not low <= v <= high:
+        raise BadRequest(422, f"{where}.{key}: expected a number in [{low:g}, {high:g}], got {v!r}")
+    return float(v)
 
-    model_config = ConfigDict(extra="forbid")
 
-    request: DeclaredIn
-    held: list[HeldIn] = Field(default_factory=list, max_length=MAX_HELD)
-    output_tokens: int = Field(ge=1)
-    ttft_ms: float = Field(gt=0.0, le=3.6e6)
-    tpot_ms: float | None = Field(default=None, ge=0.0, le=3.6e6)
+def parse_declared(data: Any, where: str, allowed: set[str] = DECLARED_KEYS) -> Declared:
+    """A declared request from its JSON object (`request_id`, `text_tokens`, `max_tokens`, `client_class`)."""
+    d = _object(data, where, {"text_tokens", "max_tokens"}, allowed)
+    label = d.get("client_class")
+    if label is not None and not isinstance(label, str):
+        raise BadRequest(422, f"{where}.client_class: expected a string, got {label!r}")
+    return Declared(str(d.get("request_id", "new")), 0.0, _count(d, "text_tokens", where, 1) or 1,
+                    _count(d, "max_tokens", where, 1) or 1, label)
+
+
+def parse_held(items: Any, where: str = "held") -> tuple[list[Held], list[int | None]]:
+    """The engine's state (in its order): each held request, and its total output length where the caller knows it."""
+    if not isinstance(items, list) or len(items) > MAX_HELD:
+        raise BadRequest(422, f"{where}: expected a list of at most {MAX_HELD} requests")
+    held, totals = [], []
+    for k, item in enumerate(items):
+        at = f"{where}[{k}]"
+        declared = parse_declared(item, at, HELD_KEYS)
+        running = item.get("running", False)
+        if not isinstance(running, bool):
+            raise BadRequest(422, f"{at}.running: expected true or false, got {running!r}")
+        held.append(Held(declared, 0, _number(item, "arrived_s_ago", at, 0.0, 86_400.0, 0.0) or 0.0,
+                         _count(item, "computed_tokens", at, 0, 0) or 0, _count(item, "outputs", at, 0, 0) or 0,
+                         running))
+        totals.append(_count(item, "output_tokens", at, 1))
+    return held, totals
 
 
 class Metrics:
@@ -147,13 +173,6 @@ class Metrics:
                            f'{"NaN" if math.isnan(v) else f"{v:.4f}"}')
         out.append(f"estimate_serve_drift_pairs {int(drift['pairs'])}")
         return "\n".join(out) + "\n"
-
-
-class BadRequest(Exception):
-    def __init__(self, status: int, detail: str) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.detail = detail
 
 
 def _iso(t: float) -> str:
@@ -232,16 +251,24 @@ def build_app(predictor: Predictor) -> Any:
                 "processing_time_ms": (time.perf_counter() - t0) * 1e3}
 
     async def native(request: Request) -> Any:
-        q = parse(NativeQuery, await body(request))
-        check_config(q.config)
-        got = predictor.native(q.request.declared(), [h.held() for h in q.held], q.output_tokens,
-                               [h.output_tokens for h in q.held])
+        q = _object(await body(request), "body", {"request"}, {"request", "held", "output_tokens", "config"})
+        config = q.get("config")
+        if config is not None and not isinstance(config, dict):
+            raise BadRequest(422, f"config: expected a JSON object, got {config!r}")
+        check_config(config)
+        held, totals = parse_held(q.get("held", []))
+        got = predictor.native(parse_declared(q["request"], "request"), held, _count(q, "output_tokens", "body", 1),
+                               totals)
         return {**got.as_json(), "level": predictor.level, "config": predictor.config, "source": predictor.source}
 
     async def actuals(request: Request) -> Any:
-        a = parse(Actual, await body(request))
-        pair = predictor.ingest(a.request.declared(), [h.held() for h in a.held], a.output_tokens, a.ttft_ms,
-                                a.tpot_ms, [h.output_tokens for h in a.held])
+        a = _object(await body(request), "body", {"request", "output_tokens", "ttft_ms"},
+                    {"request", "held", "output_tokens", "ttft_ms", "tpot_ms"})
+        held, totals = parse_held(a.get("held", []))
+        ttft = _number(a, "ttft_ms", "body", 1e-6, 3.6e6)
+        assert ttft is not None  # required above
+        pair = predictor.ingest(parse_declared(a["request"], "request"), held, _count(a, "output_tokens", "body", 1)
+                                or 1, ttft, _number(a, "tpot_ms", "body", 0.0, 3.6e6), totals)
         return {**{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in pair.items()},
                 "drift": {k: (None if math.isnan(v) else v) for k, v in predictor.drift().items()}}
 

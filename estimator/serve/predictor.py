@@ -84,13 +84,13 @@ class Answer:
     tpot_ms: float
     e2e_ms: float
     step_ms: list[float]
-    output_tokens: int
+    assumed_outputs: int  # the output length the prediction ran with (the request's true one where known)
     output_known: bool
 
     def as_json(self) -> dict[str, Any]:
         return {"ttft_ms": self.ttft_ms, "queue_ms": self.queue_ms, "prefill_ms": self.prefill_ms,
                 "tpot_ms": self.tpot_ms, "e2e_ms": self.e2e_ms, "step_ms": self.step_ms,
-                "output_tokens": self.output_tokens, "output_known": self.output_known}
+                "output_tokens": self.assumed_outputs, "output_known": self.output_known}
 
 
 class Predictor:
