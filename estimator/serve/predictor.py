@@ -43,6 +43,7 @@ from contract.request import Declared, Request
 from estimator.errors import EstimatorError
 from estimator.model.iteration import IterationEstimator
 from estimator.sim.lengths import OutputLengths
+from estimator.sim.policies import as_predicted, engine_state
 from estimator.sim.scheduler import EngineConfig, Frontend, InEngine, RequestTrace, SimulationError, simulate
 from estimator.sim.workload import Overheads, iteration_fn
 
@@ -137,15 +138,9 @@ class Predictor:
         """The request's latency if it arrives now on the engine holding `held` (in its order; a held request
         generating `held_outputs[i]` tokens in all where known, else its predicted length)."""
         n = output_tokens or self.outputs(request)
-        state = []
-        for i, h in enumerate(held):
-            total = (held_outputs[i] if held_outputs else None) or self.outputs(h.request, h.outputs)
-            if h.outputs < total:
-                r = Request.make(h.request.request_id, -h.arrived_s_ago, h.request.text_tokens, total,
-                                 max_tokens=max(total, h.request.max_tokens))
-                state.append(InEngine(r, h.computed_tokens, h.outputs, h.running))
-        new = Request.make(request.request_id, 0.0, request.text_tokens, n, max_tokens=max(n, request.max_tokens))
-        trace = self._run([new], state, self._level)
+        known = held_outputs or [None] * len(held)
+        state = engine_state(held, [k or self.outputs(h.request, h.outputs) for h, k in zip(held, known, strict=True)])
+        trace = self._run([as_predicted(request, 0.0, outputs=n)], state, self._level)
         return self._answer(trace, n, output_tokens is not None)
 
     def _run(self, arrivals: list[Request], state: list[InEngine], level: float) -> RequestTrace:

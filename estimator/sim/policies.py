@@ -68,6 +68,13 @@ def as_predicted(declared: Declared, arrival_s: float, priority: int | None = No
         d.max_tokens, outputs or 0), priority=priority if priority is not None else d.priority)
 
 
+def engine_state(held: Sequence[Held], totals: Sequence[int]) -> list[InEngine]:
+    """The replica's starting state from what the engine holds: each held request that has produced fewer tokens
+    than the total it is assumed to generate (`totals[i]`: predicted, or known), in the engine's order."""
+    return [InEngine(as_predicted(h.request, -h.arrived_s_ago, h.priority, n), h.computed_tokens, h.outputs,
+                     h.running) for h, n in zip(held, totals, strict=True) if h.outputs < n]
+
+
 class EstimatePolicy:
     """Shortest predicted request latency first (see the module docstring)."""
 
@@ -145,12 +152,7 @@ class EstimateAdmitPolicy(EstimatePolicy):
         predicted output length, a held one given the tokens it has already produced)."""
         engine, fn = self._bound()
         o = self.overheads
-        state = []
-        for h in held:
-            total = self.outputs(h.request, h.outputs)
-            if h.outputs < total:
-                state.append(InEngine(as_predicted(h.request, -h.arrived_s_ago, h.priority, total),
-                                      h.computed_tokens, h.outputs, h.running))
+        state = engine_state(held, [self.outputs(h.request, h.outputs) for h in held])
         new = as_predicted(request, 0.0, priority, self.outputs(request))
         try:
             run = simulate([new], engine, fn, o.iteration_ms, o.sequence_ms, in_engine=state)
