@@ -44,7 +44,15 @@ from estimator.errors import EstimatorError
 from estimator.model.iteration import IterationEstimator
 from estimator.sim.lengths import OutputLengths
 from estimator.sim.policies import as_predicted, engine_state
-from estimator.sim.scheduler import EngineConfig, Frontend, InEngine, RequestTrace, SimulationError, simulate
+from estimator.sim.scheduler import (
+    EngineConfig,
+    Frontend,
+    InEngine,
+    IterationFn,
+    RequestTrace,
+    SimulationError,
+    simulate,
+)
 from estimator.sim.workload import Overheads, iteration_fn
 
 LEVEL_STEP = 0.2  # how far one actual moves the level toward its own (geometric)
@@ -117,7 +125,8 @@ class Predictor:
         self.loaded_at = time.time()
         self._lock = threading.Lock()
         self._level = level
-        self._fn1 = iteration_fn(self.model, self.config)
+        self._fn1 = iteration_fn(self.model, self.config)  # level 1: the table's entries
+        self._fn = iteration_fn(self.model, self.config, level)  # the current level: native answers
         self._table: dict[tuple[int, int, int, int], tuple[float, float]] = {}
         self._pairs: deque[tuple[float, float, float, float]] = deque(maxlen=DRIFT_WINDOW)
         self.actuals = 0
@@ -140,12 +149,11 @@ class Predictor:
         n = output_tokens or self.outputs(request)
         known = held_outputs or [None] * len(held)
         state = engine_state(held, [k or self.outputs(h.request, h.outputs) for h, k in zip(held, known, strict=True)])
-        trace = self._run([as_predicted(request, 0.0, outputs=n)], state, self._level)
+        trace = self._run([as_predicted(request, 0.0, outputs=n)], state, self._fn)
         return self._answer(trace, n, output_tokens is not None)
 
-    def _run(self, arrivals: list[Request], state: list[InEngine], level: float) -> RequestTrace:
+    def _run(self, arrivals: list[Request], state: list[InEngine], fn: IterationFn) -> RequestTrace:
         o = self.overheads
-        fn = self._fn1 if level == 1.0 else iteration_fn(self.model, self.config, level)
         try:
             run = simulate(arrivals, self.engine, fn, o.iteration_ms, o.sequence_ms, in_engine=state,
                            frontend=self.frontend)
@@ -177,18 +185,13 @@ class Predictor:
         kv_lo = min(int(at), KV_STEPS - 1)
 
         def cell(waiting: int) -> tuple[float, float]:
-            a = self._interp(lo, hi, w, num_request_running, waiting, kv_lo)
-            b = self._interp(lo, hi, w, num_request_running, waiting, kv_lo + 1)
-            f = at - kv_lo
-            return a[0] + f * (b[0] - a[0]), a[1] + f * (b[1] - a[1])
+            return _lerp(self._interp(lo, hi, w, num_request_running, waiting, kv_lo),
+                         self._interp(lo, hi, w, num_request_running, waiting, kv_lo + 1), at - kv_lo)
 
         if num_request_waiting <= MAX_WAITING_TABLE:
             ttft_1, tpot_1 = cell(num_request_waiting)
         else:  # linear in the waiting count beyond the table
-            t32, p32 = cell(32)
-            t64, p64 = cell(64)
-            f = (num_request_waiting - 64) / 32
-            ttft_1, tpot_1 = t64 + f * (t64 - t32), p64 + f * (p64 - p32)
+            ttft_1, tpot_1 = _lerp(cell(32), cell(64), (num_request_waiting - 32) / 32)
         # the request's own context grows by the tokens generated: the model's cost per decode-context token
         ctx = input_token_length
         tpot_1 += self._fn1(0, 0.0, 1, ctx + num_tokens_generated, ctx + num_tokens_generated) - self._fn1(
@@ -198,10 +201,7 @@ class Predictor:
 
     def _interp(self, lo: int, hi: int, w: float, running: int, waiting: int, kv: int) -> tuple[float, float]:
         a = self._entry(lo, running, waiting, kv)
-        if w == 0.0:
-            return a
-        b = self._entry(hi, running, waiting, kv)
-        return a[0] + w * (b[0] - a[0]), a[1] + w * (b[1] - a[1])
+        return a if w == 0.0 else _lerp(a, self._entry(hi, running, waiting, kv), w)
 
     def _entry(self, tokens: int, running: int, waiting: int, kv: int) -> tuple[float, float]:
         """(TTFT ms with request_ms, TPOT ms) at level 1 for one grid point (a prompt length on the grid, the
@@ -228,8 +228,8 @@ class Predictor:
         for i in range(waiting):
             state.append(InEngine(Request.make(f"wait{i}", -0.5, p, self.typical_output)))
         extra = self.overheads.request_ms
-        first = self._run([Request.make("new", 0.0, tokens, 1)], state, 1.0).client_times_s
-        steps = self._run([Request.make("new", 0.0, tokens, TPOT_STEPS + 1)], state, 1.0).client_times_s
+        first = self._run([Request.make("new", 0.0, tokens, 1)], state, self._fn1).client_times_s
+        steps = self._run([Request.make("new", 0.0, tokens, TPOT_STEPS + 1)], state, self._fn1).client_times_s
         return first[0] * 1e3 + extra, (steps[-1] - steps[0]) * 1e3 / TPOT_STEPS
 
     def warm(self, waiting_max: int = 8) -> int:
@@ -253,6 +253,7 @@ class Predictor:
             before = self._level
             if tpot_ms is not None and tpot_ms > 0 and got.tpot_ms > 0:
                 self._level = before * (tpot_ms / got.tpot_ms) ** LEVEL_STEP
+                self._fn = iteration_fn(self.model, self.config, self._level)
             self._pairs.append((got.ttft_ms, ttft_ms, got.tpot_ms, tpot_ms if tpot_ms is not None else math.nan))
             self.actuals += 1
         return {"predicted_ttft_ms": got.ttft_ms, "actual_ttft_ms": ttft_ms, "predicted_tpot_ms": got.tpot_ms,
@@ -271,6 +272,11 @@ class Predictor:
             out[f"{name}_mape_pct"] = sum(abs(e) for e in errs) / len(errs) if errs else math.nan
             out[f"{name}_bias_pct"] = sum(errs) / len(errs) if errs else math.nan
         return out
+
+
+def _lerp(a: tuple[float, float], b: tuple[float, float], f: float) -> tuple[float, float]:
+    """(TTFT, TPOT) pairs: a + f · (b - a), f in [0, 1] between them, above 1 beyond b."""
+    return a[0] + f * (b[0] - a[0]), a[1] + f * (b[1] - a[1])
 
 
 def _pct(predicted: float, actual: float) -> float:
@@ -305,13 +311,13 @@ def load_predictor(model_dir: Path, calibration: Path | None = None, engine: Pat
     from estimator.sim.workload import engine_config_from_manifest
 
     model = IterationEstimator.load(model_dir)
-    learned = OutputLengths.from_file(lengths) if lengths is not None else None
-    typical = (256, 64)
-    if lengths is not None:
+    learned, typical = None, (256, 64)
+    if lengths is not None:  # read once: the lengths learned from it, and its typical request
         try:
             trace = read_workload(lengths)
         except WorkloadError as exc:
             raise EstimatorError(f"output-length training trace: {exc}") from None
+        learned = OutputLengths.fit(trace)
         typical = (round(sum(r.text_tokens for r in trace) / len(trace)),
                    round(sum(r.output_tokens for r in trace) / len(trace)))
     if calibration is not None:
