@@ -133,8 +133,11 @@ def run_scheduler(spec: SchedulerSpec, say: Callable[[str], None] = print) -> No
     everything = [r for s in sets.values() for r in s]
     cells = [(seed, mult) for seed in spec.seeds for mult in spec.mults]
     kept = done_cells(out)
-    todo = [(s, m, p) for s, m in cells for p in spec.policies
-            if not (raw / f"{p}-{m:g}-{s}.parquet").is_file() and (p, m, s) not in kept]
+
+    def measured(policy: str, mult: float, seed: int) -> bool:  # in raw/, or kept in requests.parquet
+        return (raw / f"{policy}-{mult:g}-{seed}.parquet").is_file() or (policy, mult, seed) in kept
+
+    todo = [(s, m, p) for s, m in cells for p in spec.policies if not measured(p, m, s)]
     setup = json.loads(setup_file.read_text()) if setup_file.is_file() else {}
     held_mix = setup.get("mix", {}).get("name", "bimodal, declared = true length (before mixes)")
     if setup and held_mix != spec.mix:
@@ -187,9 +190,9 @@ def run_scheduler(spec: SchedulerSpec, say: Callable[[str], None] = print) -> No
         for k, (seed, mult) in enumerate(cells):
             policies = spec.policies[k % len(spec.policies):] + spec.policies[: k % len(spec.policies)]  # rotate
             for policy in policies:
-                part = raw / f"{policy}-{mult:g}-{seed}.parquet"
-                if part.is_file() or (policy, mult, seed) in kept:
+                if measured(policy, mult, seed):
                     continue
+                part = raw / f"{policy}-{mult:g}-{seed}.parquet"
                 reqs = [r.declaring(arrival_s=r.arrival_s / (mult * cap)) for r in sets[seed]]
                 live: ArrivalPolicy | None = None
                 if policy == "prompt":
