@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from estimator.data.runs import read_jsonl_dicts
 from estimator.errors import EstimatorError
 
 FEATURES = ["kv_cache_percentage", "input_token_length", "num_request_waiting", "num_request_running",
@@ -62,7 +63,9 @@ def load_rows(run: Path) -> pd.DataFrame:
     for entry in manifest.get("loads") or []:
         folder = run / "loads" / str(entry["index"])
         client = json.loads((folder / "client.json").read_text())
-        scrapes = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        scrapes = read_jsonl_dicts(folder / "metrics.jsonl")  # a scrape line cut short by a kill is skipped
+        if not scrapes:
+            raise EstimatorError(f"{folder}: no /metrics scrapes (metrics.jsonl)")
         at = np.array([s["mono_s"] for s in scrapes])
         req = pd.read_parquet(folder / "requests" / "serve.parquet")
         req = req[req["ok"].astype(bool)].reset_index(drop=True)
