@@ -25,6 +25,8 @@ from harness.cli.experiment import experiment
 from harness.cli.replay import replay_command, workload_command
 from harness.cli.serve import serve_bench_command
 from harness.engine.log import EngineOutput
+from harness.engine.slowdown import ENV as SLOWDOWN_ENV
+from harness.engine.slowdown import injected_slowdown
 from harness.rundata.spec import (
     CPU_LADDER,
     DEFAULT_CPU_BUDGET,
@@ -310,6 +312,10 @@ def sweep(
     quiet: bool = typer.Option(False, help="plain log lines instead of a live progress bar"),
     fail_fast: bool = typer.Option(False, help="stop at the first failed point"),
     lock_clocks: int | None = typer.Option(None, help="GPU: lock SM clocks to this MHz for the run"),
+    canary: bool = typer.Option(
+        False, help="time the CPU canary (a fixed torch workload shaped like the engine's) before the first engine "
+        "start and after the last point; the manifest keeps both (the nightly normalizes by them)"
+    ),
     telemetry_interval_ms: float | None = typer.Option(None, help="telemetry sampling interval (ms)"),
     inprocess: bool = typer.Option(
         False, help="run the engine core in this process (NOT how vLLM serves; labelled in the results)"
@@ -374,6 +380,13 @@ def sweep(
             spec = resolve_spec(spec_file, gpu, overrides)
             device_why = overrides["device_why"]
         plan = plan_sweep(spec)
+        try:
+            slowdown = injected_slowdown()
+        except ValueError as exc:
+            raise SpecError(str(exc)) from None
+        if slowdown:
+            err.print(f"warning: {SLOWDOWN_ENV}={slowdown:g}: every engine step is slowed by {slowdown:.0%} "
+                      "(the detection study's fake; the manifest records it)", highlight=False, soft_wrap=True)
         for warning in dtype_warnings(spec):
             err.print(f"warning: {warning}", highlight=False, soft_wrap=True)
         if dry_run:
@@ -412,6 +425,7 @@ def sweep(
             lock_clocks_mhz=lock_clocks,
             verbose=verbose,
             engine_output=engine_output,
+            canary=canary,
         )
         reporter = ConsoleReporter(quiet)
         failures: list[dict[str, Any]] = []

@@ -38,6 +38,7 @@ class SweepOptions:
     lock_clocks_mhz: int | None = None
     verbose: bool = False
     engine_output: EngineOutput | None = None  # where the engine's own output goes (engine.log); None: untouched
+    canary: bool = False  # time the CPU canary (harness/engine/canary.py) before the first start and at the end
     command: list[str] = field(default_factory=lambda: list(sys.argv))
 
 

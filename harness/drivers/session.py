@@ -25,6 +25,7 @@ from harness.drivers.plan import Plan, SweepOptions
 from harness.engine.cpu_dtype import AVX2_DECODE_NOTE, machine_dtype_choice
 from harness.engine.device import cpu_model
 from harness.engine.settings import EngineSettings
+from harness.engine.slowdown import injected_slowdown
 from harness.engine.vllm_engine import VllmEngine, engine_environment
 from harness.rundata.prompts import PromptSource
 from harness.rundata.spec import Point, SweepSpec, engine_axes
@@ -188,6 +189,9 @@ def environment(source_info: dict[str, Any], device: str = "cpu") -> dict[str, A
         "omp_threads_bind": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto"),
     }
     env["nvml_available"] = env["nvml_gpus"] > 0
+    slowdown = injected_slowdown()
+    if slowdown:  # the detection study's fake (harness/engine/slowdown.py): estimate nightly refuses such a run
+        env["injected_slowdown"] = slowdown
     if device == "cpu":
         choice = machine_dtype_choice()
         env["cpu_dtype"] = choice.as_dict()

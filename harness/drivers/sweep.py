@@ -19,6 +19,7 @@ from harness.drivers.measure import measure_group
 from harness.drivers.plan import Plan, Reporter, SweepOptions, plan_sweep, prompt_sources
 from harness.drivers.refine import GroupRefiner, refine_point
 from harness.drivers.session import StopFlag, environment, stop_on_signals
+from harness.engine.canary import run_canary
 from harness.engine.log import LOG_NAME
 from harness.engine.vllm_engine import VllmEngine
 from harness.rundata.prompts import PromptSource
@@ -77,12 +78,29 @@ def run_sweep(spec: SweepSpec, options: SweepOptions, report: Reporter) -> Sweep
         store = open_store(plan, options, environment(source.info, spec.device), telemetry, report, extra)
         if options.engine_output is not None:
             options.engine_output.attach(store.run_dir / LOG_NAME)
+        if options.canary:
+            _canary(store, "before", report)
         with lock_clocks(source, options.lock_clocks_mhz), stop_on_signals() as stop:
             try:
                 status = _run_points(plan, store, options, source, sources, stop, report, budget, adaptive)
             except KeyboardInterrupt:  # a second Ctrl-C: the engine is already closed, the point not written
                 status = "interrupted"
+        if options.canary and status == "complete":
+            _canary(store, "after", report)
     return finish_sweep(store, plan, status, report)
+
+
+def _canary(store: RunStore, when: str, report: Reporter) -> None:
+    """Time the CPU canary now and keep it in the manifest's `canary.<when>` (a failed canary is kept as its
+    error: the sweep goes on)."""
+    record = run_canary()
+    canary = {**(store.read_manifest().get("canary") or {}), when: record}
+    store.update_manifest(canary=canary)
+    if "error" in record:
+        report("log", {"message": f"canary {when}: {record['error']}"})
+    else:
+        report("log", {"message": f"canary {when}: prefill {record['prefill']['median_ms']:.2f} ms, "
+                                  f"decode {record['decode']['median_ms']:.3f} ms per pass"})
 
 
 def open_store(
