@@ -12,7 +12,9 @@
 - `budget-accuracy ADAPTIVE FULL HELDOUT...`: the budgeted default's model against the full grid's on a held-out
   run (estimator/study/budget_accuracy.py);
 - `serve-accuracy MODEL RUN`: `estimate serve`'s llm-d answers against llm-d's XGBoost recipe on one serve-bench
-  run's requests (estimator/study/serve_accuracy.py).
+  run's requests (estimator/study/serve_accuracy.py);
+- `nightly-detection`: interleaved nights with an injected engine slowdown, detection and false-alarm rates
+  (estimator/study/nightly_detection.py; it measures, for hours: run it alone).
 Speed figures are printed, never asserted: run them alone on the machine.
 """
 
@@ -290,5 +292,44 @@ def serve_accuracy(
         if out is not None:
             out.write_text(json.dumps(result, indent=1) + "\n")
             typer.echo(f"wrote {out}")
+
+    run_command(go)
+
+
+@experiment.command("nightly-detection")
+def nightly_detection(
+    nights: Annotated[int, typer.Option(min=1, help="nights to run now (the study resumes from its folder)")] = 1,
+    out: Annotated[Path, typer.Option(help="study folder: nights.jsonl (resume state) and detection.json")] = Path(
+        "docs/nightly-detection"
+    ),
+    runs_dir: Annotated[Path, typer.Option(help="where the sweeps' run folders go")] = Path(
+        "results/nightly-detection"
+    ),
+    spec: Annotated[Path, typer.Option(help="the sweep spec of both sides")] = Path("scripts/nightly_study_spec.toml"),
+    rounds: Annotated[int, typer.Option(min=1, help="interleaved rounds per night (2 sweeps each)")] = 2,
+    tolerance: Annotated[float, typer.Option(min=0.0, max=0.5, help="flag ratios above 1 + this")] = 0.05,
+    seed: int = 0,
+) -> None:
+    """The nightly's detection study: interleaved nights with an injected engine slowdown of 5/10/20% (or none),
+    until 20 unchanged and 10 injected nights per size are measured; detection and false-alarm rates with
+    Clopper-Pearson intervals (estimator/study/nightly_detection.py). Run it alone on the machine."""
+    from estimator.study.nightly_detection import DetectionSpec, run_study
+
+    def go() -> None:
+        result = run_study(
+            DetectionSpec(out=out, runs_dir=runs_dir, spec=spec, nights=nights, rounds=rounds, tolerance=tolerance,
+                          seed=seed),
+            lambda m: typer.echo(m, err=True),
+        )
+        def cell(d: dict[str, Any]) -> str:
+            return f"{d['k']}/{d['n']}" + (f" {d['rate']:.2f} [{d['lo']:.2f}, {d['hi']:.2f}]" if d["n"] else "")
+
+        rows = []
+        for title, rates in (("raw", result), ("canary-normalized", result["normalized"])):
+            sizes = [cell(rates["detection_rate"].get(s) or {"n": 0, "k": 0}) for s in ("5", "10", "20")]
+            rows.append((title, cell(rates["false_alarm_rate"]), *sizes))
+        _print_table(f"nightly detection: nights {result['pairs']}", ["rule", "false alarms", "5%", "10%", "20%"],
+                     rows)
+        typer.echo(f"wrote {out / 'detection.json'}")
 
     run_command(go)

@@ -41,6 +41,7 @@ from estimator.nightly.control import (
     control_limits,
     read_history_lines,
 )
+from estimator.nightly.interleave import refuse_injected
 from estimator.nightly.spec import (
     BASELINE_FILE,
     EXIT_OK,
@@ -148,6 +149,7 @@ def new_run_id(runs_dir: Path, when: dt.datetime) -> str:
 def run_nightly(spec: NightlySpec, progress: Callable[[str], None] | None = None) -> NightlyResult:
     """One night: sweep (or take `spec.run`), train, check against the baseline, record, report."""
     say = progress or (lambda _msg: None)
+    refuse_injected()
     state = spec.state_dir
     state.mkdir(parents=True, exist_ok=True)
     started = _now()
@@ -176,6 +178,7 @@ def run_nightly(spec: NightlySpec, progress: Callable[[str], None] | None = None
             raise EstimatorError(f"the sweep wrote no samples into {run_dir} (exit code {outcome.returncode})")
     tonight = load_runs([run_dir])
     run_id = tonight.runs[0].run_id
+    refuse_injected(tonight.runs[0].manifest, f"tonight's run {run_id}")
     if tonight.runs[0].status != "complete":
         sweep_failed = True
         warnings.append(f"tonight's run status is {tonight.runs[0].status!r}, not 'complete'")
@@ -222,6 +225,7 @@ def run_nightly(spec: NightlySpec, progress: Callable[[str], None] | None = None
     if base is not None:
         say(f"compare: {run_id} vs baseline {base.run_id}")
         baseline_set = load_runs([Path(base.run_path)])
+        refuse_injected(baseline_set.runs[0].manifest, f"the baseline run {base.run_id}")
         axes = [a for a in baseline_set.axes if a in tonight_axes]
         if set(axes) != set(baseline_set.axes) | set(tonight_axes):
             warnings.append(

@@ -1,0 +1,279 @@
+"""The nightly's detection study (issue 35 item 4): how often an interleaved night flags an injected engine slowdown
+of 5%, 10% and 20%, and how often it flags an unchanged night.
+
+A study night is one interleaved night (estimator/nightly/interleave.py): `rounds` rounds, each a baseline sweep and
+a "tonight" sweep of the study spec in a random order, every sweep a fresh `profile sweep --canary` (a fresh engine
+start). On an injected night tonight's sweeps run with `LLM_LATENCY_INJECT_SLOWDOWN` (harness/engine/slowdown.py:
+every engine step sleeps that fraction of its own duration); on an unchanged night both sides are the same settings.
+The night is flagged when any config and phase is (`paired_verdicts`), raw and canary-normalized alike.
+
+State, in the study folder (committed): `nights.jsonl`, one line per night with every sweep's per-request latencies,
+its canary and the verdicts (the resume state: the next night is chosen from what it holds, and every figure can be
+recomputed from it), and `detection.json` (`summarize`). The sweeps' run folders go to `runs_dir` (not committed).
+Which size runs next: the one furthest below its target count (20 unchanged nights, 10 per size), ties broken at
+random, so a study cut short stays balanced.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import os
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from estimator.errors import EstimatorError
+from estimator.nightly.interleave import SLOWDOWN_ENV, SweepFigures, night_order, paired_verdicts, sweep_figures
+from estimator.nightly.state import write_json_atomic
+from estimator.nightly.sweep import profile_command
+
+TARGETS = {0: 20, 5: 10, 10: 10, 20: 10}
+NIGHTS_FILE = "nights.jsonl"
+DETECTION_FILE = "detection.json"
+
+
+@dataclass
+class DetectionSpec:
+    out: Path = Path("docs/nightly-detection")
+    runs_dir: Path = Path("results/nightly-detection")
+    spec: Path = Path("scripts/nightly_study_spec.toml")
+    nights: int = 1
+    rounds: int = 2
+    targets: dict[int, int] = field(default_factory=lambda: dict(TARGETS))
+    tolerance: float = 0.05
+    seed: int = 0
+    sweep_timeout_s: float = 900.0
+    profile: str | None = None  # the command that runs the harness CLI (default: the venv's `profile`)
+
+
+def clopper_pearson(k: int, n: int, confidence: float = 0.95) -> dict[str, float | None]:
+    """k of n with its exact (Clopper–Pearson) interval."""
+    from scipy.stats import beta
+
+    if n == 0:
+        return {"rate": None, "lo": None, "hi": None, "k": 0, "n": 0}
+    a = (1 - confidence) / 2
+    lo = 0.0 if k == 0 else float(beta.ppf(a, k, n - k + 1))
+    hi = 1.0 if k == n else float(beta.ppf(1 - a, k + 1, n - k))
+    return {"rate": round(k / n, 4), "lo": round(lo, 4), "hi": round(hi, 4), "k": k, "n": n}
+
+
+def read_nights(out: Path) -> list[dict[str, Any]]:
+    """The study's nights (a line cut short by a kill is skipped)."""
+    path = out / NIGHTS_FILE
+    if not path.is_file():
+        return []
+    lines = []
+    for raw in path.read_text().splitlines():
+        try:
+            lines.append(json.loads(raw))
+        except json.JSONDecodeError:
+            continue
+    return lines
+
+
+def next_size(nights: Sequence[dict[str, Any]], targets: dict[int, int], rng: np.random.Generator) -> int | None:
+    """The size furthest below its target (done / target smallest), ties at random; None when all are met."""
+    done = {s: sum(1 for n in nights if n.get("size_pct") == s and not n.get("failed")) for s in targets}
+    open_ = {s: done[s] / targets[s] for s in targets if done[s] < targets[s]}
+    if not open_:
+        return None
+    low = min(open_.values())
+    tied = sorted(s for s, f in open_.items() if f == low)
+    return int(tied[int(rng.integers(len(tied)))])
+
+
+def run_night(spec: DetectionSpec, index: int, size: int, say: Callable[[str], None]) -> dict[str, Any]:
+    """One interleaved night; the line `nights.jsonl` keeps (`failed` with the reason when a sweep failed)."""
+    rng = np.random.default_rng(spec.seed * 100_003 + index)
+    order = night_order(spec.rounds, rng)
+    started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    spec.runs_dir.mkdir(parents=True, exist_ok=True)
+    sweeps: list[SweepFigures] = []
+    line: dict[str, Any] = {
+        "night": index,
+        "size_pct": size,
+        "started": started,
+        "order": [f"{r}:{s}" for r, s in order],
+    }
+    t0 = time.monotonic()
+    for r, side in order:
+        env = {k: v for k, v in os.environ.items() if k != SLOWDOWN_ENV}
+        if side == "tonight" and size:
+            env[SLOWDOWN_ENV] = f"{size / 100:g}"
+        name = f"night{index:03d}-r{r}-{side}"
+        run_dir = spec.runs_dir / name
+        if (run_dir / "manifest.json").is_file():  # a night cut short: its sweeps are measured again, fresh
+            import shutil
+
+            shutil.rmtree(run_dir)
+        cmd = [
+            *profile_command(spec.profile),
+            "sweep",
+            "--spec",
+            str(spec.spec),
+            "--out",
+            str(spec.runs_dir),
+            "--name",
+            name,
+            "--quiet",
+            "--canary",
+        ]
+        say(f"night {index} ({size}%): round {r} {side}")
+        with (spec.runs_dir / f"{name}.log").open("w") as log:
+            try:
+                rc = subprocess.run(
+                    cmd, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=spec.sweep_timeout_s, check=False
+                ).returncode
+            except subprocess.TimeoutExpired:
+                rc = 124
+        if rc != 0:
+            return {**line, "failed": f"sweep {name} exited {rc} (see {spec.runs_dir / name}.log)"}
+        figures = sweep_figures(run_dir, side, r)
+        if abs(figures.injected_slowdown - (size / 100 if side == "tonight" else 0.0)) > 1e-9:
+            raise EstimatorError(f"{name}: the manifest records slowdown {figures.injected_slowdown}, not {size}%")
+        sweeps.append(figures)
+        if "machine" not in line:
+            manifest = json.loads((run_dir / "manifest.json").read_text())
+            recorded: dict[str, Any] = manifest.get("environment") or {}
+            line["machine"] = {
+                "cpu_model": recorded.get("cpu_model"),
+                "dtype": (recorded.get("cpu_dtype") or {}).get("dtype"),
+            }
+    verdicts = paired_verdicts(sweeps, spec.tolerance, seed=index)
+    return {
+        **line,
+        "seconds": round(time.monotonic() - t0, 1),
+        "flagged": any(v.flagged for v in verdicts),
+        "normalized_flagged": any(bool(v.normalized_flagged) for v in verdicts),
+        "verdicts": [v.as_json() for v in verdicts],
+        "sweeps": [s.as_json() for s in sweeps],
+    }
+
+
+def _rates(nights: Sequence[dict[str, Any]], key: str, sizes: Sequence[int]) -> dict[str, Any]:
+    by = {s: [n for n in nights if n["size_pct"] == s] for s in sizes}
+    return {
+        "detection_rate": {str(s): clopper_pearson(sum(bool(n[key]) for n in by[s]), len(by[s])) for s in sizes if s},
+        "false_alarm_rate": clopper_pearson(sum(bool(n[key]) for n in by.get(0, [])), len(by.get(0, []))),
+    }
+
+
+def _median(values: Sequence[float]) -> float:
+    return float(np.median(np.asarray(values, dtype=float)))
+
+
+def canary_spread(nights: Sequence[dict[str, Any]], n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """Night-to-night spread of the baseline side (never slowed), per config and phase: the standard deviation over
+    nights of the log of the night's median request latency, raw and divided by the night's canary, with the
+    share of the raw spread the canary removes (bootstrap over nights, 95%)."""
+    rows: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    for night in nights:
+        for s in night.get("sweeps", []):
+            if s["side"] != "baseline":
+                continue
+            for label, phases in s["requests"].items():
+                for phase, by_n in phases.items():
+                    canary = (s.get("canary_ms") or {}).get(phase)
+                    if not canary:
+                        continue
+                    med = math.exp(np.mean([math.log(_median(v)) for v in by_n.values()]))
+                    rows.setdefault((label, phase), []).append((math.log(med), math.log(med / canary)))
+    out = []
+    rng = np.random.default_rng(seed)
+    for (label, phase), pairs in sorted(rows.items()):
+        a = np.asarray(pairs)
+        if len(a) < 3:
+            continue
+        raw, norm = float(a[:, 0].std(ddof=1)), float(a[:, 1].std(ddof=1))
+        boot = []
+        for _ in range(n_boot):
+            b = a[rng.integers(0, len(a), len(a))]
+            r = b[:, 0].std(ddof=1)
+            if r > 0:
+                boot.append(1 - b[:, 1].std(ddof=1) / r)
+        lo, hi = np.quantile(boot, [0.025, 0.975]) if boot else (float("nan"), float("nan"))
+        out.append(
+            {
+                "label": label,
+                "phase": phase,
+                "sweeps": len(a),
+                "raw_log_sd": round(raw, 4),
+                "normalized_log_sd": round(norm, 4),
+                "removed": round(1 - norm / raw, 3) if raw > 0 else None,
+                "removed_ci": [round(float(lo), 3), round(float(hi), 3)],
+            }
+        )
+    return {
+        "per_config": out,
+        "what": "sd over baseline-side sweeps of log(median request latency), raw and "
+        "divided by the sweep's canary; removed = 1 - normalized / raw",
+    }
+
+
+def summarize(nights: Sequence[dict[str, Any]], spec: DetectionSpec) -> dict[str, Any]:
+    """detection.json: the issue's shape (raw verdicts), the canary-normalized twin, the canary's spread figures."""
+    ok = [n for n in nights if not n.get("failed")]
+    sizes = sorted(spec.targets)
+    result: dict[str, Any] = _rates(ok, "flagged", sizes)
+    result["pairs"] = {str(s): sum(1 for n in ok if n["size_pct"] == s) for s in sizes}
+    result["normalized"] = _rates(ok, "normalized_flagged", sizes)
+    result["failed_nights"] = len(nights) - len(ok)
+    result["canary"] = canary_spread(ok)
+    ratios: dict[str, dict[str, list[float]]] = {}
+    for n in ok:
+        for v in n["verdicts"]:
+            ratios.setdefault(str(n["size_pct"]), {}).setdefault(f"{v['label']} {v['phase']}", []).append(v["ratio"])
+    result["measured_ratio_median"] = {
+        s: {k: round(_median(v), 4) for k, v in by.items()} for s, by in sorted(ratios.items(), key=lambda x: int(x[0]))
+    }
+    result["rule"] = (
+        f"{spec.rounds} interleaved rounds per night (baseline and tonight in a random order, each a fresh engine "
+        f"start); flag a config and phase when the geometric mean of the rounds' median ratios exceeds "
+        f"{1 + spec.tolerance:.2f} and its two-level bootstrap 95% interval lies above 1; a night is flagged when "
+        "any is"
+    )
+    result["targets"] = {str(s): t for s, t in spec.targets.items()}
+    result["machines"] = sorted({json.dumps(n.get("machine"), sort_keys=True) for n in ok if n.get("machine")})
+    result["machines"] = [json.loads(m) for m in result["machines"]]
+    return result
+
+
+def run_study(spec: DetectionSpec, say: Callable[[str], None]) -> dict[str, Any]:
+    """Run up to `spec.nights` more nights (each appended as it ends), then rewrite detection.json."""
+    if not spec.spec.is_file():
+        raise EstimatorError(f"study spec {spec.spec} not found")
+    spec.out.mkdir(parents=True, exist_ok=True)
+    for _ in range(spec.nights):
+        nights = read_nights(spec.out)
+        index = len(nights)
+        size = next_size(nights, spec.targets, np.random.default_rng(spec.seed * 7919 + index))
+        if size is None:
+            say("every size has its target count of nights")
+            break
+        line = run_night(spec, index, size, say)
+        with (spec.out / NIGHTS_FILE).open("a") as f:
+            f.write(json.dumps(line) + "\n")
+        if line.get("failed"):
+            say(f"night {index} failed: {line['failed']}")
+        else:
+            say(
+                f"night {index} ({size}%): "
+                + "; ".join(
+                    f"{v['label']} {v['phase']} x{v['ratio']:.3f} [{v['ci'][0]:.3f}, {v['ci'][1]:.3f}]"
+                    + (" FLAGGED" if v["flagged"] else "")
+                    for v in line["verdicts"]
+                )
+                + f" ({line['seconds']:.0f} s)"
+            )
+        write_json_atomic(spec.out / DETECTION_FILE, summarize(read_nights(spec.out), spec))
+    result = summarize(read_nights(spec.out), spec)
+    write_json_atomic(spec.out / DETECTION_FILE, result)
+    return result
