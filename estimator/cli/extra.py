@@ -116,6 +116,15 @@ def nightly(
         bool, typer.Option(help="Also run `estimate compare` on tonight's run (adds Experiment 2 to the report).")
     ] = False,
     make_report: Annotated[bool, typer.Option("--report/--no-report", help="Write the HTML report.")] = True,
+    interleave: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            max=20,
+            help="Rounds of an interleaved night: the accepted settings and tonight's alternate in random order, "
+            "each a fresh engine start with the CPU canary, and the paired rounds decide (0: one sweep).",
+        ),
+    ] = 0,
 ) -> None:
     """Nightly regression job: sweep, train, compare with the baseline (exit 1 regression, 3 sweep failed, 4 crash)."""
     from estimator.nightly.job import format_result, run_nightly
@@ -139,6 +148,7 @@ def nightly(
             confirm=confirm,
             compare=compare,
             report=make_report,
+            interleave=interleave,
         )
         result = run_nightly(nspec, progress=lambda msg: typer.echo(f"[nightly] {msg}", err=True))
         for line in format_result(result):

@@ -16,13 +16,18 @@ sweep within each text_tokens value; so it holds both the start-to-start spread 
 own repeat spread.
 
 **The flag**: the night's ratio exceeds 1 + tolerance and the whole interval lies above 1.
+
+`estimate nightly --interleave K` runs such a night (`run_interleaved`) against the accepted baseline's recorded
+settings (`baseline_settings`: the spec file's text and the `profile sweep` arguments, kept in baseline.json at
+acceptance); `estimate experiment nightly-detection` runs them with an injected slowdown on tonight's side.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping, Sequence
+import zlib
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +36,9 @@ import numpy as np
 
 from estimator.data.runs import PHASES, load_runs
 from estimator.errors import EstimatorError
-from estimator.nightly.stats import config_label, request_latencies
+from estimator.nightly.spec import NightlySpec
+from estimator.nightly.stats import canary_ms, config_label, request_latencies
+from estimator.nightly.sweep import SweepOutcome, run_sweep
 
 SIDES = ("baseline", "tonight")
 SLOWDOWN_ENV = "LLM_LATENCY_INJECT_SLOWDOWN"  # harness/engine/slowdown.py's ENV (the estimator never imports it)
@@ -92,16 +99,6 @@ class SweepFigures:
                 for label, phases in raw["requests"].items()
             },
         )
-
-
-def canary_ms(manifest: Mapping[str, Any]) -> dict[str, float | None]:
-    """Per phase, the mean of the manifest's canary timings (before and after; either alone if one failed)."""
-    records = [r for r in (manifest.get("canary") or {}).values() if isinstance(r, dict) and "error" not in r]
-    out: dict[str, float | None] = {}
-    for phase in PHASES:
-        values = [float(r[phase]["median_ms"]) for r in records if phase in r]
-        out[phase] = float(np.mean(values)) if values else None
-    return out
 
 
 def sweep_figures(run_dir: Path, side: str, round_: int) -> SweepFigures:
@@ -245,3 +242,67 @@ def paired_verdicts(
                 )
             )
     return out
+
+
+# ---------------------------------------------------------------- the nightly's interleaved night
+
+
+def baseline_settings(spec: NightlySpec) -> dict[str, Any]:
+    """What an accepted night records so that a later night can measure the same settings again."""
+    return {"spec_name": spec.spec.name, "spec_text": spec.spec.read_text(), "profile_args": list(spec.profile_args)}
+
+
+@dataclass
+class InterleavedNight:
+    """The sweeps of one interleaved night. `tonight` (round 0's tonight sweep, named by the night's run id) is the
+    run the nightly trains, records and reports; `verdicts` are the paired rounds' (empty when no round is whole)."""
+
+    tonight: SweepOutcome
+    order: list[str]
+    sweeps: list[SweepFigures]
+    failed: list[str]
+    verdicts: list[PairedVerdict]
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "rounds": len({s.round for s in self.sweeps}),
+            "order": self.order,
+            "runs": [s.run_id for s in self.sweeps],
+            "failed": self.failed,
+            "verdicts": [v.as_json() for v in self.verdicts],
+        }
+
+
+def run_interleaved(
+    spec: NightlySpec, run_id: str, settings: Mapping[str, Any], say: Callable[[str], None]
+) -> InterleavedNight:
+    """`spec.interleave` rounds of the accepted `settings` and tonight's spec, in a random order per round, each a
+    fresh `profile sweep --canary`; then the paired verdicts."""
+    folder = spec.state_dir / "interleave"
+    folder.mkdir(parents=True, exist_ok=True)
+    base_spec = folder / f"{run_id}-baseline{Path(str(settings['spec_name'])).suffix}"
+    base_spec.write_text(str(settings["spec_text"]))
+    sides = {
+        "baseline": spec.model_copy(update={"spec": base_spec, "profile_args": list(settings["profile_args"])}),
+        "tonight": spec,
+    }
+    order = night_order(spec.interleave, np.random.default_rng(zlib.crc32(run_id.encode())))
+    sweeps: list[SweepFigures] = []
+    failed: list[str] = []
+    tonight: SweepOutcome | None = None
+    for r, side in order:
+        name = run_id if (r, side) == (0, "tonight") else f"{run_id}-r{r}-{side}"
+        say(f"interleaved round {r + 1}/{spec.interleave}: {side}")
+        outcome = run_sweep(sides[side], name, say, ["--canary"])
+        if name == run_id:
+            tonight = outcome
+        if outcome.returncode != 0 or not (outcome.run_dir / "manifest.json").is_file():
+            failed.append(f"{name} (exit {outcome.returncode})")
+            continue
+        sweeps.append(sweep_figures(outcome.run_dir, side, r))
+    assert tonight is not None  # round 0 always holds a tonight sweep
+    try:
+        verdicts = paired_verdicts(sweeps, spec.tolerance, spec.confidence, spec.bootstrap, spec.seed)
+    except EstimatorError:
+        verdicts = []
+    return InterleavedNight(tonight, [f"{r}:{s}" for r, s in order], sweeps, failed, verdicts)

@@ -41,7 +41,13 @@ from estimator.nightly.control import (
     control_limits,
     read_history_lines,
 )
-from estimator.nightly.interleave import refuse_injected
+from estimator.nightly.interleave import (
+    InterleavedNight,
+    PairedVerdict,
+    baseline_settings,
+    refuse_injected,
+    run_interleaved,
+)
 from estimator.nightly.spec import (
     BASELINE_FILE,
     EXIT_OK,
@@ -120,7 +126,7 @@ def rerun_confirm(
     """Sweep the spec once more (`<run_id>-confirm`) and keep only the flags it repeats; returns its run id."""
     flagged = ", ".join(f"{c.label} {c.phase}" for c in checks if c.flagged)
     say(f"confirm: {flagged} flagged; measuring once more")
-    outcome = run_sweep(spec, f"{run_id}-confirm", say)
+    outcome = run_sweep(spec, f"{run_id}-confirm", say, ["--canary"])
     if outcome.returncode != 0 or not (outcome.run_dir / "samples").is_dir():
         warnings.append(f"the confirmation sweep failed (exit {outcome.returncode}); the flags stand unconfirmed")
         return None
@@ -134,6 +140,34 @@ def rerun_confirm(
             "disturbance, not a regression"
         )
     return rerun.runs[0].run_id
+
+
+def _interleave_settings(spec: NightlySpec, state: Path, warnings: list[str]) -> dict[str, Any] | None:
+    """The accepted settings an interleaved night measures beside tonight's; None (with a warning when asked for)
+    when there is nothing to interleave with."""
+    if not spec.interleave:
+        return None
+    recorded = read_baseline(state)
+    if spec.baseline is not None or recorded is None or recorded.settings is None:
+        warnings.append(
+            "--interleave: "
+            + ("--baseline names a run folder, not settings" if spec.baseline is not None
+               else "no accepted baseline yet" if recorded is None
+               else "the accepted baseline recorded no settings (accepted from a finished run, or before the "
+               "nightly kept them)")
+            + "; one sweep tonight, judged by the single-sweep rule"
+        )
+        return None
+    return recorded.settings
+
+
+def _apply_interleaved(checks: Sequence[ConfigComparison], verdicts: Sequence[PairedVerdict]) -> None:
+    """An interleaved night's flags are its paired rounds' (they hold the start-to-start spread the single-sweep
+    rule needs the history's control limit for): each comparison is flagged when its config and phase is."""
+    by = {(v.label, v.phase): v for v in verdicts}
+    for c in checks:
+        v = by.get((c.label, c.phase))
+        c.flagged = bool(v and v.flagged)
 
 
 def new_run_id(runs_dir: Path, when: dt.datetime) -> str:
@@ -156,12 +190,24 @@ def run_nightly(spec: NightlySpec, progress: Callable[[str], None] | None = None
     warnings: list[str] = []
     sweep_info: dict[str, Any] | None = None
     sweep_failed = False
+    interleaved: InterleavedNight | None = None
     if spec.run is not None:
         run_dir = spec.run
         if not (run_dir / "manifest.json").is_file():
             raise EstimatorError(f"{run_dir}: not a run folder (no manifest.json)")
     else:
-        outcome = run_sweep(spec, new_run_id(state / "runs", started), say)
+        new_id = new_run_id(state / "runs", started)
+        settings = _interleave_settings(spec, state, warnings)
+        if settings is not None:
+            interleaved = run_interleaved(spec, new_id, settings, say)
+            outcome = interleaved.tonight
+            if interleaved.failed:
+                sweep_failed = True
+                warnings.append(f"interleaved sweeps failed: {', '.join(interleaved.failed)}")
+            if not interleaved.verdicts:
+                warnings.append("no interleaved round has both sides measured: the single-sweep rule decides")
+        else:
+            outcome = run_sweep(spec, new_id, say, ["--canary"])
         run_dir = outcome.run_dir
         sweep_info = {
             "command": outcome.command,
@@ -249,7 +295,9 @@ def run_nightly(spec: NightlySpec, progress: Callable[[str], None] | None = None
                             f"(limit ×{c.history['limit_ratio']:.3f})" for c in held if c.history)
             )
         conditions["baseline"] = run_conditions(baseline_set)
-        if spec.confirm and spec.run is None and any(c.flagged for c in checks):
+        if interleaved is not None and interleaved.verdicts:
+            _apply_interleaved(checks, interleaved.verdicts)
+        elif spec.confirm and spec.run is None and any(c.flagged for c in checks):
             confirm_id = rerun_confirm(spec, run_id, baseline_set, axes, checks, warnings, say)
         warnings += more + _model_warnings(checks)
         warnings += condition_warnings(conditions["baseline"], conditions["tonight"])
@@ -307,6 +355,13 @@ def run_nightly(spec: NightlySpec, progress: Callable[[str], None] | None = None
             f"above the accepted nights' centre × exp({spec.control_k:g} · s · sqrt(1 + 1/m)) (s: the spread between "
             f"nights, at least {spec.default_spread:.0%} while fewer than {spec.min_history} nights are accepted)"
             + (" in tonight's run and in a re-run" if spec.confirm else "")
+            + (
+                f"; interleaved night ({spec.interleave} rounds of the accepted settings and tonight's, random order, "
+                f"fresh engine starts): instead, flag when the geometric mean of the rounds' median ratios exceeds "
+                f"{1 + spec.tolerance:.2f} and its two-level bootstrap {spec.confidence:.0%} interval lies above 1"
+                if interleaved is not None and interleaved.verdicts
+                else ""
+            )
             + "; estimator: flag when "
             f"held-out MAPE grew by more than {spec.mape_growth:.0%} relative and {spec.mape_min_points:g} points, "
             f"and beyond the accepted nights' MAPE centre × exp({spec.control_k:g} · s · sqrt(1 + 1/m)) (s at least "
@@ -329,6 +384,7 @@ def run_nightly(spec: NightlySpec, progress: Callable[[str], None] | None = None
         "conditions": conditions,
         "medians": config_medians(tonight, tonight_axes),
         "sweep": sweep_info,
+        "interleaved": interleaved.as_json() if interleaved is not None else None,
         "warnings": warnings,
         "messages": list(messages),
     }
@@ -365,6 +421,7 @@ def run_nightly(spec: NightlySpec, progress: Callable[[str], None] | None = None
                     tonight_mape,
                     _now().isoformat(timespec="seconds"),
                     "first night" if first_night else "--accept",
+                    baseline_settings(spec) if spec.run is None else None,
                 )
             ),
         )

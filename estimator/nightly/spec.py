@@ -41,6 +41,13 @@ class NightlySpec(StrictModel):
         True, description="when a config is flagged, sweep once more and keep only the flags the re-run repeats"
     )
     sweep_timeout_s: float = Field(4 * 3600, gt=0)
+    interleave: int = Field(
+        0,
+        ge=0,
+        le=20,
+        description="rounds of an interleaved night: the accepted settings and tonight's alternate in random order, "
+        "each a fresh engine start timed with the CPU canary; the paired rounds decide (0: one sweep)",
+    )
     control_k: float = Field(
         3.0, gt=0.0, description="flag only beyond centre × exp(k · between-night spread) of the accepted nights"
     )

@@ -23,6 +23,9 @@ class Baseline:
     held_out_mape_pct: dict[str, float | None]
     accepted_at: str
     note: str = ""
+    # the accepted settings an interleaved night measures again: {"spec_name", "spec_text", "profile_args"}
+    # (None when the baseline was accepted from a finished run, or before the nightly recorded them)
+    settings: dict[str, Any] | None = None
 
 
 def read_baseline(state_dir: Path) -> Baseline | None:

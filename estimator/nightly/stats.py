@@ -201,8 +201,21 @@ def compare_latency(
     return checks, warnings
 
 
+def canary_ms(manifest: Mapping[str, Any]) -> dict[str, float | None]:
+    """Per phase, the mean of a run manifest's CPU canary timings (ms per pass, `profile sweep --canary`: before and
+    after; either alone if one failed; None without a canary)."""
+    records = [r for r in (manifest.get("canary") or {}).values() if isinstance(r, dict) and "error" not in r]
+    out: dict[str, float | None] = {}
+    for phase in PHASES:
+        values = [float(r[phase]["median_ms"]) for r in records if phase in r]
+        out[phase] = float(np.mean(values)) if values else None
+    return out
+
+
 def config_medians(runset: RunSet, axes: Sequence[str]) -> list[dict[str, Any]]:
-    """Median per-request latency (ms) per config and phase: the points of the trend plot."""
+    """Median per-request latency (ms) per config and phase: the points of the trend plot; `canary_ms` is the run's
+    canary for that phase (None without one), by which the history can be normalized."""
+    canary = canary_ms(runset.runs[0].manifest) if len(runset.runs) == 1 else dict.fromkeys(PHASES)
     out = []
     for phase in PHASES:
         req = request_latencies(runset.samples, phase, axes)
@@ -217,6 +230,7 @@ def config_medians(runset: RunSet, axes: Sequence[str]) -> list[dict[str, Any]]:
                     "phase": phase,
                     "median_ms": float(g["latency_ms"].median()),
                     "requests": len(g),
+                    "canary_ms": canary[phase],
                 }
             )
     return out

@@ -7,7 +7,7 @@ import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +35,9 @@ class SweepOutcome:
     run_dir: Path
 
 
-def run_sweep(spec: NightlySpec, run_id: str, say: Callable[[str], None]) -> SweepOutcome:
+def run_sweep(
+    spec: NightlySpec, run_id: str, say: Callable[[str], None], extra: Sequence[str] = ()
+) -> SweepOutcome:
     """`profile sweep --spec SPEC --out STATE/runs --name RUN_ID --quiet [extra args]`, output passed through."""
     if not spec.spec.is_file():
         raise EstimatorError(f"nightly sweep spec {spec.spec} not found")
@@ -52,6 +54,7 @@ def run_sweep(spec: NightlySpec, run_id: str, say: Callable[[str], None]) -> Swe
         run_id,
         "--quiet",
         *spec.profile_args,
+        *extra,
     ]
     say("sweep: " + " ".join(shlex.quote(c) for c in cmd))
     t0 = time.perf_counter()

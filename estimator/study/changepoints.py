@@ -82,14 +82,19 @@ def change_points(values: Sequence[float], penalty_k: float = PENALTY_K, min_siz
     return [int(e) for e in ends[:-1]]  # ruptures ends every segment; the last end is n
 
 
-def history_change_points(history: Iterable[Any]) -> list[ChangePoint]:
+def history_change_points(history: Iterable[Any], normalized: bool = False) -> list[ChangePoint]:
     """Change points per (config label, phase) over every night of `history` (HistoryLine objects or dicts with
-    `run_id` and `medians`), in the history's order."""
+    `run_id` and `medians`), in the history's order. `normalized`: over median / the night's CPU canary (nights
+    without a canary left out; `before_ms` and `after_ms` are then levels in canary passes, not ms)."""
     series: dict[tuple[str, str], list[tuple[str, float]]] = {}
     for h in history:
         run_id = _get(h, "run_id")
         for m in _get(h, "medians") or []:
             v = _get(m, "median_ms")
+            if normalized:
+                canary = _get(m, "canary_ms")
+                ok = isinstance(v, int | float) and isinstance(canary, int | float) and canary > 0
+                v = v / canary if ok else None
             if isinstance(v, int | float) and v > 0:
                 series.setdefault((str(_get(m, "label")), str(_get(m, "phase"))), []).append((str(run_id), float(v)))
     out = []

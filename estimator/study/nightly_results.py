@@ -67,6 +67,7 @@ class ConfigMedian(StrictModel):
     median_ms: float
     requests: int
     flagged: bool = False  # history lines only: flagged as a regression that night
+    canary_ms: float | None = None  # the run's CPU canary for this phase (ms per pass); None without one
 
 
 class NightlySummary(StrictModel):
@@ -98,6 +99,7 @@ class NightlySummary(StrictModel):
     conditions: dict[str, dict[str, float | None]]
     medians: list[ConfigMedian]
     sweep: dict[str, Any] | None
+    interleaved: dict[str, Any] | None = None  # estimate nightly --interleave: rounds, order, runs, verdicts
     warnings: list[str]
     messages: list[str]
 

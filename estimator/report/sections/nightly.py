@@ -72,6 +72,29 @@ def nightly_section(history: Sequence[HistoryLine], summary: NightlySummary | No
                     "flag stands only if the re-run repeats it.",
                 )
             )
+        inter = (summary.interleaved or {}).get("verdicts") or []
+        if inter:
+            sec.add(
+                Table(
+                    ["config", "phase", "ratio", "95% CI", "rounds", "canary-normalized ratio (95% CI)", "status"],
+                    [
+                        [
+                            v["label"],
+                            v["phase"],
+                            fmt(v["ratio"], 3),
+                            f"{fmt(v['ci'][0], 3)} – {fmt(v['ci'][1], 3)}",
+                            ", ".join(fmt(r, 3) for r in v["round_ratios"]),
+                            "–" if v["normalized_ratio"] is None else f"{fmt(v['normalized_ratio'], 3)} "
+                            f"({fmt(v['normalized_ci'][0], 3)} – {fmt(v['normalized_ci'][1], 3)})",
+                            "FLAGGED" if v["flagged"] else "ok",
+                        ]
+                        for v in inter
+                    ],
+                    "Interleaved night (estimator/nightly/interleave.py): the accepted settings and tonight's, "
+                    "alternating in random order, each a fresh engine start; ratio: the geometric mean over rounds "
+                    "of each round's median ratio; CI: bootstrap over rounds, then requests. These flags decide.",
+                )
+            )
         mape_rows = [
             [m.phase, fmt(m.baseline_mape_pct), fmt(m.tonight_mape_pct), fmt(m.growth_pct, 1),
              "FLAGGED" if m.flagged else "ok"]
@@ -176,4 +199,15 @@ def nightly_section(history: Sequence[HistoryLine], summary: NightlySummary | No
                       "Change points: PELT (least absolute deviation) on the log medians of every night, a segment "
                       f"at least {MIN_SIZE} nights long (a change is confirmed by its second night), penalty "
                       f"{PENALTY_K:g}·σ·ln(n) with σ the series' own night-to-night noise."))
+    normalized = history_change_points(history, normalized=True)
+    if any(m.canary_ms for h in history for m in h.medians):
+        sec.add(
+            Table(
+                ["config", "phase", "from night", "after / before"],
+                [[c.label, c.phase, c.run_id, fmt(c.ratio, 3)] for c in normalized],
+                "Change points of the canary-normalized medians (each night's median / its CPU canary, nights "
+                "timed with one): a change of the machine moves both and leaves these; an engine change does not. "
+                + ("" if normalized else "None found."),
+            )
+        )
     return sec

@@ -4,8 +4,10 @@ canary's normalization, reading a run folder's figures, and the nightly's refusa
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -164,3 +166,78 @@ def test_the_nightly_refuses_the_injected_slowdown(
     result = CliRunner().invoke(app, ["--run", str(clean), "--state-dir", str(tmp_path / "s2"), "--no-report"])
     assert result.exit_code == 2
     assert len(result.stderr.strip().splitlines()) == 1 and SLOWDOWN_ENV in result.stderr
+
+
+FAKE_PROFILE = """
+import json, os, re, shutil, sys
+import pandas as pd
+args = sys.argv[1:]
+out, name, spec = (args[args.index(flag) + 1] for flag in ("--out", "--name", "--spec"))
+assert "--canary" in args, args
+factor = float(re.search(r"# factor ([0-9.]+)", open(spec).read()).group(1))
+if "--slower" in args:
+    factor *= 1.5
+dest = os.path.join(out, name)
+shutil.copytree("{src}", dest)
+manifest = json.load(open(os.path.join(dest, "manifest.json")))
+manifest["run_id"] = name
+manifest["canary"] = {{"before": {{"prefill": {{"median_ms": 5.0}}, "decode": {{"median_ms": 1.6}}}}}}
+json.dump(manifest, open(os.path.join(dest, "manifest.json"), "w"))
+for f in os.listdir(os.path.join(dest, "samples")):
+    if f.endswith(".parquet"):
+        path = os.path.join(dest, "samples", f)
+        frame = pd.read_parquet(path)
+        frame["latency_ms"] *= factor
+        frame["run_id"] = name
+        frame.to_parquet(path, index=False)
+"""
+
+
+def test_an_interleaved_night_measures_the_accepted_settings_again(
+    tmp_path: Path, run_writer: Callable[..., Path]
+) -> None:
+    """The first night records its settings; a night with --interleave 2 sweeps those settings (spec text and
+    profile arguments) and tonight's alternately, and the paired rounds decide."""
+    src = run_writer(tmp_path / "src", tiers=(1,), top_ks=(0,), lengths=(32, 128), noise=0.01)
+    fake = tmp_path / "fake_profile.py"
+    fake.write_text(FAKE_PROFILE.format(src=src))
+    spec_file = tmp_path / "nightly.toml"
+    spec_file.write_text("reps = 4\n# factor 1.0\n")
+    state = tmp_path / "state"
+
+    def night(report: bool = False, **kw: Any) -> tuple[int, dict[str, Any]]:
+        spec = NightlySpec(
+            spec=spec_file, state_dir=state, profile=f"{sys.executable} {fake}", report=report, bootstrap=200, **kw
+        )
+        result = run_nightly(spec)
+        return result.exit_code, result.summary
+
+    code, first = night(interleave=2, profile_args=["--canary"])
+    assert code == 0 and first["first_night"] and first["interleaved"] is None  # nothing to interleave with yet
+    assert any("no accepted baseline yet" in w for w in first["warnings"])
+    recorded = json.loads((state / "baseline.json").read_text())["settings"]
+    assert recorded == {
+        "spec_name": "nightly.toml",
+        "spec_text": "reps = 4\n# factor 1.0\n",
+        "profile_args": ["--canary"],
+    }
+
+    code, same = night(interleave=2, profile_args=["--canary"])
+    assert code == 0 and not same["regression"]
+    inter = same["interleaved"]
+    assert sorted(inter["order"]) == ["0:baseline", "0:tonight", "1:baseline", "1:tonight"]
+    assert inter["runs"][inter["order"].index("0:tonight")] == same["run_id"]  # the night's own run
+    assert {v["phase"]: v["ratio"] for v in inter["verdicts"]} == {"prefill": 1.0, "decode": 1.0}
+
+    spec_file.write_text("reps = 4\n# factor 1.3\n")  # tonight's settings are 30% slower; the accepted ones not
+    code, slow = night(report=True, interleave=2, profile_args=["--canary", "--slower"])  # and 1.5x from --slower
+    assert code == 1 and slow["regression"]
+    ratios = {v["phase"]: v["ratio"] for v in slow["interleaved"]["verdicts"]}
+    assert ratios == {"prefill": pytest.approx(1.95), "decode": pytest.approx(1.95)}
+    assert all(c["flagged"] for c in slow["comparisons"]) and slow["confirm_run_id"] is None
+    assert "interleaved night (2 rounds" in slow["rule"]
+    # the baseline side ran the accepted spec text, not tonight's file
+    (base_spec,) = (state / "interleave").glob(f"{slow['run_id']}-baseline.toml")
+    assert "# factor 1.0" in base_spec.read_text()
+    report = (state / "reports" / slow["run_id"] / "report.md").read_text()
+    assert "Interleaved night" in report and "canary-normalized" in report

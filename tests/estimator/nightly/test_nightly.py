@@ -252,7 +252,7 @@ def test_nightly_runs_the_profile_cli(synthetic_nights: dict[str, Path], tmp_pat
     assert args[:3] == ["sweep", "--spec", str(spec)]
     assert args[args.index("--out") + 1] == str(tmp_path / "state" / "runs")
     assert args[args.index("--name") + 1].startswith("nightly-")
-    assert args[-3:] == ["--quiet", "--model", "cpu-base"]
+    assert args[-4:] == ["--quiet", "--model", "cpu-base", "--canary"]  # every nightly sweep times the canary
     assert "accepted as the baseline" in result.stdout
 
     # A sweep with failed points: exit 3, and a first night is not accepted.

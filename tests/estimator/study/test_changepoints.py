@@ -51,3 +51,27 @@ def test_the_recorded_nights() -> None:
     found = {(c.label, c.phase): c for c in history_change_points([*lines, again])}
     tier0 = found[("tier=0 top_k=0 blocks=32", "prefill")]
     assert tier0.run_id == lines[-1]["run_id"] and tier0.ratio > 1.5
+
+
+def test_a_step_of_the_machine_leaves_the_canary_normalized_series() -> None:
+    """From night 8 on the machine is 1.5x slower, engine and canary alike: a raw change point, no normalized one;
+    a night without a canary is left out of the normalized series."""
+    rng = np.random.default_rng(5)
+    machine = np.exp(rng.normal(0, 0.05, 14))
+    machine[8:] *= 1.5
+    own = np.exp(rng.normal(0, 0.03, 14))  # the canary's own noise
+    history = [
+        {
+            "run_id": f"n{i}",
+            "medians": [{"label": "tier=0", "phase": "decode", "median_ms": 5.0 * m,
+                         "canary_ms": None if i == 3 else 1.6 * m * c}],
+        }
+        for i, (m, c) in enumerate(zip(machine, own, strict=True))
+    ]
+    (raw,) = history_change_points(history)
+    assert raw.run_id == "n8"
+    assert history_change_points(history, normalized=True) == []
+    for line, c in zip(history[8:], own[8:], strict=True):  # now the engine, not the machine: the canary stays
+        line["medians"][0]["canary_ms"] = 1.6 * c
+    (engine,) = history_change_points(history, normalized=True)
+    assert engine.run_id == "n8" and engine.ratio == pytest.approx(1.5, rel=0.1)
