@@ -4,7 +4,7 @@ of 5%, 10% and 20%, and how often it flags an unchanged night.
 A study night is one interleaved night (estimator/nightly/interleave.py): `rounds` rounds, each a baseline sweep and
 a "tonight" sweep of the study spec in a random order, every sweep a fresh `profile sweep --canary` (a fresh engine
 start). On an injected night tonight's sweeps run with `LLM_LATENCY_INJECT_SLOWDOWN` (harness/engine/slowdown.py:
-every engine step sleeps that fraction of its own duration); on an unchanged night both sides are the same settings.
+every engine step waits that fraction of its own duration); on an unchanged night both sides are the same settings.
 The night is flagged when any config and phase is (`paired_verdicts`), raw and canary-normalized alike.
 
 State, in the study folder (committed): `nights.jsonl`, one line per night with every sweep's per-request latencies,
@@ -218,6 +218,59 @@ def canary_spread(nights: Sequence[dict[str, Any]], n_boot: int = 2000, seed: in
     }
 
 
+def rounds_needed(
+    nights: Sequence[dict[str, Any]],
+    effect: float = 0.10,
+    false_alarm: float = 0.05,
+    detection: float = 0.90,
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """How many interleaved rounds a night needs to catch `effect` with the rates asked for, from the unchanged
+    nights' spread: per config and phase, s = the standard deviation of one round's log(tonight / baseline) (its
+    true value is 0 on an unchanged night), and a night of K rounds has a mean log ratio with sd s / sqrt(K). A
+    one-sided threshold at z(1 - a) s / sqrt(K), with a = `false_alarm` / m over the m configs and phases a night
+    tests, reaches `detection` at log(1 + effect) when K >= ((z(1 - a) + z(detection)) s / log(1 + effect))^2.
+    The normal model of the round ratios is an assumption; the interval is a bootstrap over nights (95%)."""
+    from scipy.stats import norm
+
+    rows: dict[tuple[str, str], list[list[float]]] = {}
+    for night in nights:
+        if night.get("size_pct") != 0 or night.get("failed"):
+            continue
+        for v in night["verdicts"]:
+            rows.setdefault((v["label"], v["phase"]), []).append([math.log(r) for r in v["round_ratios"]])
+    if not rows:
+        return {}
+    z = float(norm.ppf(1 - false_alarm / len(rows)) + norm.ppf(detection))
+    rng = np.random.default_rng(seed)
+    out: dict[str, Any] = {}
+    for (label, phase), per_night in sorted(rows.items()):
+        if len(per_night) < 3:
+            continue
+
+        def need(picked: Sequence[list[float]]) -> float:
+            sd = float(np.std(np.concatenate(picked), ddof=1))
+            return (z * sd / math.log(1 + effect)) ** 2
+
+        boot = [need([per_night[i] for i in rng.integers(0, len(per_night), len(per_night))]) for _ in range(n_boot)]
+        lo, hi = np.quantile(boot, [0.025, 0.975])
+        sd = float(np.std(np.concatenate(per_night), ddof=1))
+        out[f"{label} {phase}"] = {
+            "round_log_sd": round(sd, 4),
+            "rounds": math.ceil(need(per_night)),
+            "rounds_ci": [math.ceil(float(lo)), math.ceil(float(hi))],
+            "unchanged_nights": len(per_night),
+        }
+    return {
+        "effect": effect,
+        "false_alarm": false_alarm,
+        "detection": detection,
+        "tests_per_night": len(rows),
+        "per_config": out,
+    }
+
+
 def summarize(nights: Sequence[dict[str, Any]], spec: DetectionSpec) -> dict[str, Any]:
     """detection.json: the issue's shape (raw verdicts), the canary-normalized twin, the canary's spread figures."""
     ok = [n for n in nights if not n.get("failed")]
@@ -234,6 +287,7 @@ def summarize(nights: Sequence[dict[str, Any]], spec: DetectionSpec) -> dict[str
     result["measured_ratio_median"] = {
         s: {k: round(_median(v), 4) for k, v in by.items()} for s, by in sorted(ratios.items(), key=lambda x: int(x[0]))
     }
+    result["rounds_needed"] = rounds_needed(ok)
     result["rule"] = (
         f"{spec.rounds} interleaved rounds per night (baseline and tonight in a random order, each a fresh engine "
         f"start); flag a config and phase when the geometric mean of the rounds' median ratios exceeds "

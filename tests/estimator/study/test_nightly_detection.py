@@ -19,6 +19,7 @@ from estimator.study.nightly_detection import (
     clopper_pearson,
     next_size,
     read_nights,
+    rounds_needed,
     run_study,
 )
 
@@ -119,3 +120,22 @@ def test_the_committed_study_spec_is_a_valid_sweep_spec() -> None:
 
     spec = build_spec(load_spec_file(ROOT / "scripts" / "nightly_study_spec.toml"))
     assert spec.axes["text_tokens"] == [64, 256] and spec.axes["tier"] == [0]
+
+
+def test_rounds_needed_follows_from_the_unchanged_nights_spread() -> None:
+    """Round log ratios with sd 0.1 and two tests a night: z(1 - 0.025) + z(0.9) = 3.24, so a 10% slowdown needs
+    (3.24 * 0.1 / ln 1.1)^2 = 11.6 rounds; injected nights do not enter the spread."""
+    rng = np.random.default_rng(0)
+    logs = rng.normal(0, 0.1, (400, 2, 2))
+    nights = [
+        {"size_pct": 0, "verdicts": [{"label": "tier=0", "phase": ph, "round_ratios": list(np.exp(logs[i, j]))}
+                                     for j, ph in enumerate(("prefill", "decode"))]}
+        for i in range(400)
+    ]
+    nights.append({"size_pct": 20, "verdicts": [{"label": "tier=0", "phase": "decode", "round_ratios": [9.0, 0.1]}]})
+    out = rounds_needed(nights, n_boot=50)
+    assert out["tests_per_night"] == 2
+    decode = out["per_config"]["tier=0 decode"]
+    assert decode["round_log_sd"] == pytest.approx(0.1, rel=0.06)
+    assert 10 <= decode["rounds"] <= 14 and decode["rounds_ci"][0] <= decode["rounds"] <= decode["rounds_ci"][1]
+    assert rounds_needed([n for n in nights if n["size_pct"]]) == {}

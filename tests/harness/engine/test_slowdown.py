@@ -34,7 +34,7 @@ def test_a_slowed_step_takes_one_plus_the_fraction_as_long() -> None:
     t0 = time.perf_counter()
     assert slowed(1) == 2
     took = time.perf_counter() - t0
-    assert took >= 0.075  # 50 ms of step, then at least 25 ms of sleep (a sleep never ends early)
+    assert took >= 0.075  # 50 ms of step, then 25 ms of waiting (the wait never ends early)
     assert slowed.__name__ == "step" and slowed.__llm_latency_slowdown__ == 0.5
 
 
