@@ -298,7 +298,9 @@ def serve_accuracy(
 
 @experiment.command("nightly-detection")
 def nightly_detection(
-    nights: Annotated[int, typer.Option(min=1, help="nights to run now (the study resumes from its folder)")] = 1,
+    nights: Annotated[
+        int, typer.Option(min=0, help="nights to run now (it resumes from its folder; 0: only recompute the figures)")
+    ] = 1,
     out: Annotated[Path, typer.Option(help="study folder: nights.jsonl (resume state) and detection.json")] = Path(
         "docs/nightly-detection"
     ),
@@ -330,6 +332,14 @@ def nightly_detection(
             rows.append((title, cell(rates["false_alarm_rate"]), *sizes))
         _print_table(f"nightly detection: nights {result['pairs']}", ["rule", "false alarms", "5%", "10%", "20%"],
                      rows)
-        typer.echo(f"wrote {out / 'detection.json'}")
+        for c in result["canary"]["per_config"]:
+            typer.echo(f"canary: {c['label']} {c['phase']}: sweep-to-sweep log sd {c['raw_log_sd']} raw, "
+                       f"{c['normalized_log_sd']} normalized (removed {c['removed']} {c['removed_ci']})")
+        need = result.get("rounds_needed") or {}
+        for key, r in (need.get("per_config") or {}).items():
+            typer.echo(f"rounds for {need['detection']:.0%} detection of {need['effect']:.0%} at "
+                       f"{need['false_alarm']:.0%} false alarms: {key}: {r['rounds']} {r['rounds_ci']} "
+                       f"(round log sd {r['round_log_sd']})")
+        typer.echo(f"wrote {out / 'detection.json'} and {out / 'detection.png'}")
 
     run_command(go)

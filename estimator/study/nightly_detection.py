@@ -7,9 +7,10 @@ start). On an injected night tonight's sweeps run with `LLM_LATENCY_INJECT_SLOWD
 every engine step waits that fraction of its own duration); on an unchanged night both sides are the same settings.
 The night is flagged when any config and phase is (`paired_verdicts`), raw and canary-normalized alike.
 
-State, in the study folder (committed): `nights.jsonl`, one line per night with every sweep's per-request latencies,
-its canary and the verdicts (the resume state: the next night is chosen from what it holds, and every figure can be
-recomputed from it), and `detection.json` (`summarize`). The sweeps' run folders go to `runs_dir` (not committed).
+State, in the study folder (committed): `nights.jsonl`, one line per night with every sweep's per-request
+latencies, its canary and the verdicts (the resume state: the next night is chosen from what it holds, and every
+figure can be recomputed from it), `detection.json` (`summarize`) and `detection.png` (every night's ratio by
+size). The sweeps' run folders go to `runs_dir` (not committed).
 Which size runs next: the one furthest below its target count (20 unchanged nights, 10 per size), ties broken at
 random, so a study cut short stays balanced.
 """
@@ -37,6 +38,7 @@ from estimator.nightly.sweep import profile_command
 TARGETS = {0: 20, 5: 10, 10: 10, 20: 10}
 NIGHTS_FILE = "nights.jsonl"
 DETECTION_FILE = "detection.json"
+FIGURE_FILE = "detection.png"
 
 
 @dataclass
@@ -300,6 +302,38 @@ def summarize(nights: Sequence[dict[str, Any]], spec: DetectionSpec) -> dict[str
     return result
 
 
+def detection_figure(nights: Sequence[dict[str, Any]], tolerance: float) -> bytes:
+    """detection.png: per phase, every night's ratio tonight / baseline with its 95% interval, by injected size
+    (red: flagged; hollow: the canary-normalized ratio), the flag threshold and the injected ratio."""
+    from estimator.report.plots import new_figure, png_bytes, style_axes
+
+    fig = new_figure(12, 4.4)
+    sizes = sorted({int(n["size_pct"]) for n in nights} | {0, 5, 10, 20})
+    rng = np.random.default_rng(0)
+    for ax, phase in zip(fig.subplots(1, 2), ("prefill", "decode"), strict=True):
+        for n in nights:
+            x0 = sizes.index(int(n["size_pct"]))
+            for v in n.get("verdicts", []):
+                if v["phase"] != phase:
+                    continue
+                x = x0 + float(rng.uniform(-0.25, 0.25))
+                colour = "#d62728" if v["flagged"] else "#1f77b4"
+                ax.errorbar(x, v["ratio"], yerr=[[v["ratio"] - v["ci"][0]], [v["ci"][1] - v["ratio"]]], fmt="o",
+                            color=colour, markersize=4, elinewidth=0.8, capsize=2)
+                if v.get("normalized_ratio"):
+                    ax.plot(x, v["normalized_ratio"], marker="o", markersize=5, markerfacecolor="none",
+                            color="#7f7f7f", linestyle="none")
+        for i, size in enumerate(sizes):
+            ax.hlines(1 + size / 100, i - 0.35, i + 0.35, color="#2ca02c", linewidth=1.5)
+        ax.axhline(1 + tolerance, color="#d62728", linestyle="--", linewidth=1)
+        ax.set_xticks(range(len(sizes)), [f"{s}%" if s else "unchanged" for s in sizes])
+        ax.set_xlabel("injected slowdown on tonight's side")
+        ax.set_ylabel("night's ratio tonight / baseline")
+        ax.set_title(f"{phase.capitalize()}: one point per night (95% interval)", fontsize=11)
+        style_axes(ax)
+    return png_bytes(fig)
+
+
 def run_study(spec: DetectionSpec, say: Callable[[str], None]) -> dict[str, Any]:
     """Run up to `spec.nights` more nights (each appended as it ends), then rewrite detection.json."""
     if not spec.spec.is_file():
@@ -328,6 +362,10 @@ def run_study(spec: DetectionSpec, say: Callable[[str], None]) -> dict[str, Any]
                 + f" ({line['seconds']:.0f} s)"
             )
         write_json_atomic(spec.out / DETECTION_FILE, summarize(read_nights(spec.out), spec))
-    result = summarize(read_nights(spec.out), spec)
+    nights = read_nights(spec.out)
+    result = summarize(nights, spec)
     write_json_atomic(spec.out / DETECTION_FILE, result)
+    if any(not n.get("failed") for n in nights):
+        (spec.out / FIGURE_FILE).write_bytes(detection_figure([n for n in nights if not n.get("failed")],
+                                                              spec.tolerance))
     return result

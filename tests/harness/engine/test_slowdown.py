@@ -36,6 +36,10 @@ def test_a_slowed_step_takes_one_plus_the_fraction_as_long() -> None:
     took = time.perf_counter() - t0
     assert took >= 0.075  # 50 ms of step, then 25 ms of waiting (the wait never ends early)
     assert slowed.__name__ == "step" and slowed.__llm_latency_slowdown__ == 0.5
+    for wait_s in (0.0, 0.0001, 0.002):  # the yielding spin alone, and a sleep before it
+        end = time.perf_counter() + wait_s
+        slowdown.wait_until(end)
+        assert time.perf_counter() >= end
 
 
 def test_the_plugin_patches_the_engine_core_once(monkeypatch: pytest.MonkeyPatch) -> None:
