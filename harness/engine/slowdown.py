@@ -36,20 +36,31 @@ def injected_slowdown(environ: Any = None) -> float:
     return value
 
 
+SPIN_S = 0.0002  # the last part of a wait is a yielding spin: a sleep overshoots by ~70 us here
+
+
+def wait_until(end: float) -> None:
+    """Return at `end` (time.perf_counter seconds) without holding the GIL or the core meanwhile: sleep until
+    `SPIN_S` before it, then yield (os.sched_yield releases both) until it passes. A plain sleep of 0.1 ms
+    overshoots by ~70 us (measured on a Xeon: the kernel's timer slack), which made a 5% slowdown measure as 8-13%;
+    a busy spin in Python holds the GIL from the engine core's other threads (its output thread among them), the
+    likely reason a 20% slowdown measured as x1.33-1.40 in the study's first nights (in git history)."""
+    left = end - time.perf_counter()
+    if left > SPIN_S:
+        time.sleep(left - SPIN_S)
+    while time.perf_counter() < end:
+        os.sched_yield()
+
+
 def slowed(step: Any, fraction: float) -> Any:
-    """`step` followed by a wait of `fraction` × the time it took. The wait spins on the clock instead of sleeping:
-    a CPU decode step here takes ~2 ms, and a sleep of 0.1 ms overshoots by ~70 us (measured on the Xeon: the
-    kernel's timer slack), which made a 5% slowdown measure as 13% in the study's first nights; the spin ends within
-    a microsecond and, like a slower kernel, holds the engine core's thread."""
+    """`step` followed by a wait of `fraction` × the time it took (`wait_until`)."""
 
     @functools.wraps(step)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         t0 = time.perf_counter()
         out = step(*args, **kwargs)
         t1 = time.perf_counter()
-        end = t1 + fraction * (t1 - t0)
-        while time.perf_counter() < end:
-            pass
+        wait_until(t1 + fraction * (t1 - t0))
         return out
 
     wrapper.__llm_latency_slowdown__ = fraction  # type: ignore[attr-defined]
