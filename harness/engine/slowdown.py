@@ -43,8 +43,9 @@ def wait_until(end: float) -> None:
     """Return at `end` (time.perf_counter seconds) without holding the GIL or the core meanwhile: sleep until
     `SPIN_S` before it, then yield (os.sched_yield releases both) until it passes. A plain sleep of 0.1 ms
     overshoots by ~70 us (measured on a Xeon: the kernel's timer slack), which made a 5% slowdown measure as 8-13%;
-    a busy spin in Python holds the GIL from the engine core's other threads (its output thread among them), the
-    likely reason a 20% slowdown measured as x1.33-1.40 in the study's first nights (in git history)."""
+    a busy spin in Python holds the GIL from the engine core's other threads (its output thread among them), which
+    a slower kernel would not. (The study's busy-spin nights, in git history, measured 20% as x1.33-1.40 on three
+    nights; with this machine's start-to-start spread that does not tell the spin's cost from noise.)"""
     left = end - time.perf_counter()
     if left > SPIN_S:
         time.sleep(left - SPIN_S)
