@@ -293,7 +293,7 @@ def run_interleaved(
     for r, side in order:
         name = run_id if (r, side) == (0, "tonight") else f"{run_id}-r{r}-{side}"
         say(f"interleaved round {r + 1}/{spec.interleave}: {side}")
-        outcome = run_sweep(sides[side], name, say, ["--canary"])
+        outcome = run_sweep(sides[side], name, say)
         if name == run_id:
             tonight = outcome
         if outcome.returncode != 0 or not (outcome.run_dir / "manifest.json").is_file():

@@ -126,7 +126,7 @@ def rerun_confirm(
     """Sweep the spec once more (`<run_id>-confirm`) and keep only the flags it repeats; returns its run id."""
     flagged = ", ".join(f"{c.label} {c.phase}" for c in checks if c.flagged)
     say(f"confirm: {flagged} flagged; measuring once more")
-    outcome = run_sweep(spec, f"{run_id}-confirm", say, ["--canary"])
+    outcome = run_sweep(spec, f"{run_id}-confirm", say)
     if outcome.returncode != 0 or not (outcome.run_dir / "samples").is_dir():
         warnings.append(f"the confirmation sweep failed (exit {outcome.returncode}); the flags stand unconfirmed")
         return None
@@ -207,7 +207,7 @@ def run_nightly(spec: NightlySpec, progress: Callable[[str], None] | None = None
             if not interleaved.verdicts:
                 warnings.append("no interleaved round has both sides measured: the single-sweep rule decides")
         else:
-            outcome = run_sweep(spec, new_id, say, ["--canary"])
+            outcome = run_sweep(spec, new_id, say)
         run_dir = outcome.run_dir
         sweep_info = {
             "command": outcome.command,

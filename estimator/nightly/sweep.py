@@ -7,7 +7,7 @@ import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,10 +35,9 @@ class SweepOutcome:
     run_dir: Path
 
 
-def run_sweep(
-    spec: NightlySpec, run_id: str, say: Callable[[str], None], extra: Sequence[str] = ()
-) -> SweepOutcome:
-    """`profile sweep --spec SPEC --out STATE/runs --name RUN_ID --quiet [extra args]`, output passed through."""
+def run_sweep(spec: NightlySpec, run_id: str, say: Callable[[str], None]) -> SweepOutcome:
+    """`profile sweep --spec SPEC --out STATE/runs --name RUN_ID --quiet [extra args] --canary`, output passed
+    through. Every nightly sweep times the CPU canary: the history keeps it, and interleaved rounds normalize by it."""
     if not spec.spec.is_file():
         raise EstimatorError(f"nightly sweep spec {spec.spec} not found")
     runs_dir = spec.state_dir / "runs"
@@ -54,7 +53,7 @@ def run_sweep(
         run_id,
         "--quiet",
         *spec.profile_args,
-        *extra,
+        "--canary",
     ]
     say("sweep: " + " ".join(shlex.quote(c) for c in cmd))
     t0 = time.perf_counter()

@@ -199,8 +199,8 @@ def nightly_section(history: Sequence[HistoryLine], summary: NightlySummary | No
                       "Change points: PELT (least absolute deviation) on the log medians of every night, a segment "
                       f"at least {MIN_SIZE} nights long (a change is confirmed by its second night), penalty "
                       f"{PENALTY_K:g}·σ·ln(n) with σ the series' own night-to-night noise."))
-    normalized = history_change_points(history, normalized=True)
     if any(m.canary_ms for h in history for m in h.medians):
+        normalized = history_change_points(history, normalized=True)
         sec.add(
             Table(
                 ["config", "phase", "from night", "after / before"],
