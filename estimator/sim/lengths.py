@@ -19,7 +19,7 @@ from __future__ import annotations
 import bisect
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from contract.request import Declared, Request
@@ -42,6 +42,9 @@ class OutputLengths:
 
     groups: dict[tuple, list[int]]
     stat: str = "mean"
+    # predict's answers per (class, prompt bucket, cap, produced): a policy asks again for every held request at
+    # every arrival, and the answer depends on nothing else (half of estimate-admit's decision time before)
+    _answers: dict[tuple, int] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
     def fit(cls, requests: Iterable[Request], stat: str = "mean") -> OutputLengths:
@@ -78,6 +81,10 @@ class OutputLengths:
         running: the group's lengths above `produced`, their mean or quantile, at least `produced + 1` and at most
         the declared cap."""
         cap = request.max_tokens
+        key = (request.client_class, prompt_bucket(request.text_tokens), cap, produced)
+        known = self._answers.get(key)
+        if known is not None:
+            return known
         lengths = self.lengths(request)
         rest = [min(n, cap) for n in lengths[bisect.bisect_right(lengths, produced):]]  # none exceeds its cap
         if not rest:
@@ -87,4 +94,6 @@ class OutputLengths:
         else:
             q = int(self.stat[1:]) / 100
             value = rest[min(len(rest) - 1, max(0, math.ceil(q * len(rest)) - 1))]
-        return max(produced + 1, min(int(value), request.max_tokens))
+        answer = max(produced + 1, min(int(value), cap))
+        self._answers[key] = answer
+        return answer
