@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -274,10 +275,17 @@ class InterleavedNight:
 
 
 def run_interleaved(
-    spec: NightlySpec, run_id: str, settings: Mapping[str, Any], say: Callable[[str], None]
+    spec: NightlySpec,
+    run_id: str,
+    settings: Mapping[str, Any],
+    say: Callable[[str], None],
+    tonight_env: Mapping[str, str] | None = None,
+    log_dir: Path | None = None,
 ) -> InterleavedNight:
     """`spec.interleave` rounds of the accepted `settings` and tonight's spec, in a random order per round, each a
-    fresh `profile sweep --canary`; then the paired verdicts."""
+    fresh `profile sweep --canary` (a folder a killed night left is measured again from nothing); then the paired
+    verdicts. Neither side inherits an injected slowdown (`SLOWDOWN_ENV`); tonight's sweeps run with `tonight_env`
+    added (the detection study's injection). `log_dir`: each sweep's output to `<log_dir>/<name>.log`."""
     folder = spec.state_dir / "interleave"
     folder.mkdir(parents=True, exist_ok=True)
     base_spec = folder / f"{run_id}-baseline{Path(str(settings['spec_name'])).suffix}"
@@ -290,10 +298,18 @@ def run_interleaved(
     sweeps: list[SweepFigures] = []
     failed: list[str] = []
     tonight: SweepOutcome | None = None
+    clean = {k: v for k, v in os.environ.items() if k != SLOWDOWN_ENV}
+    envs = {"baseline": clean, "tonight": {**clean, **(tonight_env or {})}}
     for r, side in order:
         name = run_id if (r, side) == (0, "tonight") else f"{run_id}-r{r}-{side}"
         say(f"interleaved round {r + 1}/{spec.interleave}: {side}")
-        outcome = run_sweep(sides[side], name, say)
+        stale = spec.state_dir / "runs" / name
+        if stale.is_dir():  # each round is a fresh engine start: never resume a sweep a killed night began
+            shutil.rmtree(stale)
+        if log_dir is not None:
+            log_dir.mkdir(parents=True, exist_ok=True)
+        log = log_dir / f"{name}.log" if log_dir is not None else None
+        outcome = run_sweep(sides[side], name, say, env=envs[side], log=log)
         if name == run_id:
             tonight = outcome
         if outcome.returncode != 0 or not (outcome.run_dir / "manifest.json").is_file():

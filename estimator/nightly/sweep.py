@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,9 +36,11 @@ class SweepOutcome:
     run_dir: Path
 
 
-def run_sweep(spec: NightlySpec, run_id: str, say: Callable[[str], None]) -> SweepOutcome:
-    """`profile sweep --spec SPEC --out STATE/runs --name RUN_ID --quiet [extra args] --canary`, output passed
-    through. Every nightly sweep times the CPU canary: the history keeps it, and interleaved rounds normalize by it."""
+def run_sweep(spec: NightlySpec, run_id: str, say: Callable[[str], None], env: Mapping[str, str] | None = None,
+              log: Path | None = None) -> SweepOutcome:
+    """`profile sweep --spec SPEC --out STATE/runs --name RUN_ID --quiet [extra args] --canary`, in `env` (default:
+    this process's), its output passed through or written to `log`. Every nightly sweep times the CPU canary: the
+    history keeps it, and interleaved rounds normalize by it."""
     if not spec.spec.is_file():
         raise EstimatorError(f"nightly sweep spec {spec.spec} not found")
     runs_dir = spec.state_dir / "runs"
@@ -58,7 +61,11 @@ def run_sweep(spec: NightlySpec, run_id: str, say: Callable[[str], None]) -> Swe
     say("sweep: " + " ".join(shlex.quote(c) for c in cmd))
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, timeout=spec.sweep_timeout_s, check=False)
+        with contextlib.ExitStack() as stack:
+            out = stack.enter_context(log.open("w")) if log is not None else None
+            proc = subprocess.run(cmd, env=None if env is None else dict(env), stdout=out,
+                                  stderr=subprocess.STDOUT if out else None, timeout=spec.sweep_timeout_s,
+                                  check=False)
         rc = proc.returncode
     except FileNotFoundError as exc:
         raise EstimatorError(f"cannot run the harness ({cmd[0]}): {exc}") from exc

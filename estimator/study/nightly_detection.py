@@ -1,16 +1,18 @@
 """The nightly's detection study (issue 35 item 4): how often an interleaved night flags an injected engine slowdown
 of 5%, 10% and 20%, and how often it flags an unchanged night.
 
-A study night is one interleaved night (estimator/nightly/interleave.py): `rounds` rounds, each a baseline sweep and
-a "tonight" sweep of the study spec in a random order, every sweep a fresh `profile sweep --canary` (a fresh engine
-start). On an injected night tonight's sweeps run with `LLM_LATENCY_INJECT_SLOWDOWN` (harness/engine/slowdown.py:
-every engine step waits that fraction of its own duration); on an unchanged night both sides are the same settings.
+A study night is one interleaved night, run by the nightly's own `run_interleaved` (estimator/nightly/interleave.py):
+`rounds` rounds, each a baseline sweep and a "tonight" sweep of the study spec in a random order, every sweep a fresh
+`profile sweep --canary` (a fresh engine start). On an injected night tonight's sweeps run with
+`LLM_LATENCY_INJECT_SLOWDOWN` (harness/engine/slowdown.py: every engine step waits that fraction of its own
+duration); on an unchanged night both sides are the same settings.
 The night is flagged when any config and phase is (`paired_verdicts`), raw and canary-normalized alike.
 
 State, in the study folder (committed): `nights.jsonl`, one line per night with every sweep's per-request
 latencies, its canary and the verdicts (the resume state: the next night is chosen from what it holds, and every
 figure can be recomputed from it), `detection.json` (`summarize`) and `detection.png` (every night's ratio by
-size). The sweeps' run folders go to `runs_dir` (not committed).
+size), with each machine's figures apart under `by_machine`. The sweeps' run folders go to `runs_dir/runs`, their
+output to `runs_dir/logs` (not committed; nights before 15 kept `runs_dir/night*` folders and logs side by side).
 Which size runs next: the one furthest below its target count (20 unchanged nights, 10 per size), ties broken at
 random, so a study cut short stays balanced.
 """
@@ -20,8 +22,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
-import os
-import subprocess
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -31,9 +31,9 @@ from typing import Any
 import numpy as np
 
 from estimator.errors import EstimatorError
-from estimator.nightly.interleave import SLOWDOWN_ENV, SweepFigures, night_order, paired_verdicts, sweep_figures
+from estimator.nightly.interleave import SLOWDOWN_ENV, baseline_settings, run_interleaved
+from estimator.nightly.spec import NightlySpec
 from estimator.nightly.state import write_json_atomic
-from estimator.nightly.sweep import profile_command
 
 TARGETS = {0: 20, 5: 10, 10: 10, 20: 10}
 NIGHTS_FILE = "nights.jsonl"
@@ -93,70 +93,38 @@ def next_size(nights: Sequence[dict[str, Any]], targets: dict[int, int], rng: np
 
 
 def run_night(spec: DetectionSpec, index: int, size: int, say: Callable[[str], None]) -> dict[str, Any]:
-    """One interleaved night; the line `nights.jsonl` keeps (`failed` with the reason when a sweep failed)."""
-    rng = np.random.default_rng(spec.seed * 100_003 + index)
-    order = night_order(spec.rounds, rng)
-    started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-    spec.runs_dir.mkdir(parents=True, exist_ok=True)
-    sweeps: list[SweepFigures] = []
+    """One interleaved night (`run_interleaved`, the nightly's own), the study spec on both sides and the injected
+    slowdown on tonight's; the line `nights.jsonl` keeps (`failed` with the reason when a sweep failed)."""
+    run_id = f"night{index:03d}"
+    nightly = NightlySpec.model_validate({
+        "spec": spec.spec, "state_dir": spec.runs_dir, "profile": spec.profile, "interleave": spec.rounds,
+        "tolerance": spec.tolerance, "seed": index, "sweep_timeout_s": spec.sweep_timeout_s})
     line: dict[str, Any] = {
         "night": index,
         "size_pct": size,
-        "started": started,
-        "order": [f"{r}:{s}" for r, s in order],
+        "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
     t0 = time.monotonic()
-    for r, side in order:
-        env = {k: v for k, v in os.environ.items() if k != SLOWDOWN_ENV}
-        if side == "tonight" and size:
-            env[SLOWDOWN_ENV] = f"{size / 100:g}"
-        name = f"night{index:03d}-r{r}-{side}"
-        run_dir = spec.runs_dir / name
-        if (run_dir / "manifest.json").is_file():  # a night cut short: its sweeps are measured again, fresh
-            import shutil
-
-            shutil.rmtree(run_dir)
-        cmd = [
-            *profile_command(spec.profile),
-            "sweep",
-            "--spec",
-            str(spec.spec),
-            "--out",
-            str(spec.runs_dir),
-            "--name",
-            name,
-            "--quiet",
-            "--canary",
-        ]
-        say(f"night {index} ({size}%): round {r} {side}")
-        with (spec.runs_dir / f"{name}.log").open("w") as log:
-            try:
-                rc = subprocess.run(
-                    cmd, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=spec.sweep_timeout_s, check=False
-                ).returncode
-            except subprocess.TimeoutExpired:
-                rc = 124
-        if rc != 0:
-            return {**line, "failed": f"sweep {name} exited {rc} (see {spec.runs_dir / name}.log)"}
-        figures = sweep_figures(run_dir, side, r)
-        if abs(figures.injected_slowdown - (size / 100 if side == "tonight" else 0.0)) > 1e-9:
-            raise EstimatorError(f"{name}: the manifest records slowdown {figures.injected_slowdown}, not {size}%")
-        sweeps.append(figures)
-        if "machine" not in line:
-            manifest = json.loads((run_dir / "manifest.json").read_text())
-            recorded: dict[str, Any] = manifest.get("environment") or {}
-            line["machine"] = {
-                "cpu_model": recorded.get("cpu_model"),
-                "dtype": (recorded.get("cpu_dtype") or {}).get("dtype"),
-            }
-    verdicts = paired_verdicts(sweeps, spec.tolerance, seed=index)
+    night = run_interleaved(nightly, run_id, baseline_settings(nightly), lambda m: say(f"night {index} ({size}%): {m}"),
+                            tonight_env={SLOWDOWN_ENV: f"{size / 100:g}"} if size else None,
+                            log_dir=spec.runs_dir / "logs")
+    line["order"] = night.order
+    if night.failed:
+        return {**line, "failed": f"sweep {', '.join(night.failed)} (logs in {spec.runs_dir / 'logs'})"}
+    runs = night.tonight.run_dir.parent
+    for s in night.sweeps:
+        if abs(s.injected_slowdown - (size / 100 if s.side == "tonight" else 0.0)) > 1e-9:
+            raise EstimatorError(f"{s.run_id}: the manifest records slowdown {s.injected_slowdown}, not {size}%")
+    recorded: dict[str, Any] = json.loads((runs / night.sweeps[0].run_id / "manifest.json").read_text()).get(
+        "environment") or {}
     return {
         **line,
+        "machine": {"cpu_model": recorded.get("cpu_model"), "dtype": (recorded.get("cpu_dtype") or {}).get("dtype")},
         "seconds": round(time.monotonic() - t0, 1),
-        "flagged": any(v.flagged for v in verdicts),
-        "normalized_flagged": any(bool(v.normalized_flagged) for v in verdicts),
-        "verdicts": [v.as_json() for v in verdicts],
-        "sweeps": [s.as_json() for s in sweeps],
+        "flagged": any(v.flagged for v in night.verdicts),
+        "normalized_flagged": any(bool(v.normalized_flagged) for v in night.verdicts),
+        "verdicts": [v.as_json() for v in night.verdicts],
+        "sweeps": [s.as_json() for s in night.sweeps],
     }
 
 
@@ -299,7 +267,28 @@ def summarize(nights: Sequence[dict[str, Any]], spec: DetectionSpec) -> dict[str
     result["targets"] = {str(s): t for s, t in spec.targets.items()}
     result["machines"] = sorted({json.dumps(n.get("machine"), sort_keys=True) for n in ok if n.get("machine")})
     result["machines"] = [json.loads(m) for m in result["machines"]]
+    result["by_machine"] = by_machine(ok, sizes)
     return result
+
+
+def machine_label(night: dict[str, Any]) -> str:
+    """A night's machine as one label: its CPU model and the engine's dtype ("unrecorded" where the line has none)."""
+    m = night.get("machine") or {}
+    return f"{m.get('cpu_model') or 'unrecorded'}, {m.get('dtype') or 'unrecorded'}" if m else "unrecorded"
+
+
+def by_machine(nights: Sequence[dict[str, Any]], sizes: Sequence[int]) -> dict[str, Any]:
+    """The rates, pair counts and rounds needed of each machine's nights apart: a night is paired within itself,
+    so pooling machines is sound for the rates, but each machine has its own start-to-start spread."""
+    out: dict[str, Any] = {}
+    for label in sorted({machine_label(n) for n in nights}):
+        mine = [n for n in nights if machine_label(n) == label]
+        row: dict[str, Any] = _rates(mine, "flagged", sizes)
+        row["pairs"] = {str(s): sum(1 for n in mine if n["size_pct"] == s) for s in sizes}
+        row["normalized"] = _rates(mine, "normalized_flagged", sizes)
+        row["rounds_needed"] = rounds_needed(mine)
+        out[label] = row
+    return out
 
 
 def detection_figure(nights: Sequence[dict[str, Any]], tolerance: float) -> bytes:

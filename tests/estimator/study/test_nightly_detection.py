@@ -16,6 +16,7 @@ from estimator.nightly.interleave import SLOWDOWN_ENV
 from estimator.study.nightly_detection import (
     NIGHTS_FILE,
     DetectionSpec,
+    by_machine,
     clopper_pearson,
     next_size,
     read_nights,
@@ -139,3 +140,24 @@ def test_rounds_needed_follows_from_the_unchanged_nights_spread() -> None:
     assert decode["round_log_sd"] == pytest.approx(0.1, rel=0.06)
     assert 10 <= decode["rounds"] <= 14 and decode["rounds_ci"][0] <= decode["rounds"] <= decode["rounds_ci"][1]
     assert rounds_needed([n for n in nights if n["size_pct"]]) == {}
+
+
+def test_each_machine_gets_its_own_rates_and_rounds() -> None:
+    """Nights from two CPUs: each machine's false alarms, detections and pair counts are its own; a night without a
+    recorded machine is counted as unrecorded, not dropped."""
+    xeon = {"cpu_model": "Xeon", "dtype": "float32"}
+    epyc = {"cpu_model": "EPYC", "dtype": "bfloat16"}
+
+    def night(size: int, flagged: bool, machine: dict[str, str] | None) -> dict[str, object]:
+        line: dict[str, object] = {"size_pct": size, "flagged": flagged, "normalized_flagged": False, "verdicts": []}
+        if machine:
+            line["machine"] = machine
+        return line
+
+    nights = [night(0, True, xeon), night(0, False, xeon), night(10, True, xeon),
+              night(0, False, epyc), night(10, False, epyc), night(10, True, epyc), night(0, False, None)]
+    out = by_machine(nights, [0, 10])
+    assert set(out) == {"Xeon, float32", "EPYC, bfloat16", "unrecorded"}
+    assert out["Xeon, float32"]["false_alarm_rate"]["k"] == 1 and out["Xeon, float32"]["pairs"] == {"0": 2, "10": 1}
+    assert out["EPYC, bfloat16"]["detection_rate"]["10"] == clopper_pearson(1, 2)
+    assert out["EPYC, bfloat16"]["false_alarm_rate"]["n"] == 1 and out["unrecorded"]["pairs"] == {"0": 1, "10": 0}
