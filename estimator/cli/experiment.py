@@ -8,6 +8,7 @@
   followed), against the server's own floor, its histograms and over time (estimator/study/calibration.py);
 - `simulate-speed MODEL ENGINE_RUN`: 10,000 requests and an 8-rate curve through the replica;
 - `estimator-speed MODEL`: the compiled tables against the booster and a bare searchsorted;
+- `decision-speed DIR`: one arrival decision of `estimate` and `estimate-admit` on a scheduler experiment's mix;
 - `estimator-variants RUN...`: each feature variant's training, prediction cost and held-out MAPE;
 - `budget-accuracy ADAPTIVE FULL HELDOUT...`: the budgeted default's model against the full grid's on a held-out
   run (estimator/study/budget_accuracy.py);
@@ -199,6 +200,21 @@ def estimator_speed(
 
     run_command(lambda: _print_table(f"Compiled tables vs the LightGBM booster: {model}",
                                      ["figure", "tables", "booster"], table_costs(model, calls, seed)))
+
+
+@experiment.command("decision-speed")
+def decision_speed(
+    folder: Annotated[Path, typer.Argument(help="A scheduler experiment folder (profile experiment scheduler --out).")],
+    decisions: Annotated[int, typer.Option(help="Decisions timed per policy and engine state.")] = 360,
+    recompute_lengths: Annotated[bool, typer.Option("--recompute-lengths", help="Drop the output-length predictions "
+                                                    "before every decision (the cost without them kept).")] = False,
+) -> None:
+    """p50 and p99 of one arrival decision (µs) of estimate and estimate-admit, with 4, 8 and 16 requests held."""
+    from estimator.study.speed import decision_speed as measure
+
+    title = f"One arrival decision, µs: {folder}" + (" (output lengths recomputed)" if recompute_lengths else "")
+    run_command(lambda: _print_table(title, ["policy", "held", "p50 µs", "p99 µs"],
+                                     measure(folder, decisions=decisions, recompute_lengths=recompute_lengths)))
 
 
 @experiment.command("estimator-variants")

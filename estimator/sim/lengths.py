@@ -67,6 +67,10 @@ class OutputLengths:
         except WorkloadError as e:
             raise EstimatorError(f"output-length training trace: {e}") from None
 
+    def forget(self) -> None:
+        """Drop the kept answers (`estimate experiment decision-speed --recompute-lengths`: the cost without them)."""
+        self._answers.clear()
+
     def lengths(self, request: Declared) -> Sequence[int]:
         """The training lengths of the finest group with at least MIN_GROUP requests (else every request's)."""
         c, b, cap = request.client_class, prompt_bucket(request.text_tokens), request.max_tokens

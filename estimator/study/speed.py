@@ -8,12 +8,15 @@
 - `variant_costs`: per feature variant, training and load time, single-row and batch prediction cost, and the
   held-out MAPE beside the noise floor.
 - `simulate_speed`: 10,000 requests through the scheduler replica, and an 8-rate capacity curve.
+- `decision_speed`: one arrival decision of `estimate` and `estimate-admit` (estimator/sim/policies.py) on engine
+  states of a scheduler experiment's mix, with 4 to 16 requests held.
 """
 
 from __future__ import annotations
 
 import tempfile
 import time
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -237,3 +240,44 @@ def simulate_speed(model_dir: Path, engine_run: Path, count: int = 10_000, rate:
     )
     lines.append(f"capacity curve, 8 rates x 1000 requests: {time.perf_counter() - t0:.2f} s (target <= 20 s)")
     return lines
+
+
+def decision_speed(folder: Path, held_counts: Sequence[int] = (4, 8, 16), decisions: int = 360,
+                   recompute_lengths: bool = False) -> list[Row]:
+    """p50 and p99 of one arrival decision (µs) of `estimate` and `estimate-admit`, with the model, output-length
+    training trace and SLOs of a scheduler experiment's folder (`profile experiment scheduler --out`). The engine
+    state holds the first N requests of the mix's seed-1 trace: the first 4 running (their prompts computed, some
+    tokens produced), the rest waiting; each decision is on a later request of the trace. `recompute_lengths`
+    drops the output-length predictions before every decision (the cost without them kept)."""
+    from contract.policy import Held
+    from estimator.sim.policies import EstimateAdmitPolicy, EstimatePolicy
+    from estimator.study.scheduling import read_setup, request_sets
+
+    setup = read_setup(folder)
+    trace = folder / str(setup.get("lengths") or "lengths-train.jsonl")
+    lengths = trace if trace.is_file() else None
+    slo = [f"{k}:{v['ttft_ms']}:{v['tpot_ms']}" for k, v in (setup.get("slo") or {}).items()]
+    if not slo:
+        raise EstimatorError(f"{folder}/setup.json has no SLOs (estimate experiment scheduler --set-slo first)")
+    policies: list[EstimatePolicy] = [EstimatePolicy(setup["model"], setup.get("config"), lengths),
+                                      EstimateAdmitPolicy(setup["model"], slo, setup.get("config"), lengths)]
+    declared = [r.declared for r in request_sets(setup, [1])[1]]
+    if len(declared) < max(held_counts) + 20:
+        raise EstimatorError(f"{folder}: {len(declared)} requests a trace, too few for {max(held_counts)} held")
+    rows: list[Row] = []
+    for policy in policies:
+        policy.start(setup["engine"], policy.config or {})
+        for n in held_counts:
+            held = [Held(d, policy.alone_us(d), 0.05 * (n - i), d.text_tokens if i < 4 else 0, 3 * i if i < 4 else 0,
+                         i < 4) for i, d in enumerate(declared[:n])]
+            arrivals = declared[n:]
+            times = []
+            for k in range(decisions):
+                if recompute_lengths and policy.lengths is not None:
+                    policy.lengths.forget()
+                t0 = time.perf_counter()
+                policy.decide(arrivals[k % len(arrivals)], held)
+                times.append((time.perf_counter() - t0) * 1e6)
+            p50, p99 = np.percentile(times, [50, 99])
+            rows.append((policy.name, str(n), f"{p50:,.0f}", f"{p99:,.0f}"))
+    return rows

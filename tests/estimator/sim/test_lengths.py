@@ -14,6 +14,8 @@ from contract.workload import MIXES, OUTPUT_CAP, bimodal, mix_requests, slo_clas
 from estimator.errors import EstimatorError
 from estimator.sim.lengths import MIN_GROUP, OutputLengths, prompt_bucket
 
+ROOT = Path(__file__).resolve().parents[3]
+
 
 def test_the_class_and_prompt_bucket_predict_and_a_thin_group_falls_back() -> None:
     reqs = [Request.make(f"a{i}", 0, 600, 4 + i % 3, max_tokens=256, client_class="code") for i in range(30)]
@@ -62,3 +64,30 @@ def test_the_mixes_declare_a_cap_and_their_rank_correlation_is_as_designed() -> 
     assert {r.client_class for r in classes} == {"code", "chat"}
     code = np.array([r.text_tokens for r in classes if r.client_class == "code"])
     assert code.min() >= 256 and slo_class(900, None) == "long" and slo_class(900, "chat") == "chat"
+
+
+def test_kept_answers_are_the_ones_computed_afresh() -> None:
+    """predict keeps its answer per (class, prompt bucket, cap, produced): every kept answer equals the one a fresh
+    computation gives, for requests that share a key and ones that do not."""
+    lengths = OutputLengths.from_file(ROOT / "studies" / "scheduler" / "classes" / "lengths-train.jsonl")
+    asks = [(Declared(f"r{i}", 0, n, cap, c), produced) for i, (n, cap, c, produced) in enumerate(
+        [(n, cap, c, p) for n in (20, 31, 64, 700) for cap in (32, 256) for c in ("chat", "code", None)
+         for p in (0, 5, 40)])]
+    first = [lengths.predict(d, p) for d, p in asks]
+    kept = [lengths.predict(d, p) for d, p in asks]
+    afresh = []
+    for d, p in asks:
+        lengths.forget()
+        afresh.append(lengths.predict(d, p))
+    assert first == kept == afresh
+    assert len(set(afresh)) > 3  # the keys do separate the answers
+
+
+def test_decision_speed_times_both_estimate_policies_on_a_committed_mix() -> None:
+    from estimator.study.speed import decision_speed
+
+    rows = decision_speed(ROOT / "studies" / "scheduler" / "classes", held_counts=(4, 8), decisions=5)
+    assert [(r[0], r[1]) for r in rows] == [("estimate", "4"), ("estimate", "8"), ("estimate-admit", "4"),
+                                            ("estimate-admit", "8")]
+    assert all(float(r[2].replace(",", "")) > 0 and float(r[3].replace(",", "")) >= float(r[2].replace(",", ""))
+               for r in rows)
