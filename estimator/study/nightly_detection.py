@@ -278,8 +278,9 @@ def machine_label(night: dict[str, Any]) -> str:
 
 
 def by_machine(nights: Sequence[dict[str, Any]], sizes: Sequence[int]) -> dict[str, Any]:
-    """The rates, pair counts and rounds needed of each machine's nights apart: a night is paired within itself,
-    so pooling machines is sound for the rates, but each machine has its own start-to-start spread."""
+    """The rates, pair counts, rounds needed and canary spread of each machine's nights apart: a night is paired
+    within itself, so pooling machines is sound for the rates, but each machine has its own start-to-start spread
+    (and pooled, the canary would get credit for the machines' different levels)."""
     out: dict[str, Any] = {}
     for label in sorted({machine_label(n) for n in nights}):
         mine = [n for n in nights if machine_label(n) == label]
@@ -287,17 +288,21 @@ def by_machine(nights: Sequence[dict[str, Any]], sizes: Sequence[int]) -> dict[s
         row["pairs"] = {str(s): sum(1 for n in mine if n["size_pct"] == s) for s in sizes}
         row["normalized"] = _rates(mine, "normalized_flagged", sizes)
         row["rounds_needed"] = rounds_needed(mine)
+        row["canary"] = canary_spread(mine)
         out[label] = row
     return out
 
 
 def detection_figure(nights: Sequence[dict[str, Any]], tolerance: float) -> bytes:
     """detection.png: per phase, every night's ratio tonight / baseline with its 95% interval, by injected size
-    (red: flagged; hollow: the canary-normalized ratio), the flag threshold and the injected ratio."""
+    (red: flagged; hollow: the canary-normalized ratio; one marker shape per machine), the flag threshold and the
+    injected ratio."""
     from estimator.report.plots import new_figure, png_bytes, style_axes
 
     fig = new_figure(12, 4.4)
     sizes = sorted({int(n["size_pct"]) for n in nights} | {0, 5, 10, 20})
+    machines = sorted({machine_label(n) for n in nights})
+    markers = dict(zip(machines, "osD^v", strict=False))
     rng = np.random.default_rng(0)
     for ax, phase in zip(fig.subplots(1, 2), ("prefill", "decode"), strict=True):
         for n in nights:
@@ -307,8 +312,9 @@ def detection_figure(nights: Sequence[dict[str, Any]], tolerance: float) -> byte
                     continue
                 x = x0 + float(rng.uniform(-0.25, 0.25))
                 colour = "#d62728" if v["flagged"] else "#1f77b4"
-                ax.errorbar(x, v["ratio"], yerr=[[v["ratio"] - v["ci"][0]], [v["ci"][1] - v["ratio"]]], fmt="o",
-                            color=colour, markersize=4, elinewidth=0.8, capsize=2)
+                ax.errorbar(x, v["ratio"], yerr=[[v["ratio"] - v["ci"][0]], [v["ci"][1] - v["ratio"]]],
+                            fmt=markers.get(machine_label(n), "o"), color=colour, markersize=4, elinewidth=0.8,
+                            capsize=2)
                 if v.get("normalized_ratio"):
                     ax.plot(x, v["normalized_ratio"], marker="o", markersize=5, markerfacecolor="none",
                             color="#7f7f7f", linestyle="none")
@@ -319,6 +325,10 @@ def detection_figure(nights: Sequence[dict[str, Any]], tolerance: float) -> byte
         ax.set_xlabel("injected slowdown on tonight's side")
         ax.set_ylabel("night's ratio tonight / baseline")
         ax.set_title(f"{phase.capitalize()}: one point per night (95% interval)", fontsize=11)
+        if len(machines) > 1:
+            for label in machines:
+                ax.plot([], [], markers.get(label, "o"), color="#1f77b4", markersize=4, label=label)
+            ax.legend(fontsize=7, loc="upper left")
         style_axes(ax)
     return png_bytes(fig)
 
