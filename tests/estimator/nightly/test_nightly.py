@@ -324,12 +324,15 @@ def test_real_runs_regression_check(small_run: Path, tmp_path: Path) -> None:
     # a flag only beyond the control limit of the accepted nights (here the baseline alone, the fallback spread).
     history = [{"run_id": "baseline", "accepted": True, "medians": config_medians(base, axes)}]
     apply_history(same, config_medians(tiny, axes), control_limits(history))
-    # Where bfloat16 is not native (AVX2-only CPUs), the manifest records the decode path as a known property: its
-    # step is per-op dispatch on one compute thread and moved 4.1-7.2 ms (CI: 4.8 against 8.0 ms) between engine
-    # starts of the same config (docs/simulate.md), beyond the one-night fallback limit (x1.16-1.21). There the
-    # nightly's re-run confirms or clears a decode flag; this check holds decode to it only on the stable path.
-    varies = {"decode"} if any("cpu_decode_path" in (r.manifest.get("environment") or {})
-                               for r in [*base.runs, *tiny.runs]) else set()
+    # On a CPU the decode step's level moves between engine starts of the same config by more than the one-night
+    # fallback limit (x1.16-1.21): the detection study's unchanged rounds have a decode log sd of 0.24-0.27 on both
+    # a float32 Xeon and a bfloat16 EPYC (docs/nightly-detection), and one CI run saw x2.1 after the re-run. Where
+    # bfloat16 is not native the manifest also records the decode path (per-op dispatch, 4.1-7.2 ms between starts,
+    # docs/simulate.md). That spread is issue 35's subject, answered by interleaved nights; this check holds only
+    # prefill (round log sd 0.11-0.20) to the single-pair rule on a CPU.
+    on_cpu = any("cpu_dtype" in (r.manifest.get("environment") or {}) or
+                 "cpu_decode_path" in (r.manifest.get("environment") or {}) for r in [*base.runs, *tiny.runs])
+    varies = {"decode"} if on_cpu else set()
     if any(c.flagged and c.phase not in varies for c in same):
         # the start-to-start drift went past the one-night limit (it did once in CI: issue 35's subject): the
         # nightly then measures once more and keeps only the flags the re-run repeats, and so does this check
