@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -388,3 +388,11 @@ def slo_class(text_tokens: int, client_class: str | None) -> str:
     if client_class:
         return client_class
     return "long" if text_tokens >= LONG_PROMPT_MIN else "short"
+
+
+def slo_entries(slo: Mapping[str, Mapping[str, float]]) -> list[str]:
+    """A scheduler experiment's SLOs (setup.json `slo`: class -> ttft_ms, tpot_ms) as the `estimate-admit` policy's
+    `KEY:TTFT_MS:TPOT_MS` entries: a declared class label as itself, the prompt classes `short` / `long` by their
+    lower bound (0, LONG_PROMPT_MIN)."""
+    bounds = {"short": 0, "long": LONG_PROMPT_MIN}
+    return [f"{bounds.get(k, k)}:{v['ttft_ms']:.3f}:{v['tpot_ms']:.3f}" for k, v in slo.items()]

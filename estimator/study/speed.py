@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from contract.workload import LengthDist, generate_workload
+from contract.workload import LengthDist, generate_workload, slo_entries
 from estimator.data.runs import load_runs, read_manifest
 from estimator.errors import EstimatorError
 from estimator.model.estimator import LatencyEstimator
@@ -256,7 +256,7 @@ def decision_speed(folder: Path, held_counts: Sequence[int] = (4, 8, 16), decisi
     setup = read_setup(folder)
     trace = folder / str(setup.get("lengths") or "lengths-train.jsonl")
     lengths = trace if trace.is_file() else None
-    slo = [f"{k}:{v['ttft_ms']}:{v['tpot_ms']}" for k, v in (setup.get("slo") or {}).items()]
+    slo = slo_entries(setup.get("slo") or {})
     if not slo:
         raise EstimatorError(f"{folder}/setup.json has no SLOs (estimate experiment scheduler --set-slo first)")
     policies: list[EstimatePolicy] = [EstimatePolicy(setup["model"], setup.get("config"), lengths),

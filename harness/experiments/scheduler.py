@@ -50,7 +50,7 @@ import pandas as pd
 
 from contract.policy import ArrivalPolicy, Decision, Held, load_registered
 from contract.request import Declared
-from contract.workload import LONG_PROMPT_MIN, MIXES, mix_requests, write_workload
+from contract.workload import MIXES, mix_requests, slo_entries, write_workload
 from harness.experiments.session import EngineSession
 from harness.rundata.spec import SpecError
 
@@ -183,9 +183,7 @@ def run_scheduler(spec: SchedulerSpec, say: Callable[[str], None] = print) -> No
         oracle_us = {(int(s), str(k)): round(float(v) * 1e3)
                      for s, k, v in zip(alone_frame["seed"], alone_frame["request_id"], alone_frame["e2e_ms"],
                                         strict=True)}
-        # per SLO class: a declared label as itself, the prompt classes by their lower bound
-        bounds = {"short": 0, "long": LONG_PROMPT_MIN}
-        slo_args = [f"{bounds.get(k, k)}:{v['ttft_ms']:.3f}:{v['tpot_ms']:.3f}" for k, v in slo.items()]
+        slo_args = slo_entries(slo)
         learned = {"model": str(spec.model), "lengths": str(lengths)}
         for k, (seed, mult) in enumerate(cells):
             policies = spec.policies[k % len(spec.policies):] + spec.policies[: k % len(spec.policies)]  # rotate

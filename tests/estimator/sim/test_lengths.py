@@ -91,3 +91,6 @@ def test_decision_speed_times_both_estimate_policies_on_a_committed_mix() -> Non
                                             ("estimate-admit", "8")]
     assert all(float(r[2].replace(",", "")) > 0 and float(r[3].replace(",", "")) >= float(r[2].replace(",", ""))
                for r in rows)
+    # a mix without declared classes: its SLOs are by prompt length (short / long), as the experiment passes them
+    bimodal = decision_speed(ROOT / "studies" / "scheduler" / "bimodal", held_counts=(4,), decisions=3)
+    assert [r[0] for r in bimodal] == ["estimate", "estimate-admit"]
