@@ -300,14 +300,14 @@ def run_interleaved(
     tonight: SweepOutcome | None = None
     clean = {k: v for k, v in os.environ.items() if k != SLOWDOWN_ENV}
     envs = {"baseline": clean, "tonight": {**clean, **(tonight_env or {})}}
+    if log_dir is not None:
+        log_dir.mkdir(parents=True, exist_ok=True)
     for r, side in order:
         name = run_id if (r, side) == (0, "tonight") else f"{run_id}-r{r}-{side}"
         say(f"interleaved round {r + 1}/{spec.interleave}: {side}")
         stale = spec.state_dir / "runs" / name
         if stale.is_dir():  # each round is a fresh engine start: never resume a sweep a killed night began
             shutil.rmtree(stale)
-        if log_dir is not None:
-            log_dir.mkdir(parents=True, exist_ok=True)
         log = log_dir / f"{name}.log" if log_dir is not None else None
         outcome = run_sweep(sides[side], name, say, env=envs[side], log=log)
         if name == run_id:

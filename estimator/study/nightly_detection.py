@@ -245,11 +245,8 @@ def summarize(nights: Sequence[dict[str, Any]], spec: DetectionSpec) -> dict[str
     """detection.json: the issue's shape (raw verdicts), the canary-normalized twin, the canary's spread figures."""
     ok = [n for n in nights if not n.get("failed")]
     sizes = sorted(spec.targets)
-    result: dict[str, Any] = _rates(ok, "flagged", sizes)
-    result["pairs"] = {str(s): sum(1 for n in ok if n["size_pct"] == s) for s in sizes}
-    result["normalized"] = _rates(ok, "normalized_flagged", sizes)
+    result = _figures(ok, sizes)
     result["failed_nights"] = len(nights) - len(ok)
-    result["canary"] = canary_spread(ok)
     ratios: dict[str, dict[str, list[float]]] = {}
     for n in ok:
         for v in n["verdicts"]:
@@ -257,7 +254,6 @@ def summarize(nights: Sequence[dict[str, Any]], spec: DetectionSpec) -> dict[str
     result["measured_ratio_median"] = {
         s: {k: round(_median(v), 4) for k, v in by.items()} for s, by in sorted(ratios.items(), key=lambda x: int(x[0]))
     }
-    result["rounds_needed"] = rounds_needed(ok)
     result["rule"] = (
         f"{spec.rounds} interleaved rounds per night (baseline and tonight in a random order, each a fresh engine "
         f"start); flag a config and phase when the geometric mean of the rounds' median ratios exceeds "
@@ -281,16 +277,19 @@ def by_machine(nights: Sequence[dict[str, Any]], sizes: Sequence[int]) -> dict[s
     """The rates, pair counts, rounds needed and canary spread of each machine's nights apart: a night is paired
     within itself, so pooling machines is sound for the rates, but each machine has its own start-to-start spread
     (and pooled, the canary would get credit for the machines' different levels)."""
-    out: dict[str, Any] = {}
-    for label in sorted({machine_label(n) for n in nights}):
-        mine = [n for n in nights if machine_label(n) == label]
-        row: dict[str, Any] = _rates(mine, "flagged", sizes)
-        row["pairs"] = {str(s): sum(1 for n in mine if n["size_pct"] == s) for s in sizes}
-        row["normalized"] = _rates(mine, "normalized_flagged", sizes)
-        row["rounds_needed"] = rounds_needed(mine)
-        row["canary"] = canary_spread(mine)
-        out[label] = row
-    return out
+    labels = sorted({machine_label(n) for n in nights})
+    return {label: _figures([n for n in nights if machine_label(n) == label], sizes) for label in labels}
+
+
+def _figures(nights: Sequence[dict[str, Any]], sizes: Sequence[int]) -> dict[str, Any]:
+    """The figures of a set of whole nights: the rates raw and canary-normalized, the pairs per size, the rounds a
+    night would need and the canary's spread."""
+    result: dict[str, Any] = _rates(nights, "flagged", sizes)
+    result["pairs"] = {str(s): sum(1 for n in nights if n["size_pct"] == s) for s in sizes}
+    result["normalized"] = _rates(nights, "normalized_flagged", sizes)
+    result["rounds_needed"] = rounds_needed(nights)
+    result["canary"] = canary_spread(nights)
+    return result
 
 
 def detection_figure(nights: Sequence[dict[str, Any]], tolerance: float) -> bytes:

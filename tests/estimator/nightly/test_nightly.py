@@ -328,10 +328,9 @@ def test_real_runs_regression_check(small_run: Path, tmp_path: Path) -> None:
     # fallback limit (x1.16-1.21): the detection study's unchanged rounds have a decode log sd of 0.24-0.27 on both
     # a float32 Xeon and a bfloat16 EPYC (docs/nightly-detection), and one CI run saw x2.1 after the re-run. Where
     # bfloat16 is not native the manifest also records the decode path (per-op dispatch, 4.1-7.2 ms between starts,
-    # docs/simulate.md). That spread is issue 35's subject, answered by interleaved nights; this check holds only
-    # prefill (round log sd 0.11-0.20) to the single-pair rule on a CPU.
-    on_cpu = any("cpu_dtype" in (r.manifest.get("environment") or {}) or
-                 "cpu_decode_path" in (r.manifest.get("environment") or {}) for r in [*base.runs, *tiny.runs])
+    # docs/simulate.md); every CPU run records its cpu_dtype. That spread is issue 35's subject, answered by
+    # interleaved nights; this check holds only prefill (round log sd 0.11-0.20) to the single-pair rule on a CPU.
+    on_cpu = any("cpu_dtype" in (r.manifest.get("environment") or {}) for r in [*base.runs, *tiny.runs])
     varies = {"decode"} if on_cpu else set()
     if any(c.flagged and c.phase not in varies for c in same):
         # the start-to-start drift went past the one-night limit (it did once in CI: issue 35's subject): the
