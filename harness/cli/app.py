@@ -27,6 +27,7 @@ from harness.cli.serve import serve_bench_command
 from harness.engine.log import EngineOutput
 from harness.engine.slowdown import ENV as SLOWDOWN_ENV
 from harness.engine.slowdown import injected_slowdown
+from harness.engine.steady import steady_settings
 from harness.rundata.spec import (
     CPU_LADDER,
     DEFAULT_CPU_BUDGET,
@@ -382,6 +383,7 @@ def sweep(
         plan = plan_sweep(spec)
         try:
             slowdown = injected_slowdown()
+            steady_settings()  # a malformed steady-engine variable fails here, in one line (harness/engine/steady.py)
         except ValueError as exc:
             raise SpecError(str(exc)) from None
         if slowdown:

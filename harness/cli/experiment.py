@@ -56,6 +56,37 @@ def scheduler_command(
         raise fail(str(e)) from None
 
 
+@experiment.command("stability")
+def stability_command(
+    out: Path = typer.Option(..., "--out", help="the study's folder (resumed: the starts in starts.jsonl are kept)"),
+    rounds: int = typer.Option(8, help="rounds: every arm once each, each a fresh engine start, in random order"),
+    arms: str = typer.Option("", help="comma-separated arms (default: every arm of the path; see the module doc)"),
+    path: str = typer.Option("step", help="step (profile sweep's timed steps) or served (vllm serve + vllm bench "
+                                          "serve)"),
+    analyze: bool = typer.Option(False, "--analyze", help="only the statistics again, from OUT/starts.jsonl"),
+) -> None:
+    """Where each engine start's speed level comes from: arms x rounds of fresh starts (harness/experiments/
+    stability.py); writes starts.jsonl, stability.json and stability.png."""
+    from harness.experiments.stability import ARMS, SERVED_ARMS, StabilitySpec, analyze_stability, run_stability
+
+    def say(line: str) -> None:
+        print(line, flush=True)
+
+    try:
+        if analyze:
+            if not (out / "starts.jsonl").is_file():
+                raise SpecError(f"{out} holds no starts.jsonl (run the study first)")
+            analyze_stability(out, say)
+            return
+        chosen = [a.strip() for a in arms.split(",") if a.strip()] or list(
+            SERVED_ARMS if path == "served" else [a for a in ARMS if a not in ("adopted", "combined")])
+        spec = StabilitySpec(out=out, rounds=rounds, arms=chosen, path=path)
+        spec.check()
+        run_stability(spec, say)
+    except SpecError as e:
+        raise fail(str(e)) from None
+
+
 @experiment.command("grid-replay")
 def grid_replay_command(
     out: Path = typer.Option(..., "--out", help="the experiment's folder"),

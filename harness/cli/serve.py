@@ -142,12 +142,17 @@ def serve_bench_command(
     per-request results and /metrics as a run folder, and stop the server."""
     from harness.drivers.replay import replay_spec
     from harness.drivers.serve import ServeOptions, check_serve_spec, run_serve_bench
+    from harness.engine.steady import steady_settings
 
     try:
         serving = build_serving(device=pick_device(), tier=tier, model=model, blocks=blocks, max_num_seqs=max_num_seqs,
                                 engine=dict(engine_value(item) for item in engine_arg))
         if prewarm < 0:
             raise SpecError(f"--prewarm must be >= 0, got {prewarm}")
+        try:
+            steady_settings()  # a malformed steady-engine variable: one line, before a server starts
+        except ValueError as exc:
+            raise SpecError(str(exc)) from None
         options = ServeOptions(out_root=out_dir, run_id=name, port=port, startup_timeout_s=startup_timeout,
                                prewarm=prewarm)
         loads = serve_loads(workload, rate, rates, count, seed, text_tokens_dist, new_tokens_dist, burstiness,

@@ -21,7 +21,15 @@ import pyarrow as pa
 from harness.drivers.batch_points import is_batch_spec, run_batch_group
 from harness.drivers.budget import CostCache, cost_key
 from harness.drivers.plan import Plan, Reporter, SweepOptions
-from harness.drivers.session import StopFlag, engine_settings, record_engine_start, sampling_of, start_engine, warm_up
+from harness.drivers.session import (
+    StopFlag,
+    engine_settings,
+    record_engine_start,
+    record_engine_threads,
+    sampling_of,
+    start_engine,
+    warm_up,
+)
 from harness.engine.device import cpu_model
 from harness.engine.log import LOG_NAME, count_levels, start_phases
 from harness.engine.settings import EngineSettings
@@ -124,6 +132,7 @@ def measure_group(
                 )
                 if stop.signal is None:
                     warm_up(engine, prompts, plan, remaining)
+                engine.watch.begin()  # where each thread runs, and waits, while this start measures
             except (EngineError, MeasurementError) as e:
                 if stop.signal is not None:  # Ctrl-C in a terminal reaches the engine core too: not a failure
                     return GroupOutcome("interrupted", failed)
@@ -163,6 +172,8 @@ def measure_group(
                 if passed.status is not None:
                     return GroupOutcome(passed.status, failed)
         finally:
+            if engine.watch.begun:
+                record_engine_threads(store, first.engine_config_id, engine.watch.end())
             engine.close()
     return GroupOutcome("done", failed)
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -55,6 +56,7 @@ from harness.drivers.vllm_server import (
     server_command,
     server_model_dir,
 )
+from harness.engine.steady import ThreadWatch, place, preload_value, steady_settings
 from harness.rundata.spec import ServingSpec, SpecError, SweepSpec
 from harness.rundata.store import RunStore, atomic_path, check_writable, utc_now
 from harness.rundata.workload import write_trace, write_workload
@@ -403,7 +405,15 @@ def run_serve_bench(
     model_dir = server_model_dir(settings.model_path, run_dir / "server-model")
     port = options.port or free_port()
     name = settings.model_name
-    server = Server(server_command(args, model_dir, port, name), run_dir / SERVER_LOG, port)
+    steady = steady_settings()
+    server_env = None
+    if spec.device == "cpu" and steady.preload:  # the server's processes load them at exec (harness/engine/steady.py)
+        preload, notes = preload_value(steady, os.environ.get("LD_PRELOAD", ""))
+        server_env = {**os.environ, "LD_PRELOAD": preload}
+        for note in notes:
+            report("log", {"message": note})
+    server = Server(server_command(args, model_dir, port, name), run_dir / SERVER_LOG, port, env=server_env)
+    watch = ThreadWatch(os.getpid())  # the harness, its client and the whole server tree below it
     status, error, ok, done = "failed", None, 0, []
     with stop_on_signals() as stop:
         try:
@@ -411,6 +421,13 @@ def run_serve_bench(
             server.start()
             seconds = server.wait_healthy(options.startup_timeout_s, lambda: stop.signal is not None)
             healthy_mono_s = time.monotonic()
+            placement = None
+            if spec.device == "cpu" and steady.place == "reserved":
+                # every thread of the server, this process and the clients it starts (they inherit its
+                # affinity) on the reserved core; the worker's compute thread alone on its own
+                placement = place([os.getpid()]).record()
+            store.update_manifest(steady={**steady.record(), "placement": placement,
+                                          "ld_preload": (server_env or os.environ).get("LD_PRELOAD", "")})
             models = server.models()
             cache = parse_metrics(server.metrics())["cache_config"]
             max_len = next((m.get("max_model_len") for m in models.get("data", []) if m.get("max_model_len")), None)
@@ -451,6 +468,7 @@ def run_serve_bench(
                     raise ServeError(record["error"])
                 return frame
 
+            watch.begin()
             for i, load in enumerate(loads):
                 serve(i, load)
             while search is not None and (rate := search.next_rate()) is not None:
@@ -460,6 +478,7 @@ def run_serve_bench(
                 report("log", {"message": f"rate search: {rate:g} req/s, {entry['attainment'] * 100:.0f}% meet the "
                                           f"SLO ({'met' if entry['met'] else 'missed'})"})
             status = "complete"
+            store.update_manifest(engine_threads=[watch.end()])
         except ServeError as e:
             status = "interrupted" if stop.signal is not None else "failed"
             error = str(e)

@@ -26,6 +26,7 @@ from harness.engine.cpu_dtype import AVX2_DECODE_NOTE, machine_dtype_choice
 from harness.engine.device import cpu_model
 from harness.engine.settings import EngineSettings
 from harness.engine.slowdown import injected_slowdown
+from harness.engine.steady import steady_settings
 from harness.engine.vllm_engine import VllmEngine, engine_environment
 from harness.rundata.prompts import PromptSource
 from harness.rundata.spec import Point, SweepSpec, engine_axes
@@ -175,6 +176,15 @@ def record_engine_start(store: Any, entry: dict[str, Any], exceptions: list[dict
     )
 
 
+def record_engine_threads(store: Any, engine_config_id: str, threads: dict[str, Any]) -> None:
+    """Where one engine start's threads ran while it measured (harness/engine/steady.py ThreadWatch), as the
+    manifest's `engine_threads` list (one entry per start, in order); a Ray worker's store stand-in skips it."""
+    if not hasattr(store, "read_manifest"):
+        return
+    entries = store.read_manifest().get("engine_threads", [])
+    store.update_manifest(engine_threads=[*entries, {"engine_config_id": engine_config_id, **threads}])
+
+
 def environment(source_info: dict[str, Any], device: str = "cpu") -> dict[str, Any]:
     """What the run ran on: interpreter, libraries, device; on a CPU, the dtype it computes half precision in and
     why (`cpu_dtype`, harness/engine/cpu_dtype.py)."""
@@ -187,6 +197,9 @@ def environment(source_info: dict[str, Any], device: str = "cpu") -> dict[str, A
         "nvml_gpus": nvml_device_count(),
         "device": source_info.get("device_name") or cpu_model(),
         "omp_threads_bind": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto"),
+        "steady": steady_settings().record(),  # harness/engine/steady.py; the placement is per engine start
+        "vllm_use_spinloop_ext": os.environ.get("VLLM_USE_SPINLOOP_EXT", "0"),
+        "thp_mem_alloc_enable": os.environ.get("THP_MEM_ALLOC_ENABLE", "0"),
     }
     env["nvml_available"] = env["nvml_gpus"] > 0
     slowdown = injected_slowdown()

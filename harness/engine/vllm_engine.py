@@ -22,6 +22,7 @@ from harness.engine.settings import (
     EngineSettings,
     default_token_budget,
 )
+from harness.engine.steady import Placement, ThreadWatch, place, preload_value, steady_settings
 
 ENGINE_CORE_MODES = {"multiprocess": "1", "inprocess": "0"}
 WATCH_INTERVAL_S = 1.0  # how often the watchdog looks at the engine core process
@@ -133,6 +134,11 @@ class VllmEngine:
         self.exceptions: list[dict[str, Any]] = []  # set by start(): where the engine departs from serving defaults
         self._pins = CpuPinning(plan_pinning(settings.cpu_pinning, settings.device, settings.mode))
         self._procs: list[int] = []  # the engine's own processes (engine core, workers): stopped by close()
+        self.steady = steady_settings()  # ValueError for a malformed setting: the CLI checks it first
+        self.placement: Placement | None = None  # where place() put the threads (None: not tried)
+        self.preload_notes: list[str] = []
+        self.watch = ThreadWatch()  # where each thread ran between watch.begin() and watch.end()
+        self._harness_affinity: set[int] | None = None
 
     def __enter__(self) -> VllmEngine:
         self.start()
@@ -153,6 +159,9 @@ class VllmEngine:
         before = _children()
         reaper = Reaper.get()  # started before the engine, so it never counts as one of its processes
         t0 = time.perf_counter()
+        cpu_multiprocess = self.settings.device == "cpu" and self.settings.mode == "multiprocess"
+        if self.settings.device == "cpu" and self.steady.preload:  # the engine's processes load them at exec
+            os.environ["LD_PRELOAD"], self.preload_notes = preload_value(self.steady, os.environ.get("LD_PRELOAD", ""))
         with self._pins.spawning():  # vLLM's worker binds its threads to the compute cores
             try:
                 from vllm.engine.arg_utils import EngineArgs
@@ -179,6 +188,12 @@ class VllmEngine:
         reaper.scan()
         self._watch()
         self._pins.pin(self._engine)
+        if cpu_multiprocess and self.steady.place == "reserved" and not self._pins.plan.applied:
+            if self.settings.cpu_pinning:
+                self._harness_affinity = os.sched_getaffinity(0)
+                self.placement = place([os.getpid()])
+            else:
+                self.placement = Placement(False, "turned off (spec cpu_pinning = false)", [], [])
         return self.start_seconds
 
     def effective_config(self) -> dict[str, Any]:
@@ -212,6 +227,12 @@ class VllmEngine:
             cudagraph_capture_sizes=list(comp.cudagraph_capture_sizes or []),
             enforce_eager=model.enforce_eager,
             cpu_pinning=self._pins.record(),
+            steady={
+                **self.steady.record(),
+                "placement": self.placement.record() if self.placement else None,
+                "preload_notes": self.preload_notes,
+                "ld_preload": os.environ.get("LD_PRELOAD", ""),
+            },
         )
 
     def effective_value(self, kind: str, key: str) -> tuple[bool, Any]:
@@ -295,6 +316,13 @@ class VllmEngine:
         SIGTERM, then SIGKILL)."""
         self._watch_stop.set()
         self._pins.release()
+        if self._harness_affinity is not None:  # the harness's own threads back where they were
+            from harness.engine.steady import threads
+
+            for tid in threads(os.getpid()):
+                with contextlib.suppress(OSError):
+                    os.sched_setaffinity(tid, self._harness_affinity)
+            self._harness_affinity = None
         procs = descendants(self._procs)
         if self._engine is not None:
             # a dying engine must not mask the error that killed it
@@ -367,6 +395,7 @@ class VllmEngine:
             raise EngineError(f"engine failed during request: {why}") from e
         finally:
             gc.enable()
+        self.watch.sample()  # where the processes' main threads are now (between requests: not timed)
         return self._records(raw, final, len(token_ids), max_new_tokens, prefill_calls)
 
     def _records(

@@ -100,8 +100,9 @@ class SweepSpec(BaseModel):
     )
     gc_guard: bool = Field(True, description="garbage collection off inside timed requests")
     cpu_pinning: bool = Field(
-        True, description="CPU, multiprocess, >= 4 physical cores: harness, engine core and compute threads on "
-        "separate cores (harness/engine/cpu_pinning.py); off only to measure its effect"
+        True, description="CPU, multiprocess: >= 4 physical cores: harness, engine core and compute threads on "
+        "separate cores (harness/engine/cpu_pinning.py); fewer: the steady engine's placement where "
+        "LLM_LATENCY_PLACE asks for it (harness/engine/steady.py); off only to measure its effect"
     )
     allow_chunked_prefill: bool = Field(
         False, description="a prefill over several engine iterations is recorded chunk by chunk instead of failing"
