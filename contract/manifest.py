@@ -14,6 +14,7 @@ Standard library only.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -108,3 +109,19 @@ def engine_record(source: str, values: Mapping[str, Any], **extra: Any) -> dict[
     if missing:
         raise ManifestError(f"engine record from {source} lacks {', '.join(missing)}")
     return {"source": source, **{k: values[k] for k in ENGINE_KEYS}, **extra}
+
+
+def read_jsonl_dicts(path: Path) -> list[dict[str, Any]]:
+    """The JSON objects of a JSONL file, one per line (e.g. the nightly history); blank, damaged or non-object
+    lines are skipped, and a missing file is an empty list."""
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict):
+            out.append(rec)
+    return out

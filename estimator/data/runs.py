@@ -18,6 +18,7 @@ from pydantic import Field, field_validator
 
 from contract.manifest import READABLE_VERSIONS, SAMPLE_COLUMNS
 from contract.manifest import SCHEMA_VERSION as SCHEMA_VERSION  # the newest results schema (the contract's)
+from contract.manifest import read_jsonl_dicts as read_jsonl_dicts  # one reader for both halves
 from estimator.errors import EstimatorError
 from estimator.strict import StrictModel
 
@@ -304,19 +305,3 @@ def read_telemetry(run_dir: Path) -> pd.DataFrame:
     if "t_s" not in out.columns:
         raise EstimatorError(f"{folder}: telemetry lacks the t_s column")
     return out.sort_values("t_s").reset_index(drop=True)
-
-
-def read_jsonl_dicts(path: Path) -> list[dict[str, Any]]:
-    """The JSON objects of a JSONL file, one per line (e.g. the nightly history); blank, damaged or non-object
-    lines are skipped, and a missing file is an empty list."""
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(rec, dict):
-            out.append(rec)
-    return out

@@ -18,6 +18,8 @@ import os
 import time
 from typing import Any
 
+from harness.engine.steady import bounded_number
+
 ENV = "LLM_LATENCY_INJECT_SLOWDOWN"
 
 
@@ -27,13 +29,7 @@ def injected_slowdown(environ: Any = None) -> float:
     raw = (os.environ if environ is None else environ).get(ENV, "").strip()
     if not raw:
         return 0.0
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"{ENV}={raw!r} is not a number (a fraction of each engine step, e.g. 0.10)") from None
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"{ENV}={raw!r} is outside [0, 1] (a fraction of each engine step, e.g. 0.10)")
-    return value
+    return bounded_number(ENV, raw, 0.0, 1.0, "a fraction of each engine step, e.g. 0.10")
 
 
 SPIN_S = 0.0002  # the last part of a wait is a yielding spin: a sleep overshoots by ~70 us here

@@ -70,6 +70,18 @@ def defaults() -> Steady:
     return Steady(place="reserved", reader_spin_ms=None, preload=())
 
 
+def bounded_number(name: str, raw: str, lo: float, hi: float, what: str) -> float:
+    """`raw` (the value of variable `name`) as a number in [lo, hi]; ValueError naming the variable and `what` it
+    holds otherwise."""
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a number ({what})") from None
+    if not lo <= value <= hi:
+        raise ValueError(f"{name}={raw!r} is outside [{lo:g}, {hi:g}] ({what})")
+    return value
+
+
 def steady_settings(environ: Mapping[str, str] | None = None) -> Steady:
     """The settings the environment asks for (module table), each unset one at `defaults()`; ValueError naming
     the variable for a malformed value."""
@@ -84,15 +96,7 @@ def steady_settings(environ: Mapping[str, str] | None = None) -> Steady:
     spin = base.reader_spin_ms
     raw = env.get(SPIN_ENV, "").strip()
     if raw:
-        if raw == "vllm":
-            spin = None
-        else:
-            try:
-                spin = float(raw)
-            except ValueError:
-                raise ValueError(f"{SPIN_ENV}={raw!r} is not a number of milliseconds (or 'vllm')") from None
-            if not 0.0 <= spin <= 60_000.0:
-                raise ValueError(f"{SPIN_ENV}={raw!r} is outside [0, 60000] ms")
+        spin = None if raw == "vllm" else bounded_number(SPIN_ENV, raw, 0.0, 60_000.0, "milliseconds, or 'vllm'")
     preload = base.preload
     raw = env.get(PRELOAD_ENV, "").strip()
     if raw:

@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from contract.manifest import read_jsonl_dicts
 from harness.engine.steady import PLACE_ENV, PRELOAD_ENV, SPIN_ENV, STEADY_ENV
 
 Say = Callable[[str], None]
@@ -116,16 +117,7 @@ def round_order(arms: list[str], rnd: int, seed: int) -> list[str]:
 
 def read_starts(out: Path) -> list[dict[str, Any]]:
     """DIR/starts.jsonl's rows (a line a kill cut short is skipped: that start runs again)."""
-    path = out / STARTS
-    rows = []
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
+    return read_jsonl_dicts(out / STARTS)
 
 
 def _cv(x: pd.Series) -> float:
@@ -250,6 +242,7 @@ def run_stability(spec: StabilitySpec, say: Say) -> None:
 # ----- analysis -----
 
 LEVELS = {"step": ("decode_median_ms", "prefill512_median_ms"), "served": ("e2e_mean_ms",)}
+CANARY_OF = {"decode_median_ms": "canary_decode", "prefill512_median_ms": "canary_prefill"}
 WITHIN = {"step": ("decode_same_prompt_cv_pct", "prefill_same_prompt_cv_pct"), "served": ("e2e_repeat_cv_pct",)}
 
 
@@ -270,6 +263,49 @@ def ratio_interval(a: np.ndarray, b: np.ndarray, rng: np.random.Generator, boot:
     d = ra - rb
     return [float(np.exp(la.mean() - lb.mean())), float(np.exp(np.quantile(d, 0.025))),
             float(np.exp(np.quantile(d, 0.975)))]
+
+
+NIGHTLY_TESTS = 2  # the nightly's interleaved verdict tests decode and prefill of its config (docs/nightly.md)
+
+
+def rounds_needed(sd_round: float, effect: float = 0.10, false_alarm: float = 0.05, detection: float = 0.90,
+                  tests: int = NIGHTLY_TESTS) -> float:
+    """Interleaved rounds a night needs to catch a slowdown of `effect` with probability `detection` at
+    `false_alarm` over `tests` one-sided tests, when one round's log ratio has sd `sd_round` (the rule of
+    estimator/study/nightly_detection.py rounds_needed: K = ((z(1 - a/m) + z(detection)) s / log(1 + effect))^2)."""
+    from statistics import NormalDist
+
+    z = NormalDist().inv_cdf(1 - false_alarm / tests) + NormalDist().inv_cdf(detection)
+    return float((z * sd_round / np.log1p(effect)) ** 2)
+
+
+def nightly_figures(ok: pd.DataFrame, rng: np.random.Generator) -> dict[str, Any]:
+    """The nightly's rounds needed: from the A/A pair (today and today-b of each round: one round's log ratio, as
+    an interleaved night measures it), and for every arm from its start-to-start sd (a round is two independent
+    starts: sd x sqrt 2), each with a bootstrap interval over rounds or starts."""
+    out: dict[str, Any] = {}
+    for col in LEVELS["step"]:
+        pairs = ok[ok.arm.isin(["today", "today-b"])].pivot_table(index="round", columns="arm", values=col)
+        entry: dict[str, Any] = {}
+        if {"today", "today-b"} <= set(pairs.columns) and len(pairs := pairs.dropna()) >= 3:
+            d = np.log(pairs["today-b"].to_numpy(dtype=float) / pairs["today"].to_numpy(dtype=float))
+            boot = [rounds_needed(float(np.std(d[i], ddof=1))) for i in rng.integers(0, len(d), (BOOT, len(d)))]
+            entry["aa_round_sd_log"] = float(np.std(d, ddof=1))
+            entry["aa_rounds_needed"] = rounds_needed(float(np.std(d, ddof=1)))
+            entry["aa_rounds_needed_95"] = [float(np.quantile(boot, 0.025)), float(np.quantile(boot, 0.975))]
+            entry["aa_rounds"] = len(d)
+        per_arm = {}
+        for arm, g in ok.groupby("arm"):
+            lx = np.log(g[col].dropna().to_numpy(dtype=float))
+            if len(lx) < 3:
+                continue
+            boot = [rounds_needed(np.sqrt(2) * float(np.std(lx[i], ddof=1)))
+                    for i in rng.integers(0, len(lx), (BOOT, len(lx)))]
+            per_arm[str(arm)] = [rounds_needed(np.sqrt(2) * float(np.std(lx, ddof=1))),
+                                 float(np.quantile(boot, 0.025)), float(np.quantile(boot, 0.975))]
+        entry["rounds_needed_from_start_sd"] = per_arm
+        out[col] = entry
+    return out
 
 
 def _round(v: Any, k: int = 4) -> Any:
@@ -306,6 +342,14 @@ def summarize(rows: list[dict[str, Any]], path: str, seed: int = 0) -> dict[str,
             b = base[col].dropna().to_numpy(dtype=float)
             if len(b) >= 2 and arm != "today":
                 entry[col]["vs_today"] = ratio_interval(x, b, rng)
+            canary = CANARY_OF.get(col)
+            if canary and all(f"{canary}_{w}_ms" in g for w in ("before", "after")):
+                c = g[[col, f"{canary}_before_ms", f"{canary}_after_ms"]].dropna().to_numpy(dtype=float)
+                if len(c) >= 2:  # the level over the machine's own speed then (the canary's geometric mean)
+                    norm = c[:, 0] / np.sqrt(c[:, 1] * c[:, 2])
+                    nsd, nlo, nhi = sd_log_interval(norm, rng)
+                    entry[col]["sd_log_canary_normalized"] = nsd
+                    entry[col]["sd_log_canary_normalized_95"] = [nlo, nhi]
         for col in WITHIN[path]:
             x = g[col].dropna().to_numpy(dtype=float)
             if len(x):
@@ -316,8 +360,9 @@ def summarize(rows: list[dict[str, Any]], path: str, seed: int = 0) -> dict[str,
             if len(w):
                 entry["compute_wait_ms_median"] = float(w.median())
         out["arms"][str(arm)] = entry
+    out["explain"] = explain(ok, rng, LEVELS[path][0])
     if path == "step":
-        out["explain"] = explain(ok, rng)
+        out["nightly"] = nightly_figures(ok, rng)
     if path == "step" and "canary_decode_before_ms" in ok:
         c = ok[["canary_decode_before_ms", "canary_decode_after_ms"]].dropna()
         if len(c) > 2:
@@ -338,7 +383,7 @@ def _nested(row: dict[str, Any], *keys: str) -> Any:
 
 def candidates(ok: pd.DataFrame) -> pd.DataFrame:
     """What could explain a start's level, one column per candidate (from each row's `threads` record)."""
-    t = ok.get("threads", pd.Series([{}] * len(ok), index=ok.index))
+    t = ok["threads"] if "threads" in ok else pd.Series([{}] * len(ok), index=ok.index)
     started = pd.to_datetime(ok["started_at"]) if "started_at" in ok else pd.Series(pd.NaT, index=ok.index)
     run = t.map(lambda r: _nested(r, "compute", "run_ms"))
     return pd.DataFrame({
@@ -352,11 +397,12 @@ def candidates(ok: pd.DataFrame) -> pd.DataFrame:
     }, index=ok.index).astype(float)
 
 
-def explain(ok: pd.DataFrame, rng: np.random.Generator) -> dict[str, Any]:
-    """Across starts, the Pearson correlation of each candidate with the log decode level, both centred on
-    their arm's mean (so an arm's own effect is not counted), with a 95% bootstrap interval over starts."""
+def explain(ok: pd.DataFrame, rng: np.random.Generator, level_col: str = "decode_median_ms") -> dict[str, Any]:
+    """Across starts, the Pearson correlation of each candidate with the log level (`level_col`), both centred on
+    their arm's mean (so an arm's own effect is not counted), with a 95% bootstrap interval over starts, and r²:
+    the share of the level's start-to-start variance a straight line on that candidate takes out."""
     cand = candidates(ok)
-    level = np.log(ok["decode_median_ms"].astype(float))
+    level = np.log(ok[level_col].astype(float))
     out: dict[str, Any] = {}
     for col in cand:
         d = pd.DataFrame({"x": cand[col], "y": level, "arm": ok["arm"]}).dropna()
@@ -369,7 +415,7 @@ def explain(ok: pd.DataFrame, rng: np.random.Generator) -> dict[str, Any]:
         idx = rng.integers(0, len(x), size=(BOOT, len(x)))
         rs = [np.corrcoef(x[i], y[i])[0, 1] for i in idx]
         lo, hi = np.nanquantile(rs, [0.025, 0.975])
-        out[col] = {"r": r, "r_95": [float(lo), float(hi)], "starts": len(d)}
+        out[col] = {"r": r, "r_95": [float(lo), float(hi)], "variance_share": r * r, "starts": len(d)}
     return out
 
 
@@ -381,6 +427,7 @@ def analyze_stability(out: Path, say: Say) -> dict[str, Any]:
     (out / RESULTS).write_text(json.dumps(results, indent=1) + "\n")
     for path, res in paths.items():
         say(f"{path} path: {res['starts_ok']} starts ok, {res['starts_failed']} failed")
+        what = LEVELS[path][0].split("_")[0]
         for arm, e in res["arms"].items():
             parts = [f"{arm:13s} n={e['starts']}"]
             for col in LEVELS[path]:
@@ -395,7 +442,7 @@ def analyze_stability(out: Path, say: Say) -> dict[str, Any]:
                     parts.append(f"{col.split('_')[0]} CV {e[col]['median']:.1f}%")
             say("  " + "; ".join(parts))
         for col, e in (res.get("explain") or {}).items():
-            say(f"  explains the decode level? {col}: r {e['r']:+.2f} [{e['r_95'][0]:+.2f}, {e['r_95'][1]:+.2f}] "
+            say(f"  explains the {what} level? {col}: r {e['r']:+.2f} [{e['r_95'][0]:+.2f}, {e['r_95'][1]:+.2f}] "
                 f"over {e['starts']} starts")
     _figure(rows, out / FIGURE)
     return results

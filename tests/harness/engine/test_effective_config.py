@@ -77,3 +77,30 @@ def test_cpu_pinning_and_cuda_versions_are_recorded(
     env = m["environment"]
     assert env["vllm_build"] == "cpu" and env["cuda"] is None  # the CPU torch has no CUDA
     assert "cuda_driver" in env
+
+
+def test_the_steady_placement_is_recorded_and_the_compute_thread_ran_alone(
+    served_run: tuple[subprocess.CompletedProcess[str], Path],
+) -> None:
+    """The steady engine's default (harness/engine/steady.py): on a machine too small for the cpu_pinning plan,
+    every thread but the worker's compute thread goes to the reserved core, and the run shows where they ran."""
+    from harness.engine.cpu_pinning import plan_pinning
+    from harness.engine.steady import defaults
+
+    _, run = served_run
+    m = json.loads((run / "manifest.json").read_text())
+    steady = m["engine_starts"][0]["effective"]["steady"]
+    assert m["environment"]["steady"]["place"] == steady["place"] == defaults().place == "reserved"
+    (threads,) = m["engine_threads"]
+    assert threads["engine_config_id"] == m["engine_starts"][0]["engine_config_id"]
+    assert {"caller", "engine_core", "worker", "compute", "machine"} <= set(threads)
+    assert threads["compute"]["run_ms"] > 0 and threads["compute"]["cpus_seen"]
+    if plan_pinning(True, "cpu", "multiprocess").applied:  # >= 4 physical cores: the older plan places them
+        assert steady["placement"] is None
+        return
+    placement = steady["placement"]
+    assert placement["applied"], placement["reason"]
+    assert set(threads["compute"]["cpus_seen"]) <= set(placement["compute_cpus"])
+    for role in ("caller", "engine_core"):
+        assert threads[role]["affinity"] == placement["reserved_cpus"]
+        assert not set(threads[role]["cpus_seen"]) & set(placement["compute_cpus"])

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -79,9 +78,7 @@ def test_the_plugin_is_registered_with_vllm() -> None:
 
 # A caller process with a child titled like vLLM's worker: the worker binds itself to CPU 0 and runs a helper
 # thread of another name, as gloo's are.
-FAMILY = textwrap.dedent("""
-    import os, subprocess, sys, time
-    child = '''
+WORKER = """
 import os, threading, time
 open('/proc/self/comm', 'w').write('VLLM::Worker')
 os.sched_setaffinity(0, {0})
@@ -91,12 +88,14 @@ def helper():
 threading.Thread(target=helper, daemon=True).start()
 print('ready', flush=True)
 time.sleep(60)
-'''
-    p = subprocess.Popen([sys.executable, '-c', child], stdout=subprocess.PIPE, text=True)
-    p.stdout.readline()
-    print(p.pid, flush=True)
-    time.sleep(60)
-""")
+"""
+FAMILY = f"""
+import subprocess, sys, time
+p = subprocess.Popen([sys.executable, '-c', {WORKER!r}], stdout=subprocess.PIPE, text=True)
+p.stdout.readline()
+print(p.pid, flush=True)
+time.sleep(60)
+"""
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2 or 0 not in os.sched_getaffinity(0), reason="needs CPUs 0 and 1")
